@@ -5,7 +5,7 @@ BIN    := $(VENV)/bin
 STAMP  := $(VENV)/.installed
 PYTEST_ARGS ?=
 
-.PHONY: setup test test-slow lint demo clean
+.PHONY: setup test test-slow lint demo clean deploy-tools manifests
 
 setup: $(STAMP)
 
@@ -19,7 +19,7 @@ $(STAMP): pyproject.toml
 	touch $@
 
 # Fast suite (well under 15 minutes on 2 cores). pytest exit 5 means nothing was collected: fail loudly.
-test: setup
+test: setup deploy-tools
 	$(BIN)/python -m pytest -q -m "not slow" $(PYTEST_ARGS); rc=$$?; \
 	  if [ $$rc -eq 5 ]; then echo "pytest collected no tests" >&2; exit 1; fi; exit $$rc
 
@@ -37,3 +37,16 @@ demo: setup
 
 clean:
 	rm -rf $(VENV) .pytest_cache .ruff_cache
+
+# Deployment checks need the real Helm engine (helm-python-sdk bundles Helm v4 as a shared library, no
+# binary download) and Kubernetes JSON schemas (kubernetes-validate). Neither pulls torch.
+DEPLOY_STAMP := $(VENV)/.deploy-tools
+deploy-tools: $(DEPLOY_STAMP)
+
+$(DEPLOY_STAMP): $(STAMP)
+	$(BIN)/pip install -q helm-python-sdk==0.2.2 kubernetes-validate==1.37.0
+	touch $@
+
+# Plain kubectl manifests under deploy/k8s/, rendered from the Helm chart (the single source of truth).
+manifests: deploy-tools
+	$(BIN)/python deploy/render.py
