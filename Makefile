@@ -7,7 +7,7 @@ PYTEST_ARGS ?=
 
 .PHONY: setup test test-slow lint demo clean deploy-tools manifests
 
-setup: $(STAMP)
+setup: $(STAMP) proto
 
 # torch first and pinned: the CPU wheel lies on the machine; a dependency asking for torch later must
 # find it installed, or pip pulls a multi-GB CUDA build.
@@ -19,7 +19,7 @@ $(STAMP): pyproject.toml
 	touch $@
 
 # Fast suite (well under 15 minutes on 2 cores). pytest exit 5 means nothing was collected: fail loudly.
-test: setup deploy-tools
+test: setup deploy-tools proto-tools
 	$(BIN)/python -m pytest -q -m "not slow" $(PYTEST_ARGS); rc=$$?; \
 	  if [ $$rc -eq 5 ]; then echo "pytest collected no tests" >&2; exit 1; fi; exit $$rc
 
@@ -50,3 +50,27 @@ $(DEPLOY_STAMP): $(STAMP)
 # Plain kubectl manifests under deploy/k8s/, rendered from the Helm chart (the single source of truth).
 manifests: deploy-tools
 	$(BIN)/python deploy/render.py
+
+# Protocol: Python stubs of protos/ are generated at build time, never committed: eesd_proto/ for the
+# services, client/eesd_client/_proto/ for the client SDK. Regenerated only when a proto changed.
+PROTO_SRC   := $(wildcard protos/eesd/v1/*.proto)
+PROTO_STAMP := eesd_proto/.generated
+BUF_VERSION := 1.75.0
+BUF         := .tools/node_modules/.bin/buf
+.PHONY: proto proto-tools proto-lint
+
+proto: $(PROTO_STAMP)
+
+$(PROTO_STAMP): $(PROTO_SRC) eesd_proto/generate.py $(STAMP)
+	$(BIN)/python eesd_proto/generate.py
+	touch $@
+
+# buf (npm package, repo-local under .tools/) lints the protos; tests/client runs it too.
+proto-tools: $(BUF)
+
+$(BUF):
+	npm install --prefix .tools --no-audit --no-fund --silent @bufbuild/buf@$(BUF_VERSION)
+	touch $@
+
+proto-lint: proto-tools
+	$(BUF) lint
