@@ -103,6 +103,7 @@ apiVersion: v1
 kind: ConfigMap
 metadata:
   name: {{ include "eesd.fullname" .root }}-{{ .role }}
+  namespace: {{ .root.Release.Namespace }}
   labels:
     {{- include "eesd.labels" . | nindent 4 }}
 data:
@@ -138,6 +139,7 @@ apiVersion: apps/v1
 kind: Deployment
 metadata:
   name: {{ $fn }}-{{ $role }}
+  namespace: {{ $root.Release.Namespace }}
   labels:
     {{- include "eesd.labels" . | nindent 4 }}
 spec:
@@ -253,6 +255,12 @@ spec:
             sizeLimit: {{ $v.shmSize }}
         {{- if hasKey $cfg "modelDir" }}
         - name: model
-          {{- toYaml $root.Values.model.volume | nindent 10 }}
+          {{- with $root.Values.model.volume }}
+          {{- toYaml . | nindent 10 }}
+          {{- else }}
+          persistentVolumeClaim:
+            claimName: {{ $root.Values.model.claimName }}
+            readOnly: true
+          {{- end }}
         {{- end }}
 {{- end -}}
