@@ -1,0 +1,1 @@
+"""EESD core: early-exit drafter, full-model verifier, lossless acceptance, draft policies, engine."""

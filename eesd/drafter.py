@@ -1,0 +1,71 @@
+"""The drafter: embeddings, layers 0..N-1, the exit layer, final norm and head; it proposes draft blocks."""
+
+import random
+from pathlib import Path
+
+from eesd.checkpoint import CheckpointReader, config_hash, load_config, resolve_dtype, tokenizer_hash
+from eesd.decoder_stack import build_stack
+from eesd.errors import InvalidArgument
+from eesd.exit_layer import load_exit_head, state_hash, untrained_exit_layer, validate_exit_layer
+from eesd.identity import ModelIdentity
+from eesd.kv_cache import SessionCaches
+from eesd.policies import make_policy
+from eesd.rounds import DraftBlock, DraftRequest
+from eesd.sampling import round_generator, round_seed, sample, sparse_top, target_probs
+
+
+def check_token_ids(field: str, ids: list[int], vocab_size: int) -> None:
+    bad = [t for t in ids if not 0 <= t < vocab_size]
+    if bad:
+        raise InvalidArgument(field, f"ids outside the vocabulary [0, {vocab_size}): {bad[:5]}")
+
+
+class Drafter:
+    def __init__(self, model_dir: str | Path, exit_layer: int, exit_head: str | Path | None = None,
+                 dtype: str = "float32", device: str = "cpu", max_sessions: int = 256, draft_top_k: int = 32):
+        self.config = load_config(model_dir)
+        validate_exit_layer(exit_layer, self.config)
+        if draft_top_k < 1:
+            raise InvalidArgument("draft_top_k", f"must be >= 1, got {draft_top_k}")
+        torch_dtype = resolve_dtype(dtype, self.config)
+        reader = CheckpointReader.open(model_dir)
+        exit_state = (load_exit_head(exit_head, self.config, exit_layer, torch_dtype) if exit_head
+                      else untrained_exit_layer(reader, self.config, torch_dtype))
+        self.identity = ModelIdentity(self.config.model_type, config_hash(self.config), tokenizer_hash(model_dir),
+                                      str(torch_dtype).removeprefix("torch."), exit_layer, state_hash(exit_state))
+        self.stack = build_stack(self.config, reader, list(range(exit_layer)), torch_dtype, device, [exit_state])
+        self.sessions = SessionCaches(self.stack.new_cache, max_sessions)
+        self.draft_top_k = draft_top_k
+        self.device = device
+
+    def propose(self, request: DraftRequest) -> DraftBlock:
+        """Feeds the pending tokens, then drafts token by token while the policy says so."""
+        check_token_ids("pending_tokens", request.pending, self.config.vocab_size)
+        policy = make_policy(request.policy, request.policy_state)
+        rng = random.Random(round_seed(request.seed, request.round_index, "policy"))
+        generator = round_generator(request.seed, request.round_index, "draft", self.device)
+        cache = self.sessions.at_base(request.session_id, request.base_length, request.pending)
+        budget = min(policy.begin_round(rng), request.max_tokens)
+        if budget <= 0:
+            return DraftBlock([], [], budget=0, cache_length=cache.length)
+        logits = self.stack(request.pending, cache, logits_from=len(request.pending) - 1)[-1]  # (vocab,)
+        sampling = request.sampling
+        tokens, confidences, q_ids, q_probs = [], [], [], []
+        while True:
+            if sampling.greedy:
+                probs = logits.float().softmax(-1)
+                token = int(probs.argmax())
+                confidence = float(probs[token])
+            else:
+                ids, probs = sparse_top(target_probs(logits, sampling), self.draft_top_k)
+                pick = sample(probs, generator)
+                token, confidence = int(ids[pick]), float(probs[pick])
+                q_ids.append(ids.tolist())
+                q_probs.append(probs.tolist())
+            tokens.append(token)
+            confidences.append(confidence)
+            if len(tokens) >= budget or not policy.keep_drafting(len(tokens), confidence, rng):
+                break
+            logits = self.stack([token], cache)[-1]
+        return DraftBlock(tokens, confidences, None if sampling.greedy else q_ids,
+                          None if sampling.greedy else q_probs, budget, cache.length)

@@ -1,0 +1,33 @@
+"""Domain errors. Services map each class to one gRPC status code in a single interceptor."""
+
+
+class EesdError(Exception):
+    """Base of every error the core raises on purpose."""
+
+
+class InvalidArgument(EesdError, ValueError):
+    """A request field is wrong; `field` names it."""
+
+    def __init__(self, field: str, message: str):
+        super().__init__(f"{field}: {message}")
+        self.field = field
+
+
+class NotFound(EesdError, LookupError):
+    """A session, model directory or file that the request names does not exist."""
+
+
+class FailedPrecondition(EesdError):
+    """The request is valid but the node's state does not allow it (e.g. a cache shorter than the base)."""
+
+
+class ResourceExhausted(EesdError):
+    """A capacity limit (sessions, context length) is reached."""
+
+
+class Unavailable(EesdError):
+    """A peer cannot be reached; retrying elsewhere may work."""
+
+
+class RollbackError(FailedPrecondition):
+    """A KV cache cannot be cropped to the requested length."""

@@ -1,0 +1,69 @@
+"""Request parameters, validated once at the edge so that the core can trust them."""
+
+from dataclasses import dataclass, field
+
+from eesd.errors import InvalidArgument
+
+POLICY_NAMES = ("beta-ts", "calibration-ts", "fixed", "heuristic", "threshold", "off")
+
+
+@dataclass(frozen=True)
+class SamplingParams:
+    """How the target distribution p is formed; temperature 0 means greedy."""
+
+    temperature: float = 0.0
+    top_k: int = 0  # 0: no top-k filter
+    top_p: float = 1.0  # 1.0: no nucleus filter
+    seed: int | None = None
+
+    @property
+    def greedy(self) -> bool:
+        return self.temperature == 0.0
+
+    def validate(self) -> None:
+        if not self.temperature >= 0.0:
+            raise InvalidArgument("temperature", f"must be >= 0, got {self.temperature}")
+        if self.top_k < 0:
+            raise InvalidArgument("top_k", f"must be >= 0, got {self.top_k}")
+        if not 0.0 < self.top_p <= 1.0:
+            raise InvalidArgument("top_p", f"must be in (0, 1], got {self.top_p}")
+        if self.seed is not None and not 0 <= self.seed < 2**63:
+            raise InvalidArgument("seed", f"must be in [0, 2^63), got {self.seed}")
+
+
+@dataclass(frozen=True)
+class PolicyParams:
+    """Which draft policy runs and its knobs; unknown knobs are refused by the policy factory."""
+
+    name: str = "beta-ts"
+    k_max: int = 8
+    options: dict[str, float] = field(default_factory=dict)
+
+    def validate(self) -> None:
+        if self.name not in POLICY_NAMES:
+            raise InvalidArgument("policy", f"unknown policy {self.name!r}; expected one of {POLICY_NAMES}")
+        if not 0 <= self.k_max <= 64:
+            raise InvalidArgument("k_max", f"must be in [0, 64], got {self.k_max}")
+
+
+@dataclass(frozen=True)
+class GenerationParams:
+    max_new_tokens: int
+    sampling: SamplingParams = field(default_factory=SamplingParams)
+    policy: PolicyParams = field(default_factory=PolicyParams)
+    stop_on_eos: bool = True
+
+    def validate(self) -> None:
+        if self.max_new_tokens <= 0:
+            raise InvalidArgument("max_new_tokens", f"must be > 0, got {self.max_new_tokens}")
+        self.sampling.validate()
+        self.policy.validate()
+
+
+def validate_prompt(prompt_ids: list[int], vocab_size: int) -> None:
+    """Raises InvalidArgument naming `prompt_ids` for an empty prompt or ids outside the vocabulary."""
+    if len(prompt_ids) == 0:
+        raise InvalidArgument("prompt_ids", "prompt is empty")
+    bad = [t for t in prompt_ids if not 0 <= t < vocab_size]
+    if bad:
+        raise InvalidArgument("prompt_ids", f"ids outside the vocabulary [0, {vocab_size}): {bad[:5]}")

@@ -1,0 +1,196 @@
+"""Draft-length policies (DESIGN §3.2): how many tokens to draft each round.
+
+A policy decides in two steps, both on the drafter as it drafts: `begin_round` gives the most tokens
+this round may draft, `keep_drafting` is asked after every drafted token with the drafter's confidence
+q(d) in it. `update` learns from the verdict. State is a flat map of floats (a Redis hash).
+Randomness comes from the caller's `random.Random`, so a seeded round decides the same everywhere.
+"""
+
+import random
+from collections.abc import Sequence
+from dataclasses import dataclass, field, fields
+
+from eesd.errors import InvalidArgument
+from eesd.params import PolicyParams
+
+
+@dataclass
+class DraftPolicy:
+    k_max: int = 8
+
+    name = ""
+
+    def begin_round(self, rng: random.Random) -> int:
+        """Upper bound on the drafts of this round (0: no speculation)."""
+        return self.k_max
+
+    def keep_drafting(self, drafted: int, confidence: float, rng: random.Random) -> bool:
+        """After the `drafted`-th draft token, whose draft probability was `confidence`."""
+        return True
+
+    def update(self, confidences: Sequence[float], accepted: int) -> None:
+        """Learns from one verdict: `accepted` of the drafts with these confidences were kept."""
+
+    def state(self) -> dict[str, float]:
+        return {}
+
+    def load_state(self, state: dict[str, float]) -> None:
+        """Restores what `state` returned; unknown keys are refused."""
+        unknown = set(state) - set(self.state())
+        if unknown:
+            raise InvalidArgument("policy_state", f"unknown keys for {self.name}: {sorted(unknown)}")
+        self._load(state)
+
+    def _load(self, state: dict[str, float]) -> None:
+        for key, value in state.items():
+            setattr(self, key, value)
+
+
+@dataclass
+class NoSpeculation(DraftPolicy):
+    name = "off"
+
+    def begin_round(self, rng: random.Random) -> int:
+        return 0
+
+
+@dataclass
+class FixedK(DraftPolicy):
+    """Always drafts min(k, k_max) tokens."""
+
+    k: int = 4
+    name = "fixed"
+
+    def begin_round(self, rng: random.Random) -> int:
+        return int(min(self.k, self.k_max))
+
+
+@dataclass
+class Heuristic(DraftPolicy):
+    """transformers' assisted-generation schedule: +2 after a fully accepted block, -1 otherwise."""
+
+    k_current: float = 4.0
+    name = "heuristic"
+
+    def begin_round(self, rng: random.Random) -> int:
+        return min(int(self.k_current), self.k_max)
+
+    def update(self, confidences: Sequence[float], accepted: int) -> None:
+        if accepted == len(confidences):
+            self.k_current = min(self.k_current + 2, self.k_max)
+        else:
+            self.k_current = max(1.0, self.k_current - 1)
+
+    def state(self) -> dict[str, float]:
+        return {"k_current": self.k_current}
+
+
+@dataclass
+class ConfidenceThreshold(DraftPolicy):
+    """Stops after a draft whose own probability falls below `threshold`."""
+
+    threshold: float = 0.4
+    name = "threshold"
+
+    def keep_drafting(self, drafted: int, confidence: float, rng: random.Random) -> bool:
+        return confidence >= self.threshold
+
+
+def posterior_update(alpha: float, beta: float, judged: int, accepted: int, discount: float) -> tuple[float, float]:
+    """Beta posterior of a per-token acceptance probability after `judged` drafts, `accepted` of them kept.
+
+    Drafts are judged in order until the first rejection, so the likelihood is theta^a (1-theta)^[a<L];
+    `discount` < 1 forgets old evidence geometrically for drifting acceptance.
+    """
+    return discount * alpha + accepted, discount * beta + (1.0 if accepted < judged else 0.0)
+
+
+@dataclass
+class BetaTS(DraftPolicy):
+    """Thompson sampling over one Beta posterior of the per-token acceptance probability."""
+
+    alpha: float = 1.0
+    beta: float = 1.0
+    per_token: float = 0.0  # 1: draw theta after every token instead of once per round
+    discount: float = 1.0
+    name = "beta-ts"
+
+    def __post_init__(self) -> None:
+        self._theta = 0.0
+
+    def begin_round(self, rng: random.Random) -> int:
+        self._theta = rng.betavariate(self.alpha, self.beta)
+        return self.k_max
+
+    def keep_drafting(self, drafted: int, confidence: float, rng: random.Random) -> bool:
+        theta = rng.betavariate(self.alpha, self.beta) if self.per_token else self._theta
+        return rng.random() < theta
+
+    def update(self, confidences: Sequence[float], accepted: int) -> None:
+        self.alpha, self.beta = posterior_update(self.alpha, self.beta, len(confidences), accepted, self.discount)
+
+    def state(self) -> dict[str, float]:
+        return {"alpha": self.alpha, "beta": self.beta}
+
+
+def confidence_bucket(confidence: float, buckets: int) -> int:
+    return min(int(confidence * buckets), buckets - 1)
+
+
+@dataclass
+class CalibrationTS(DraftPolicy):
+    """Thompson sampling with one Beta posterior per bucket of the draft's own confidence q(d)."""
+
+    buckets: int = 10
+    prior_alpha: float = 1.0
+    prior_beta: float = 1.0
+    discount: float = 1.0
+    name = "calibration-ts"
+    alphas: list[float] = field(default_factory=list)
+    betas: list[float] = field(default_factory=list)
+
+    def __post_init__(self) -> None:
+        self.buckets = int(self.buckets)
+        self.alphas = self.alphas or [self.prior_alpha] * self.buckets
+        self.betas = self.betas or [self.prior_beta] * self.buckets
+
+    def keep_drafting(self, drafted: int, confidence: float, rng: random.Random) -> bool:
+        b = confidence_bucket(confidence, self.buckets)
+        return rng.random() < rng.betavariate(self.alphas[b], self.betas[b])
+
+    def update(self, confidences: Sequence[float], accepted: int) -> None:
+        """Only judged drafts count: the accepted ones and the first rejected one."""
+        judged = confidences[: accepted + 1]
+        for i, confidence in enumerate(judged):
+            b = confidence_bucket(confidence, self.buckets)
+            self.alphas[b], self.betas[b] = posterior_update(self.alphas[b], self.betas[b], 1,
+                                                             1 if i < accepted else 0, self.discount)
+
+    def state(self) -> dict[str, float]:
+        return {**{f"alpha.{b}": a for b, a in enumerate(self.alphas)},
+                **{f"beta.{b}": v for b, v in enumerate(self.betas)}}
+
+    def _load(self, state: dict[str, float]) -> None:
+        for key, value in state.items():
+            kind, bucket = key.split(".")
+            (self.alphas if kind == "alpha" else self.betas)[int(bucket)] = value
+
+
+POLICIES: dict[str, type[DraftPolicy]] = {
+    cls.name: cls for cls in (NoSpeculation, FixedK, Heuristic, ConfidenceThreshold, BetaTS, CalibrationTS)
+}
+
+
+def make_policy(params: PolicyParams, state: dict[str, float] | None = None) -> DraftPolicy:
+    """Builds the named policy with its options (dataclass fields) and optional saved state."""
+    params.validate()
+    cls = POLICIES[params.name]
+    allowed = {f.name for f in fields(cls) if f.name not in ("k_max", "alphas", "betas")}
+    unknown = set(params.options) - allowed
+    if unknown:
+        raise InvalidArgument("policy_options", f"{params.name} takes {sorted(allowed)}, not {sorted(unknown)}")
+    policy = cls(k_max=params.k_max, **params.options)
+    if state:
+        policy.load_state(state)
+    return policy
+

@@ -1,0 +1,69 @@
+"""Typed contracts between the stages of a round (DESIGN §4), mirrored 1:1 by the internal protos.
+
+Every message carries (session_id, round_index, base_length): the round number makes a retried message
+idempotent and the base length says which committed prefix the node's KV cache must cover.
+"""
+
+from dataclasses import dataclass, field
+
+from eesd.params import PolicyParams, SamplingParams
+
+
+@dataclass(frozen=True)
+class DraftRequest:
+    session_id: str
+    round_index: int
+    base_length: int  # committed tokens the drafter's cache must cover before feeding `pending`
+    pending: list[int]  # committed[base_length:]
+    max_tokens: int  # cap from the remaining budget; the policy decides within it
+    seed: int  # request seed; the round's randomness is derived from (seed, round_index)
+    sampling: SamplingParams = field(default_factory=SamplingParams)
+    policy: PolicyParams = field(default_factory=PolicyParams)
+    policy_state: dict[str, float] = field(default_factory=dict)
+
+
+@dataclass(frozen=True)
+class DraftBlock:
+    """The k drafts of a round. q is shipped sparse (top-K ids and renormalised probs) when sampling."""
+
+    tokens: list[int]
+    confidences: list[float]  # q(d) of each draft: what threshold and Calibration-TS decide on
+    q_ids: list[list[int]] | None = None  # (k, K) when sampling, None when greedy
+    q_probs: list[list[float]] | None = None  # (k, K)
+    budget: int = 0  # the policy's begin_round bound: the k chosen this round
+    cache_length: int = 0  # the drafter's cache after drafting
+
+
+@dataclass(frozen=True)
+class VerifyRequest:
+    session_id: str
+    round_index: int
+    base_length: int
+    pending: list[int]
+    draft: DraftBlock
+    seed: int
+    sampling: SamplingParams = field(default_factory=SamplingParams)
+
+
+@dataclass(frozen=True)
+class Verdict:
+    session_id: str
+    round_index: int
+    accepted: int  # drafts kept
+    next_token: int  # recovered (accepted < k) or bonus (accepted == k) token
+    cache_length: int  # the verifier's cache after cropping: base + len(pending) + accepted
+
+    def committed_tokens(self, draft: DraftBlock) -> list[int]:
+        """The accepted + 1 tokens this round commits."""
+        return [*draft.tokens[: self.accepted], self.next_token]
+
+
+@dataclass(frozen=True)
+class RoundStats:
+    round_index: int
+    k_chosen: int
+    drafted: int
+    accepted: int
+    committed: int
+    draft_s: float
+    verify_s: float

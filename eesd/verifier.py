@@ -1,0 +1,67 @@
+"""The verifier: the full model; scores a draft block in one forward pass and applies the acceptance rule.
+
+Batch size is 1 per call today; `verify` takes one request per session so a batched scorer can later
+take a list of them, and a handoff mode (drafter ships layer-N hidden states) can add a field to the
+request without changing the contract.
+"""
+
+from pathlib import Path
+
+import torch
+
+from eesd.acceptance import accept_greedy, accept_stochastic
+from eesd.checkpoint import CheckpointReader, config_hash, load_config, resolve_dtype, tokenizer_hash
+from eesd.decoder_stack import build_stack
+from eesd.drafter import check_token_ids
+from eesd.errors import InvalidArgument
+from eesd.identity import ModelIdentity
+from eesd.kv_cache import SessionCaches
+from eesd.rounds import DraftBlock, Verdict, VerifyRequest
+from eesd.sampling import densify, round_generator, target_probs
+
+
+def check_draft(draft: DraftBlock, greedy: bool, vocab_size: int) -> None:
+    """A malformed draft block would silently break losslessness; refuse it."""
+    check_token_ids("draft.tokens", draft.tokens, vocab_size)
+    if len(draft.confidences) not in (0, len(draft.tokens)):
+        raise InvalidArgument("draft.confidences", "must be empty or one per draft token")
+    if greedy or not draft.tokens:
+        return
+    if draft.q_ids is None or draft.q_probs is None or not len(draft.q_ids) == len(draft.q_probs) == len(draft.tokens):
+        raise InvalidArgument("draft.q", "sampling needs sparse q (ids and probs) for every draft token")
+    for token, ids, probs in zip(draft.tokens, draft.q_ids, draft.q_probs, strict=True):
+        check_token_ids("draft.q_ids", ids, vocab_size)
+        if len(ids) != len(probs) or token not in ids:
+            raise InvalidArgument("draft.q", "each draft token must be in its q support, ids and probs paired")
+        if any(not 0.0 <= p <= 1.0 for p in probs) or abs(sum(probs) - 1.0) > 1e-3:
+            raise InvalidArgument("draft.q_probs", "each q must be a distribution (non-negative, summing to 1)")
+
+
+class Verifier:
+    def __init__(self, model_dir: str | Path, dtype: str = "float32", device: str = "cpu", max_sessions: int = 256):
+        self.config = load_config(model_dir)
+        torch_dtype = resolve_dtype(dtype, self.config)
+        reader = CheckpointReader.open(model_dir)
+        self.identity = ModelIdentity(self.config.model_type, config_hash(self.config), tokenizer_hash(model_dir),
+                                      str(torch_dtype).removeprefix("torch."))
+        self.stack = build_stack(self.config, reader, list(range(self.config.num_hidden_layers)), torch_dtype, device)
+        self.sessions = SessionCaches(self.stack.new_cache, max_sessions)
+        self.device = device
+
+    def verify(self, request: VerifyRequest) -> Verdict:
+        """Feeds pending + drafts in one pass, keeps the accepted prefix, crops the rest of the cache."""
+        draft, sampling = request.draft, request.sampling
+        check_token_ids("pending_tokens", request.pending, self.config.vocab_size)
+        check_draft(draft, sampling.greedy, self.config.vocab_size)
+        cache = self.sessions.at_base(request.session_id, request.base_length, request.pending)
+        # Row i of the logits predicts draft i; the last row predicts the bonus token.
+        logits = self.stack(request.pending + draft.tokens, cache, logits_from=len(request.pending) - 1)
+        tokens = torch.tensor(draft.tokens, dtype=torch.long)
+        if sampling.greedy:
+            result = accept_greedy(logits, tokens)
+        else:
+            generator = round_generator(request.seed, request.round_index, "verify", self.device)
+            q = densify(draft.q_ids or [], draft.q_probs or [], self.config.vocab_size)  # (k, vocab)
+            result = accept_stochastic(target_probs(logits, sampling), q, tokens, generator)
+        cache.crop(request.base_length + len(request.pending) + result.accepted)
+        return Verdict(request.session_id, request.round_index, result.accepted, result.next_token, cache.length)
