@@ -46,7 +46,7 @@ def run_protoc(out: Path) -> None:
 
 
 def install(generated: Path, dest_root: Path, import_prefix: str, stems: tuple[str, ...] | None) -> None:
-    """Copies the generated stubs of `stems` (all when None) under dest_root/eesd/v1 with rewritten imports."""
+    """Copies the stubs of `stems` (all when None) to dest_root/eesd/v1, imports rewritten."""
     wanted: dict[Path, str] = {}
     for src in sorted((generated / PROTO_PACKAGE).iterdir()):
         stem = src.name.split("_pb2")[0]

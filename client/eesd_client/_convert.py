@@ -1,0 +1,158 @@
+"""Conversions between the SDK's dataclasses and the controller's proto messages."""
+
+from __future__ import annotations
+
+from eesd_client._stubs import common_pb2, controller_pb2
+from eesd_client.errors import ProtocolError
+from eesd_client.types import (
+    FinalStats,
+    FinishReason,
+    GenerationChunk,
+    GenerationRequest,
+    GenerationResult,
+    Policy,
+    RoundStats,
+    SessionInfo,
+    SessionState,
+    SpeculationStats,
+    TimeSplit,
+    Usage,
+)
+
+_FINISH_REASONS = {
+    controller_pb2.FINISH_REASON_UNSPECIFIED: FinishReason.UNSPECIFIED,
+    controller_pb2.FINISH_REASON_LENGTH: FinishReason.LENGTH,
+    controller_pb2.FINISH_REASON_EOS: FinishReason.EOS,
+    controller_pb2.FINISH_REASON_CANCELLED: FinishReason.CANCELLED,
+}
+_SESSION_STATES = {
+    controller_pb2.SESSION_STATE_UNSPECIFIED: SessionState.UNSPECIFIED,
+    controller_pb2.SESSION_STATE_ACTIVE: SessionState.ACTIVE,
+    controller_pb2.SESSION_STATE_FINISHED: SessionState.FINISHED,
+    controller_pb2.SESSION_STATE_CANCELLED: SessionState.CANCELLED,
+    controller_pb2.SESSION_STATE_FAILED: SessionState.FAILED,
+}
+
+
+def generate_request_to_proto(request: GenerationRequest) -> controller_pb2.GenerateRequest:
+    message = controller_pb2.GenerateRequest(
+        max_new_tokens=request.max_new_tokens,
+        sampling=common_pb2.SamplingParams(
+            temperature=request.temperature, top_k=request.top_k, top_p=request.top_p, seed=request.seed
+        ),
+        policy=request.policy.value if isinstance(request.policy, Policy) else request.policy or "",
+        policy_params=dict(request.policy_params),
+        k_max=request.k_max or 0,
+        session_id=request.session_id or "",
+        ignore_eos=not request.stop_on_eos,
+    )
+    if isinstance(request.prompt, str):
+        message.prompt_text = request.prompt
+    else:
+        message.prompt_ids.ids.extend(request.prompt)
+    return message
+
+
+def round_stats_from_proto(message: common_pb2.RoundStats) -> RoundStats:
+    return RoundStats(
+        k_chosen=message.k_chosen,
+        drafted=message.drafted,
+        accepted=message.accepted,
+        draft_ms=message.draft_ms,
+        verify_ms=message.verify_ms,
+        transport_ms=message.transport_ms,
+        controller_ms=message.controller_ms,
+    )
+
+
+def usage_from_proto(message: controller_pb2.Usage) -> Usage:
+    return Usage(prompt_tokens=message.prompt_tokens, completion_tokens=message.completion_tokens)
+
+
+def speculation_from_proto(message: controller_pb2.SpeculationStats) -> SpeculationStats:
+    return SpeculationStats(
+        rounds=message.rounds,
+        drafted=message.drafted,
+        accepted=message.accepted,
+        mean_accepted_tokens=message.mean_accepted_tokens,
+        k_histogram=dict(sorted(message.k_histogram.items())),
+        policy=message.policy,
+    )
+
+
+def final_stats_from_proto(message: controller_pb2.GenerationSummary) -> FinalStats:
+    split = message.time_split
+    return FinalStats(
+        finish_reason=_FINISH_REASONS.get(message.finish_reason, FinishReason.UNSPECIFIED),
+        usage=usage_from_proto(message.usage),
+        speculation=speculation_from_proto(message.speculation),
+        time_split=TimeSplit(
+            draft_ms=split.draft_ms,
+            verify_ms=split.verify_ms,
+            transport_ms=split.transport_ms,
+            controller_ms=split.controller_ms,
+            total_ms=split.total_ms,
+        ),
+    )
+
+
+def session_from_proto(message: controller_pb2.Session) -> SessionInfo:
+    return SessionInfo(
+        session_id=message.session_id,
+        state=session_state_from_proto(message.state),
+        finish_reason=_FINISH_REASONS.get(message.finish_reason, FinishReason.UNSPECIFIED),
+        usage=usage_from_proto(message.usage),
+        speculation=speculation_from_proto(message.speculation),
+        drafter_id=message.drafter_id,
+        verifier_id=message.verifier_id,
+        committed_token_ids=tuple(message.committed_token_ids),
+    )
+
+
+def session_state_from_proto(value: int) -> SessionState:
+    return _SESSION_STATES.get(value, SessionState.UNSPECIFIED)
+
+
+class ResultBuilder:
+    """Folds the messages of one Generate stream into chunks and, at the end, a GenerationResult."""
+
+    def __init__(self) -> None:
+        self.session_id: str | None = None
+        self._token_ids: list[int] = []
+        self._text: list[str] = []
+        self._rounds: list[RoundStats] = []
+        self._stats: FinalStats | None = None
+
+    def add(self, message: controller_pb2.GenerateResponse) -> GenerationChunk | None:
+        """Returns the chunk the message carries, or None for the summary."""
+        if self._stats is not None:
+            raise ProtocolError("Generate stream sent a message after its summary")
+        self.session_id = message.session_id
+        event = message.WhichOneof("event")
+        if event == "summary":
+            self._stats = final_stats_from_proto(message.summary)
+            return None
+        if event != "chunk":
+            raise ProtocolError(f"Generate stream sent a message without an event: {message}")
+        chunk = GenerationChunk(
+            session_id=message.session_id,
+            round=message.chunk.round,
+            token_ids=tuple(message.chunk.token_ids),
+            text=message.chunk.text,
+            stats=round_stats_from_proto(message.chunk.stats),
+        )
+        self._token_ids.extend(chunk.token_ids)
+        self._text.append(chunk.text)
+        self._rounds.append(chunk.stats)
+        return chunk
+
+    def result(self) -> GenerationResult:
+        if self._stats is None or self.session_id is None:
+            raise ProtocolError("Generate stream ended without a summary")
+        return GenerationResult(
+            session_id=self.session_id,
+            token_ids=tuple(self._token_ids),
+            text="".join(self._text),
+            rounds=tuple(self._rounds),
+            stats=self._stats,
+        )

@@ -1,0 +1,209 @@
+"""Asyncio client of the EESD Serve controller (grpc.aio); same API as EesdClient, awaitable."""
+
+from __future__ import annotations
+
+import asyncio
+import random
+from collections.abc import AsyncIterator, Awaitable, Callable, Sequence
+from types import TracebackType
+from typing import Self, TypeVar, Unpack
+
+import grpc
+import grpc.aio
+
+from eesd_client._call import CallBudget, ClientSettings, require_session_id
+from eesd_client._convert import (
+    ResultBuilder,
+    generate_request_to_proto,
+    session_from_proto,
+    session_state_from_proto,
+)
+from eesd_client._stubs import controller_pb2, controller_pb2_grpc
+from eesd_client.config import (
+    DEFAULT_CHANNEL_OPTIONS,
+    DEFAULT_RETRY_POLICY,
+    ChannelOptions,
+    RetryPolicy,
+    TlsConfig,
+)
+from eesd_client.errors import CancelledError, from_rpc_error
+from eesd_client.types import (
+    GenerateOptions,
+    GenerationChunk,
+    GenerationRequest,
+    GenerationResult,
+    SessionInfo,
+    SessionState,
+)
+
+Response = TypeVar("Response")
+StreamCall = grpc.aio.UnaryStreamCall
+
+
+class AsyncGenerationStream:
+    """Async iterator over the chunks of one Generate call; see GenerationStream for the retry rule."""
+
+    def __init__(self, start: Callable[[float | None], StreamCall], budget: CallBudget) -> None:
+        self._start = start
+        self._budget = budget
+        self._builder = ResultBuilder()
+        self._call: StreamCall | None = None
+        self._cancelled = False
+        self._chunks = self._run()
+
+    @property
+    def session_id(self) -> str | None:
+        """The session's id, known once the first message arrived."""
+        return self._builder.session_id
+
+    @property
+    def attempts(self) -> int:
+        """Calls made so far (1 + retries)."""
+        return self._budget.attempts
+
+    def __aiter__(self) -> AsyncIterator[GenerationChunk]:
+        return self
+
+    async def __anext__(self) -> GenerationChunk:
+        return await anext(self._chunks)
+
+    async def result(self) -> GenerationResult:
+        """Consumes the remaining chunks and returns the whole generation with its final statistics."""
+        async for _ in self._chunks:
+            pass
+        return self._builder.result()
+
+    def cancel(self) -> None:
+        """Abandons the call from this side; a pending iteration raises CancelledError."""
+        self._cancelled = True
+        if self._call is not None:
+            self._call.cancel()
+
+    async def __aenter__(self) -> Self:
+        return self
+
+    async def __aexit__(self, *exc: object) -> None:
+        self.cancel()
+
+    async def _run(self) -> AsyncIterator[GenerationChunk]:
+        received = False
+        while True:
+            if self._cancelled:
+                raise CancelledError("generation cancelled by the client")
+            call = self._call = self._start(self._budget.start_attempt())
+            try:
+                async for message in call:
+                    received = True
+                    chunk = self._builder.add(message)
+                    if chunk is not None:
+                        yield chunk
+                break
+            except grpc.RpcError as rpc_error:
+                error = from_rpc_error(rpc_error)
+                delay = None if received else self._budget.retry_delay(error)
+                if delay is None:
+                    raise error from rpc_error
+                await asyncio.sleep(delay)
+            except asyncio.CancelledError:
+                # grpc.aio reports a cancelled call as asyncio.CancelledError; only ours becomes an EesdError.
+                if not self._cancelled:
+                    raise
+                raise CancelledError("generation cancelled by the client") from None
+            finally:
+                call.cancel()
+        self._builder.result()  # a stream that ended without its summary is a ProtocolError
+
+
+class AsyncEesdClient:
+    """Asyncio client of ControllerService; create it inside the event loop that uses it.
+
+    `timeout` is the default deadline in seconds of every call, retries included (None: no deadline).
+    Use as an async context manager, or await close().
+    """
+
+    def __init__(
+        self,
+        target: str,
+        *,
+        tls: TlsConfig | None = None,
+        auth_token: str | None = None,
+        timeout: float | None = 300.0,
+        retry: RetryPolicy = DEFAULT_RETRY_POLICY,
+        channel_options: ChannelOptions = DEFAULT_CHANNEL_OPTIONS,
+        rng: random.Random | None = None,
+    ) -> None:
+        self.target = target
+        self._settings = ClientSettings(
+            tls=tls,
+            auth_token=auth_token,
+            timeout=timeout,
+            retry=retry,
+            channel_options=channel_options,
+            rng=rng,
+        )
+        options = self._settings.grpc_options
+        self._channel = (
+            grpc.aio.insecure_channel(target, options)
+            if tls is None
+            else grpc.aio.secure_channel(target, tls.credentials(), options)
+        )
+        self._stub = controller_pb2_grpc.ControllerServiceStub(self._channel)
+
+    def generate(
+        self, prompt: str | Sequence[int], *, timeout: float | None = None, **options: Unpack[GenerateOptions]
+    ) -> AsyncGenerationStream:
+        """Starts a generation; `async for` the returned stream for chunks, or await its result()."""
+        request = generate_request_to_proto(GenerationRequest(prompt, **options))
+        metadata = self._settings.metadata
+
+        def start(attempt_timeout: float | None) -> StreamCall:
+            return self._stub.Generate(request, timeout=attempt_timeout, metadata=metadata)
+
+        return AsyncGenerationStream(start, self._settings.budget(timeout))
+
+    async def generate_text(
+        self, prompt: str | Sequence[int], *, timeout: float | None = None, **options: Unpack[GenerateOptions]
+    ) -> GenerationResult:
+        """Generates and waits for the whole result."""
+        return await self.generate(prompt, timeout=timeout, **options).result()
+
+    async def cancel(self, session_id: str, *, timeout: float | None = None) -> SessionState:
+        """Cancels a session; returns its state afterwards (CANCELLED, or how it had already ended)."""
+        request = controller_pb2.CancelRequest(session_id=require_session_id(session_id))
+        response = await self._unary(self._stub.Cancel, request, timeout)
+        return session_state_from_proto(response.state)
+
+    async def get_session(
+        self, session_id: str, *, include_token_ids: bool = False, timeout: float | None = None
+    ) -> SessionInfo:
+        """Returns a session's state and statistics (and its committed tokens if asked)."""
+        request = controller_pb2.GetSessionRequest(
+            session_id=require_session_id(session_id), include_token_ids=include_token_ids
+        )
+        return session_from_proto((await self._unary(self._stub.GetSession, request, timeout)).session)
+
+    async def close(self) -> None:
+        await self._channel.close()
+
+    async def __aenter__(self) -> Self:
+        return self
+
+    async def __aexit__(
+        self, exc_type: type[BaseException] | None, exc: BaseException | None, tb: TracebackType | None
+    ) -> None:
+        await self.close()
+
+    async def _unary(
+        self, method: Callable[..., Awaitable[Response]], request: object, timeout: float | None
+    ) -> Response:
+        # Cancel and GetSession are idempotent, so any retryable failure may be retried.
+        budget = self._settings.budget(timeout)
+        while True:
+            try:
+                return await method(request, timeout=budget.start_attempt(), metadata=self._settings.metadata)
+            except grpc.RpcError as rpc_error:
+                error = from_rpc_error(rpc_error)
+                delay = budget.retry_delay(error)
+                if delay is None:
+                    raise error from rpc_error
+                await asyncio.sleep(delay)

@@ -1,0 +1,197 @@
+"""Typed results and requests of the client SDK; each mirrors a message of eesd/v1/controller.proto."""
+
+from __future__ import annotations
+
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass, field
+from enum import Enum, StrEnum
+from typing import TypedDict
+
+from eesd_client.errors import InvalidArgumentError
+
+
+class Policy(StrEnum):
+    """Draft-length policies the server ships; `GenerationRequest.policy` also takes any other name."""
+
+    BETA_TS = "beta-ts"
+    CALIBRATION_TS = "calibration-ts"
+    FIXED = "fixed"
+    HEURISTIC = "heuristic"
+    THRESHOLD = "threshold"
+    OFF = "off"
+
+
+class FinishReason(Enum):
+    """Why generation stopped (FinishReason)."""
+
+    UNSPECIFIED = "unspecified"
+    LENGTH = "length"
+    EOS = "eos"
+    CANCELLED = "cancelled"
+
+
+class SessionState(Enum):
+    """Lifecycle state of a session (SessionState)."""
+
+    UNSPECIFIED = "unspecified"
+    ACTIVE = "active"
+    FINISHED = "finished"
+    CANCELLED = "cancelled"
+    FAILED = "failed"
+
+
+@dataclass(frozen=True)
+class GenerationRequest:
+    """Parameters of one Generate call (GenerateRequest); validated on construction."""
+
+    # Prompt text (tokenized by the server) or token ids of the served model's tokenizer.
+    prompt: str | Sequence[int]
+    max_new_tokens: int = 128
+    # 0 is greedy decoding.
+    temperature: float = 0.0
+    # 0 disables top-k filtering.
+    top_k: int = 0
+    # 1 disables nucleus filtering.
+    top_p: float = 1.0
+    seed: int | None = None
+    # None lets the server choose.
+    policy: Policy | str | None = None
+    # e.g. {"k": 4} for Policy.FIXED, {"threshold": 0.4} for Policy.THRESHOLD.
+    policy_params: Mapping[str, float] = field(default_factory=dict)
+    # Upper bound on drafts per round; None lets the server choose.
+    k_max: int | None = None
+    # Client-chosen id, so the session can be cancelled before its first token arrives.
+    session_id: str | None = None
+    stop_on_eos: bool = True
+
+    def __post_init__(self) -> None:
+        if isinstance(self.prompt, str):
+            if not self.prompt:
+                raise InvalidArgumentError("prompt is empty")
+        elif not self.prompt or any(not isinstance(t, int) or t < 0 for t in self.prompt):
+            raise InvalidArgumentError("prompt must be text or a non-empty sequence of token ids >= 0")
+        if self.max_new_tokens < 1:
+            raise InvalidArgumentError(f"max_new_tokens must be >= 1, got {self.max_new_tokens}")
+        if self.temperature < 0:
+            raise InvalidArgumentError(f"temperature must be >= 0, got {self.temperature}")
+        if self.top_k < 0:
+            raise InvalidArgumentError(f"top_k must be >= 0, got {self.top_k}")
+        if not 0 < self.top_p <= 1:
+            raise InvalidArgumentError(f"top_p must be in (0, 1], got {self.top_p}")
+        if self.seed is not None and not 0 <= self.seed < 2**64:
+            raise InvalidArgumentError(f"seed must fit in 64 unsigned bits, got {self.seed}")
+        if self.k_max is not None and self.k_max < 1:
+            raise InvalidArgumentError(f"k_max must be >= 1 (Policy.OFF means no drafts), got {self.k_max}")
+
+
+class GenerateOptions(TypedDict, total=False):
+    """Keyword arguments of `generate` / `generate_text`: the fields of GenerationRequest but the prompt."""
+
+    max_new_tokens: int
+    temperature: float
+    top_k: int
+    top_p: float
+    seed: int | None
+    policy: Policy | str | None
+    policy_params: Mapping[str, float]
+    k_max: int | None
+    session_id: str | None
+    stop_on_eos: bool
+
+
+@dataclass(frozen=True)
+class RoundStats:
+    """Measurements of one round (RoundStats)."""
+
+    k_chosen: int
+    drafted: int
+    accepted: int
+    draft_ms: float
+    verify_ms: float
+    transport_ms: float
+    controller_ms: float
+
+
+@dataclass(frozen=True)
+class GenerationChunk:
+    """Tokens one round committed: the accepted drafts plus the recovered or bonus token."""
+
+    session_id: str
+    round: int
+    token_ids: tuple[int, ...]
+    # Text delta; may be empty while a multi-byte character is incomplete.
+    text: str
+    stats: RoundStats
+
+
+@dataclass(frozen=True)
+class Usage:
+    """Token counts of a session."""
+
+    prompt_tokens: int
+    completion_tokens: int
+
+
+@dataclass(frozen=True)
+class SpeculationStats:
+    """Speculation statistics of a session."""
+
+    rounds: int
+    drafted: int
+    accepted: int
+    # tau: committed tokens per round, including the recovered or bonus token.
+    mean_accepted_tokens: float
+    # Rounds per chosen draft length k.
+    k_histogram: Mapping[int, int]
+    policy: str
+
+
+@dataclass(frozen=True)
+class TimeSplit:
+    """Where a session's time went, in milliseconds."""
+
+    draft_ms: float
+    verify_ms: float
+    transport_ms: float
+    controller_ms: float
+    total_ms: float
+
+
+@dataclass(frozen=True)
+class FinalStats:
+    """The summary that ends a Generate stream."""
+
+    finish_reason: FinishReason
+    usage: Usage
+    speculation: SpeculationStats
+    time_split: TimeSplit
+
+
+@dataclass(frozen=True)
+class GenerationResult:
+    """A whole generation: every committed token, the text and the final statistics."""
+
+    session_id: str
+    token_ids: tuple[int, ...]
+    text: str
+    rounds: tuple[RoundStats, ...]
+    stats: FinalStats
+
+    @property
+    def finish_reason(self) -> FinishReason:
+        return self.stats.finish_reason
+
+
+@dataclass(frozen=True)
+class SessionInfo:
+    """State and statistics of a session (Session)."""
+
+    session_id: str
+    state: SessionState
+    finish_reason: FinishReason
+    usage: Usage
+    speculation: SpeculationStats
+    drafter_id: str
+    verifier_id: str
+    # Prompt + generated tokens; empty unless requested.
+    committed_token_ids: tuple[int, ...]
