@@ -6,11 +6,15 @@ import threading
 import time
 from collections.abc import Iterator
 from dataclasses import dataclass, field
+from pathlib import Path
 
 import grpc
 
 from eesd_proto.eesd.v1 import common_pb2, controller_pb2, controller_pb2_grpc
 
+ROOT = Path(__file__).resolve().parents[2]
+# Test-only CA, server and client certificates (certs/gen.sh).
+CERTS = Path(__file__).resolve().parent / "certs"
 PROMPT_IDS = (1, 2, 3)
 # Rounds commit 1, 2, 3, 1, 2, 3, ... tokens: accepted drafts + one recovered/bonus token.
 ROUND_SIZES = (1, 2, 3)

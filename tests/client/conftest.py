@@ -10,14 +10,13 @@ from pathlib import Path
 import grpc
 import pytest
 
-ROOT = Path(__file__).resolve().parents[2]
-CERTS = Path(__file__).resolve().parent / "certs"
+ROOT = Path(__file__).resolve().parents[2]  # client_fakes needs it on sys.path first
 # The SDK is its own package under client/ (installed separately by users); tests import it from source.
 for path in (ROOT, ROOT / "client"):
     if str(path) not in sys.path:
         sys.path.insert(0, str(path))
 
-from client_fakes import FakeController, Server  # noqa: E402
+from client_fakes import CERTS, FakeController, Server  # noqa: E402
 
 from eesd_proto.eesd.v1 import controller_pb2_grpc  # noqa: E402
 
