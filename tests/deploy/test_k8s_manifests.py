@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import subprocess
 import sys
+from pathlib import Path
 
 import pytest
 import yaml
@@ -35,3 +36,13 @@ def test_check_mode_detects_a_stale_manifest(tmp_path, monkeypatch):
     monkeypatch.setattr(render, "K8S", tmp_path)
     monkeypatch.setattr(sys, "argv", ["render.py", "--check"])
     assert render.main() == 1
+
+
+def test_kubectl_manifests_pass_the_kubernetes_validate_cli_strict():
+    """What a kubectl user applies, checked by the `kubernetes-validate --strict` command itself."""
+    cli = Path(sys.executable).parent / "kubernetes-validate"
+    files = [str(ROOT / "deploy" / "k8s" / f"{example}.yaml") for example in render.MANIFEST_EXAMPLES]
+    result = subprocess.run(
+        [str(cli), "--strict", "--quiet", "-k", "1.30.0", *files], capture_output=True, text=True
+    )
+    assert result.returncode == 0, result.stdout + result.stderr
