@@ -31,8 +31,9 @@ def accept_greedy(target_logits: torch.Tensor, draft: torch.Tensor) -> Acceptanc
     return AcceptanceResult(accepted, int(target[accepted]))
 
 
-def accept_stochastic(p: torch.Tensor, q: torch.Tensor, draft: torch.Tensor,
-                      generator: torch.Generator) -> AcceptanceResult:
+def accept_stochastic(
+    p: torch.Tensor, q: torch.Tensor, draft: torch.Tensor, generator: torch.Generator
+) -> AcceptanceResult:
     """p: (k+1, vocab) target probs; q: (k, vocab) draft probs; draft: (k,) token ids."""
     k = draft.shape[0]
     rows = torch.arange(k)

@@ -21,8 +21,15 @@ from eesd.errors import InvalidArgument
 SUPPORTED_MODEL_TYPES = {"llama": "Llama", "mistral": "Mistral", "qwen2": "Qwen2"}
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 # Fields that do not change what the network computes; left out of the identity hash.
-_CONFIG_HASH_IGNORED = {"transformers_version", "_name_or_path", "torch_dtype", "dtype", "architectures",
-                        "_attn_implementation_autoset", "use_cache"}
+_CONFIG_HASH_IGNORED = {
+    "transformers_version",
+    "_name_or_path",
+    "torch_dtype",
+    "dtype",
+    "architectures",
+    "_attn_implementation_autoset",
+    "use_cache",
+}
 
 
 def load_config(model_dir: str | Path) -> PretrainedConfig:
@@ -31,8 +38,9 @@ def load_config(model_dir: str | Path) -> PretrainedConfig:
         raise InvalidArgument("model_dir", f"no Hugging Face checkpoint (config.json) at {str(path)!r}")
     config = AutoConfig.from_pretrained(path)
     if config.model_type not in SUPPORTED_MODEL_TYPES:
-        raise InvalidArgument("model_dir", f"model_type {config.model_type!r} is not one of "
-                                           f"{sorted(SUPPORTED_MODEL_TYPES)}")
+        raise InvalidArgument(
+            "model_dir", f"model_type {config.model_type!r} is not one of {sorted(SUPPORTED_MODEL_TYPES)}"
+        )
     # Our forward passes explicit boolean masks, which the SDPA kernel takes and eager attention does not.
     config._attn_implementation = "sdpa"
     return config
@@ -96,7 +104,7 @@ class CheckpointReader:
     def read_prefix(self, prefix: str, dtype: torch.dtype) -> dict[str, torch.Tensor]:
         """All tensors under `prefix`, with the prefix stripped (a submodule's state dict)."""
         names = [n for n in self.files if n.startswith(prefix)]
-        return {n[len(prefix):]: t for n, t in self.read(names, dtype).items()}
+        return {n[len(prefix) :]: t for n, t in self.read(names, dtype).items()}
 
 
 def tokenizer_hash(model_dir: str | Path) -> str:

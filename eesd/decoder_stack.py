@@ -34,8 +34,15 @@ def causal_mask(num_new: int, past: int, window: int | None, device: torch.devic
 
 
 class DecoderStack(nn.Module):
-    def __init__(self, config: PretrainedConfig, embed: nn.Embedding, layers: list[nn.Module],
-                 norm: nn.Module, lm_head: nn.Linear, rotary: nn.Module):
+    def __init__(
+        self,
+        config: PretrainedConfig,
+        embed: nn.Embedding,
+        layers: list[nn.Module],
+        norm: nn.Module,
+        lm_head: nn.Linear,
+        rotary: nn.Module,
+    ):
         super().__init__()
         self.config = config
         self.embed_tokens = embed
@@ -48,8 +55,15 @@ class DecoderStack(nn.Module):
     def new_cache(self, capacity: int = 256) -> KVCache:
         cfg = self.config
         head_dim = getattr(cfg, "head_dim", None) or cfg.hidden_size // cfg.num_attention_heads
-        return KVCache(len(self.layers), cfg.num_key_value_heads, head_dim, self.embed_tokens.weight.dtype,
-                       self.embed_tokens.weight.device, capacity, cfg.max_position_embeddings)
+        return KVCache(
+            len(self.layers),
+            cfg.num_key_value_heads,
+            head_dim,
+            self.embed_tokens.weight.dtype,
+            self.embed_tokens.weight.device,
+            capacity,
+            cfg.max_position_embeddings,
+        )
 
     @torch.inference_mode()
     def forward(self, input_ids: list[int], cache: KVCache, logits_from: int = 0) -> torch.Tensor:
@@ -66,22 +80,34 @@ class DecoderStack(nn.Module):
         position_embeddings = self.rotary_emb(hidden, positions)
         masks = {w: causal_mask(num_new, past, w, device) for w in set(self._windows)}
         for layer, window in zip(self.layers, self._windows, strict=True):
-            hidden = layer(hidden, attention_mask=masks[window], position_ids=positions,
-                           past_key_values=cache, position_embeddings=position_embeddings)
+            hidden = layer(
+                hidden,
+                attention_mask=masks[window],
+                position_ids=positions,
+                past_key_values=cache,
+                position_embeddings=position_embeddings,
+            )
         cache.commit()
         return self.lm_head(self.norm(hidden[0, logits_from:]))  # (q - logits_from, vocab)
 
 
-def build_stack(config: PretrainedConfig, reader: CheckpointReader, layer_ids: list[int], dtype: torch.dtype,
-                device: str, extra_layers: list[dict[str, torch.Tensor]] = ()) -> DecoderStack:
+def build_stack(
+    config: PretrainedConfig,
+    reader: CheckpointReader,
+    layer_ids: list[int],
+    dtype: torch.dtype,
+    device: str,
+    extra_layers: list[dict[str, torch.Tensor]] = (),
+) -> DecoderStack:
     """Builds a stack holding only embeddings, the given checkpoint layers, `extra_layers` (state dicts
     of layers appended after them, e.g. the exit layer), the final norm and the head.
 
     Modules are created on the meta device and take their tensors from disk, so nothing else is allocated.
     """
     module, prefix = modeling_module(config)
-    decoder_layer, rms_norm, rotary = (getattr(module, f"{prefix}{n}") for n in
-                                       ("DecoderLayer", "RMSNorm", "RotaryEmbedding"))
+    decoder_layer, rms_norm, rotary = (
+        getattr(module, f"{prefix}{n}") for n in ("DecoderLayer", "RMSNorm", "RotaryEmbedding")
+    )
     # Every layer is built as the model's last layer so per-layer attention types match a copy of it;
     # the cache slot is then its position in this stack.
     states = [reader.read_prefix(f"model.layers.{i}.", dtype) for i in layer_ids] + list(extra_layers)

@@ -21,18 +21,35 @@ def check_token_ids(field: str, ids: list[int], vocab_size: int) -> None:
 
 
 class Drafter:
-    def __init__(self, model_dir: str | Path, exit_layer: int, exit_head: str | Path | None = None,
-                 dtype: str = "float32", device: str = "cpu", max_sessions: int = 256, draft_top_k: int = 32):
+    def __init__(
+        self,
+        model_dir: str | Path,
+        exit_layer: int,
+        exit_head: str | Path | None = None,
+        dtype: str = "float32",
+        device: str = "cpu",
+        max_sessions: int = 256,
+        draft_top_k: int = 32,
+    ):
         self.config = load_config(model_dir)
         validate_exit_layer(exit_layer, self.config)
         if draft_top_k < 1:
             raise InvalidArgument("draft_top_k", f"must be >= 1, got {draft_top_k}")
         torch_dtype = resolve_dtype(dtype, self.config)
         reader = CheckpointReader.open(model_dir)
-        exit_state = (load_exit_head(exit_head, self.config, exit_layer, torch_dtype) if exit_head
-                      else untrained_exit_layer(reader, self.config, torch_dtype))
-        self.identity = ModelIdentity(self.config.model_type, config_hash(self.config), tokenizer_hash(model_dir),
-                                      str(torch_dtype).removeprefix("torch."), exit_layer, state_hash(exit_state))
+        exit_state = (
+            load_exit_head(exit_head, self.config, exit_layer, torch_dtype)
+            if exit_head
+            else untrained_exit_layer(reader, self.config, torch_dtype)
+        )
+        self.identity = ModelIdentity(
+            self.config.model_type,
+            config_hash(self.config),
+            tokenizer_hash(model_dir),
+            str(torch_dtype).removeprefix("torch."),
+            exit_layer,
+            state_hash(exit_state),
+        )
         self.stack = build_stack(self.config, reader, list(range(exit_layer)), torch_dtype, device, [exit_state])
         self.sessions = SessionCaches(self.stack.new_cache, max_sessions)
         self.draft_top_k = draft_top_k
@@ -67,5 +84,11 @@ class Drafter:
             if len(tokens) >= budget or not policy.keep_drafting(len(tokens), confidence, rng):
                 break
             logits = self.stack([token], cache)[-1]
-        return DraftBlock(tokens, confidences, None if sampling.greedy else q_ids,
-                          None if sampling.greedy else q_probs, budget, cache.length)
+        return DraftBlock(
+            tokens,
+            confidences,
+            None if sampling.greedy else q_ids,
+            None if sampling.greedy else q_probs,
+            budget,
+            cache.length,
+        )

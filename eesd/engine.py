@@ -55,13 +55,21 @@ class GenerationStats:
         self.per_round.append(stats)
 
     def summary(self) -> dict:
-        return {"rounds": self.rounds, "drafted": self.drafted, "accepted": self.accepted,
-                "generated": self.generated, "mean_accepted_tokens": self.mean_accepted_tokens,
-                "tokens_per_second": self.tokens_per_second, "elapsed_s": self.elapsed_s,
-                "draft_s": self.draft_s, "verify_s": self.verify_s,
-                "k_histogram": {str(k): v for k, v in sorted(self.k_histogram.items())},
-                "acceptance_by_position": [self.accepted_at_position[i] / self.drafted_at_position[i]
-                                           for i in sorted(self.drafted_at_position)]}
+        return {
+            "rounds": self.rounds,
+            "drafted": self.drafted,
+            "accepted": self.accepted,
+            "generated": self.generated,
+            "mean_accepted_tokens": self.mean_accepted_tokens,
+            "tokens_per_second": self.tokens_per_second,
+            "elapsed_s": self.elapsed_s,
+            "draft_s": self.draft_s,
+            "verify_s": self.verify_s,
+            "k_histogram": {str(k): v for k, v in sorted(self.k_histogram.items())},
+            "acceptance_by_position": [
+                self.accepted_at_position[i] / self.drafted_at_position[i] for i in sorted(self.drafted_at_position)
+            ],
+        }
 
 
 @dataclass
@@ -72,8 +80,9 @@ class GenerationResult:
     stats: GenerationStats
 
 
-def finish(new_tokens: list[int], generated: int, params: GenerationParams,
-           eos_token_ids: frozenset[int]) -> tuple[list[int], str | None]:
+def finish(
+    new_tokens: list[int], generated: int, params: GenerationParams, eos_token_ids: frozenset[int]
+) -> tuple[list[int], str | None]:
     """Trims a round's tokens at EOS or the token budget; returns them and the finish reason, if any."""
     if params.stop_on_eos:
         for i, token in enumerate(new_tokens):
@@ -90,8 +99,9 @@ class SpeculativeEngine:
         self.drafter, self.verifier = drafter, verifier
         self.eos_token_ids = frozenset(eos_token_ids)
 
-    def generate(self, prompt_ids: list[int], params: GenerationParams,
-                 on_tokens: Callable[[list[int]], None] | None = None) -> GenerationResult:
+    def generate(
+        self, prompt_ids: list[int], params: GenerationParams, on_tokens: Callable[[list[int]], None] | None = None
+    ) -> GenerationResult:
         params.validate()
         validate_prompt(prompt_ids, self.verifier.config.vocab_size)
         seed = params.sampling.seed if params.sampling.seed is not None else secrets.randbits(63)
@@ -108,23 +118,46 @@ class SpeculativeEngine:
                 # Every round commits one token past the drafts, so draft at most remaining - 1.
                 room = params.max_new_tokens - generated - 1
                 if speculate and room > 0:
-                    block = self.drafter.propose(DraftRequest(
-                        session, round_index, drafter_length, committed[drafter_length:], room, seed,
-                        params.sampling, params.policy, policy.state()))
+                    block = self.drafter.propose(
+                        DraftRequest(
+                            session,
+                            round_index,
+                            drafter_length,
+                            committed[drafter_length:],
+                            room,
+                            seed,
+                            params.sampling,
+                            params.policy,
+                            policy.state(),
+                        )
+                    )
                 t1 = time.perf_counter()
-                verdict = self.verifier.verify(VerifyRequest(
-                    session, round_index, verifier_length, committed[verifier_length:], block, seed, params.sampling))
+                verdict = self.verifier.verify(
+                    VerifyRequest(
+                        session, round_index, verifier_length, committed[verifier_length:], block, seed, params.sampling
+                    )
+                )
                 t2 = time.perf_counter()
                 if block.tokens:
                     policy.update(block.confidences, verdict.accepted)
                     drafter_length = min(block.cache_length, len(committed) + verdict.accepted)
                 verifier_length = verdict.cache_length
-                new_tokens, finish_reason = finish(verdict.committed_tokens(block), generated, params,
-                                                   self.eos_token_ids)
+                new_tokens, finish_reason = finish(
+                    verdict.committed_tokens(block), generated, params, self.eos_token_ids
+                )
                 committed += new_tokens
                 generated += len(new_tokens)
-                stats.add(RoundStats(round_index, block.budget, len(block.tokens), verdict.accepted,
-                                     len(new_tokens), t1 - t0, t2 - t1))
+                stats.add(
+                    RoundStats(
+                        round_index,
+                        block.budget,
+                        len(block.tokens),
+                        verdict.accepted,
+                        len(new_tokens),
+                        t1 - t0,
+                        t2 - t1,
+                    )
+                )
                 if on_tokens is not None:
                     on_tokens(new_tokens)
         finally:
@@ -132,4 +165,4 @@ class SpeculativeEngine:
                 if node is not None:
                     node.sessions.close(session)
         stats.elapsed_s = time.perf_counter() - start
-        return GenerationResult(committed[len(prompt_ids):], finish_reason, seed, stats)
+        return GenerationResult(committed[len(prompt_ids) :], finish_reason, seed, stats)

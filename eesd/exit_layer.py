@@ -33,12 +33,15 @@ class ExitLayerMeta:
 
 def validate_exit_layer(n: int, config: PretrainedConfig) -> None:
     if not 1 <= n <= config.num_hidden_layers - 1:
-        raise InvalidArgument("exit_layer", f"must be in 1..{config.num_hidden_layers - 1} for a model with "
-                                            f"{config.num_hidden_layers} layers, got {n}")
+        raise InvalidArgument(
+            "exit_layer",
+            f"must be in 1..{config.num_hidden_layers - 1} for a model with {config.num_hidden_layers} layers, got {n}",
+        )
 
 
-def untrained_exit_layer(reader: CheckpointReader, config: PretrainedConfig,
-                         dtype: torch.dtype) -> dict[str, torch.Tensor]:
+def untrained_exit_layer(
+    reader: CheckpointReader, config: PretrainedConfig, dtype: torch.dtype
+) -> dict[str, torch.Tensor]:
     """State dict of a fresh exit layer: a copy of the model's last decoder layer."""
     return reader.read_prefix(f"model.layers.{config.num_hidden_layers - 1}.", dtype)
 
@@ -59,8 +62,9 @@ def save_exit_head(out_dir: str | Path, state: dict[str, torch.Tensor], meta: Ex
     return out
 
 
-def load_exit_head(head_dir: str | Path, config: PretrainedConfig, n: int,
-                   dtype: torch.dtype) -> dict[str, torch.Tensor]:
+def load_exit_head(
+    head_dir: str | Path, config: PretrainedConfig, n: int, dtype: torch.dtype
+) -> dict[str, torch.Tensor]:
     """Loads an exit head and refuses one trained for another model or another N."""
     head = Path(head_dir)
     if not (head / META_FILE).is_file() or not (head / WEIGHTS_FILE).is_file():
@@ -69,6 +73,9 @@ def load_exit_head(head_dir: str | Path, config: PretrainedConfig, n: int,
     if meta.exit_layer != n:
         raise InvalidArgument("exit_layer", f"exit head {str(head)!r} was trained for N={meta.exit_layer}, not {n}")
     if meta.base_config_hash != config_hash(config):
-        raise InvalidArgument("exit_head", f"exit head {str(head)!r} belongs to a model with config hash "
-                                           f"{meta.base_config_hash}, not {config_hash(config)}")
+        raise InvalidArgument(
+            "exit_head",
+            f"exit head {str(head)!r} belongs to a model with config hash "
+            f"{meta.base_config_hash}, not {config_hash(config)}",
+        )
     return {k: v.to(dtype) for k, v in load_file(str(head / WEIGHTS_FILE)).items()}

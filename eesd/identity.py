@@ -17,7 +17,10 @@ class ModelIdentity:
     def check_pairs_with(self, verifier: "ModelIdentity") -> None:
         """Raises FailedPrecondition naming every field on which a drafter and a verifier disagree."""
         shared = ("model_type", "config_hash", "tokenizer_hash", "dtype")
-        diffs = [f"{f}: {getattr(self, f)!r} != {getattr(verifier, f)!r}" for f in shared
-                 if getattr(self, f) != getattr(verifier, f)]
+        diffs = [
+            f"{f}: {getattr(self, f)!r} != {getattr(verifier, f)!r}"
+            for f in shared
+            if getattr(self, f) != getattr(verifier, f)
+        ]
         if diffs:
             raise FailedPrecondition("drafter and verifier serve different models; " + "; ".join(diffs))

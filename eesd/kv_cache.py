@@ -15,8 +15,16 @@ from eesd.errors import FailedPrecondition, InvalidArgument, NotFound, ResourceE
 class KVCache:
     """Implements the `update(key, value, layer_idx)` call that transformers attention layers make."""
 
-    def __init__(self, num_layers: int, num_kv_heads: int, head_dim: int, dtype: torch.dtype,
-                 device: torch.device | str = "cpu", capacity: int = 256, max_capacity: int = 1 << 20):
+    def __init__(
+        self,
+        num_layers: int,
+        num_kv_heads: int,
+        head_dim: int,
+        dtype: torch.dtype,
+        device: torch.device | str = "cpu",
+        capacity: int = 256,
+        max_capacity: int = 1 << 20,
+    ):
         self.max_capacity = max_capacity
         shape = (num_layers, 1, num_kv_heads, min(capacity, max_capacity), head_dim)
         self.keys = torch.zeros(shape, dtype=dtype, device=device)
@@ -40,8 +48,8 @@ class KVCache:
     def update(self, key: torch.Tensor, value: torch.Tensor, layer_idx: int) -> tuple[torch.Tensor, torch.Tensor]:
         """key, value: (1, kv_heads, q, head_dim) for the new positions; returns all valid positions."""
         end = self.length + key.shape[2]
-        self.keys[layer_idx, :, :, self.length:end] = key
-        self.values[layer_idx, :, :, self.length:end] = value
+        self.keys[layer_idx, :, :, self.length : end] = key
+        self.values[layer_idx, :, :, self.length : end] = value
         return self.keys[layer_idx, :, :, :end], self.values[layer_idx, :, :, :end]
 
     def commit(self) -> None:
@@ -59,7 +67,7 @@ class KVCache:
         for name in ("keys", "values"):
             old = getattr(self, name)
             new = old.new_zeros((*old.shape[:3], capacity, old.shape[4]))
-            new[:, :, :, :self.length] = old[:, :, :, :self.length]
+            new[:, :, :, : self.length] = old[:, :, :, : self.length]
             setattr(self, name, new)
 
 
@@ -67,8 +75,10 @@ class CacheBehind(FailedPrecondition):
     """The node's cache covers fewer committed tokens than the request's base length."""
 
     def __init__(self, session_id: str, cache_length: int, base_length: int):
-        super().__init__(f"session {session_id!r}: cache holds {cache_length} tokens, request base is "
-                         f"{base_length}; resend with base_length={cache_length}")
+        super().__init__(
+            f"session {session_id!r}: cache holds {cache_length} tokens, request base is "
+            f"{base_length}; resend with base_length={cache_length}"
+        )
         self.cache_length = cache_length
 
 

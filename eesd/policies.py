@@ -163,12 +163,15 @@ class CalibrationTS(DraftPolicy):
         judged = confidences[: accepted + 1]
         for i, confidence in enumerate(judged):
             b = confidence_bucket(confidence, self.buckets)
-            self.alphas[b], self.betas[b] = posterior_update(self.alphas[b], self.betas[b], 1,
-                                                             1 if i < accepted else 0, self.discount)
+            self.alphas[b], self.betas[b] = posterior_update(
+                self.alphas[b], self.betas[b], 1, 1 if i < accepted else 0, self.discount
+            )
 
     def state(self) -> dict[str, float]:
-        return {**{f"alpha.{b}": a for b, a in enumerate(self.alphas)},
-                **{f"beta.{b}": v for b, v in enumerate(self.betas)}}
+        return {
+            **{f"alpha.{b}": a for b, a in enumerate(self.alphas)},
+            **{f"beta.{b}": v for b, v in enumerate(self.betas)},
+        }
 
     def _load(self, state: dict[str, float]) -> None:
         for key, value in state.items():
@@ -193,4 +196,3 @@ def make_policy(params: PolicyParams, state: dict[str, float] | None = None) -> 
     if state:
         policy.load_state(state)
     return policy
-

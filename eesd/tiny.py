@@ -9,11 +9,22 @@ from pathlib import Path
 import torch
 from transformers import AutoModelForCausalLM, LlamaConfig, MistralConfig, PretrainedConfig, Qwen2Config
 
-_BASE = dict(vocab_size=384, hidden_size=64, intermediate_size=128, num_hidden_layers=4,
-             num_attention_heads=4, num_key_value_heads=4, max_position_embeddings=512,
-             rms_norm_eps=1e-6, bos_token_id=1, eos_token_id=2, pad_token_id=0, tie_word_embeddings=False,
-             # Wide weights give well-separated logits: fp32 argmax ties would make equality tests flaky.
-             initializer_range=0.25)
+_BASE = dict(
+    vocab_size=384,
+    hidden_size=64,
+    intermediate_size=128,
+    num_hidden_layers=4,
+    num_attention_heads=4,
+    num_key_value_heads=4,
+    max_position_embeddings=512,
+    rms_norm_eps=1e-6,
+    bos_token_id=1,
+    eos_token_id=2,
+    pad_token_id=0,
+    tie_word_embeddings=False,
+    # Wide weights give well-separated logits: fp32 argmax ties would make equality tests flaky.
+    initializer_range=0.25,
+)
 
 ARCHITECTURES = {
     "llama": lambda **kw: LlamaConfig(**{**_BASE, **kw}),

@@ -42,8 +42,12 @@ class Verifier:
         self.config = load_config(model_dir)
         torch_dtype = resolve_dtype(dtype, self.config)
         reader = CheckpointReader.open(model_dir)
-        self.identity = ModelIdentity(self.config.model_type, config_hash(self.config), tokenizer_hash(model_dir),
-                                      str(torch_dtype).removeprefix("torch."))
+        self.identity = ModelIdentity(
+            self.config.model_type,
+            config_hash(self.config),
+            tokenizer_hash(model_dir),
+            str(torch_dtype).removeprefix("torch."),
+        )
         self.stack = build_stack(self.config, reader, list(range(self.config.num_hidden_layers)), torch_dtype, device)
         self.sessions = SessionCaches(self.stack.new_cache, max_sessions)
         self.device = device

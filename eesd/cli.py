@@ -1,0 +1,127 @@
+"""`eesd` command line. The `generate` contract is used from outside: keep its flags and JSON keys."""
+
+import argparse
+import json
+import sys
+from pathlib import Path
+
+from eesd.errors import EesdError, InvalidArgument
+from eesd.params import POLICY_NAMES, GenerationParams, PolicyParams, SamplingParams
+
+
+def parse_ids(text: str) -> list[int]:
+    try:
+        return [int(t) for t in text.split(",") if t.strip()]
+    except ValueError as exc:
+        raise InvalidArgument("prompt_ids", f"expected comma-separated integers, got {text!r}") from exc
+
+
+def load_tokenizer(model_dir: str):
+    """The checkpoint's tokenizer, or None for id-only checkpoints (tiny test models)."""
+    if not (Path(model_dir) / "tokenizer.json").is_file() and not (Path(model_dir) / "tokenizer.model").is_file():
+        return None
+    from transformers import AutoTokenizer
+
+    return AutoTokenizer.from_pretrained(model_dir)
+
+
+def eos_ids(model_dir: str) -> frozenset[int]:
+    from transformers import GenerationConfig
+
+    from eesd.checkpoint import load_config
+
+    try:
+        eos = GenerationConfig.from_pretrained(model_dir).eos_token_id
+    except OSError:  # no generation_config.json: fall back to the model config
+        eos = load_config(model_dir).eos_token_id
+    return frozenset([] if eos is None else [eos] if isinstance(eos, int) else eos)
+
+
+def cmd_generate(args: argparse.Namespace) -> int:
+    from eesd.drafter import Drafter
+    from eesd.engine import SpeculativeEngine
+    from eesd.verifier import Verifier
+
+    params = GenerationParams(
+        max_new_tokens=args.max_new_tokens,
+        sampling=SamplingParams(args.temperature, args.top_k, args.top_p, args.seed),
+        policy=PolicyParams(args.policy, args.k_max),
+    )
+    params.validate()
+    verifier = Verifier(args.model, dtype=args.dtype)
+    drafter = Drafter(args.model, args.exit_layer, args.exit_head, dtype=args.dtype)
+    tokenizer = load_tokenizer(args.model)
+    if args.prompt is not None:
+        if tokenizer is None:
+            raise InvalidArgument("prompt", f"{args.model} has no tokenizer; pass --prompt-ids")
+        prompt_ids = tokenizer(args.prompt)["input_ids"]
+    else:
+        prompt_ids = parse_ids(args.prompt_ids)
+    engine = SpeculativeEngine(drafter, verifier, eos_ids(args.model))
+
+    def stream(tokens: list[int]) -> None:
+        if not args.json:
+            print(
+                tokenizer.decode(tokens) if tokenizer else " ".join(map(str, tokens)),
+                end=" " if not tokenizer else "",
+                flush=True,
+            )
+
+    result = engine.generate(prompt_ids, params, on_tokens=stream)
+    text = tokenizer.decode(result.token_ids) if tokenizer else ""
+    if args.json:
+        print(
+            json.dumps(
+                {
+                    "token_ids": result.token_ids,
+                    "text": text,
+                    "finish_reason": result.finish_reason,
+                    "seed": result.seed,
+                    "stats": result.stats.summary(),
+                }
+            )
+        )
+    else:
+        s = result.stats
+        print(
+            f"\n[{s.generated} tokens, {s.rounds} rounds, tau {s.mean_accepted_tokens:.2f}, "
+            f"{s.tokens_per_second:.1f} tok/s, finish: {result.finish_reason}]",
+            file=sys.stderr,
+        )
+    return 0
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="eesd", description="Early-Exiting Speculative Decoding")
+    sub = parser.add_subparsers(dest="command", required=True)
+    gen = sub.add_parser("generate", help="generate with the in-process engine")
+    gen.add_argument("--model", required=True, help="Hugging Face checkpoint directory (Llama/Mistral/Qwen2)")
+    gen.add_argument("--exit-layer", type=int, required=True, help="N: the drafter runs layers 0..N-1")
+    gen.add_argument("--exit-head", help="trained exit-head directory (default: untrained copy of the last layer)")
+    prompt = gen.add_mutually_exclusive_group(required=True)
+    prompt.add_argument("--prompt", help="prompt text (needs the checkpoint's tokenizer)")
+    prompt.add_argument("--prompt-ids", help="comma-separated prompt token ids")
+    gen.add_argument("--max-new-tokens", type=int, required=True)
+    gen.add_argument("--temperature", type=float, default=0.0, help="0: greedy")
+    gen.add_argument("--top-p", type=float, default=1.0)
+    gen.add_argument("--top-k", type=int, default=0)
+    gen.add_argument("--seed", type=int)
+    gen.add_argument("--policy", default="beta-ts", help=f"one of {', '.join(POLICY_NAMES)}")
+    gen.add_argument("--k-max", type=int, default=8)
+    gen.add_argument("--dtype", default="float32", help="float32, bfloat16, float16 or auto")
+    gen.add_argument("--json", action="store_true", help="print one JSON object instead of streaming text")
+    gen.set_defaults(func=cmd_generate)
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    try:
+        return args.func(args)
+    except EesdError as exc:
+        print(f"eesd: error: {exc}", file=sys.stderr)
+        return 2
+
+
+if __name__ == "__main__":
+    sys.exit(main())

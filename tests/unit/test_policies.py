@@ -1,0 +1,89 @@
+"""Draft policies: posterior updates follow the formulas; state round-trips through a flat dict."""
+
+import random
+
+import pytest
+
+from eesd.errors import InvalidArgument
+from eesd.params import PolicyParams
+from eesd.policies import BetaTS, CalibrationTS, Heuristic, make_policy, posterior_update
+
+
+@pytest.mark.parametrize(
+    ("judged", "accepted", "expected"), [(5, 5, (6.0, 1.0)), (5, 2, (3.0, 2.0)), (3, 0, (1.0, 2.0))]
+)
+def test_beta_ts_update_is_the_exact_likelihood(judged, accepted, expected):
+    policy = BetaTS(k_max=8)
+    policy.update([0.9] * judged, accepted)
+    assert (policy.alpha, policy.beta) == expected
+
+
+def test_discount_forgets_geometrically():
+    assert posterior_update(10.0, 4.0, 3, 1, discount=0.5) == (6.0, 3.0)
+
+
+def test_calibration_ts_updates_only_judged_tokens():
+    policy = CalibrationTS(k_max=8, buckets=4)
+    # drafts 0 and 1 accepted, draft 2 rejected, draft 3 never judged
+    policy.update([0.9, 0.1, 0.6, 0.3], accepted=2)
+    assert policy.alphas == [2.0, 1.0, 1.0, 2.0]  # buckets of 0.1 and 0.9 gained one acceptance
+    assert policy.betas == [1.0, 1.0, 2.0, 1.0]  # bucket of 0.6 gained one rejection, 0.3 untouched
+    policy.update([0.3, 0.3], accepted=2)  # all accepted: no rejection is counted
+    assert policy.alphas[1] == 3.0 and sum(policy.betas) == 5.0
+
+
+@pytest.mark.parametrize("name", ["beta-ts", "calibration-ts", "heuristic", "fixed", "threshold", "off"])
+def test_state_round_trips_through_flat_dict(name):
+    policy = make_policy(PolicyParams(name, k_max=6))
+    for accepted in (3, 0, 2):
+        policy.update([0.8, 0.5, 0.2, 0.95], accepted)
+    state = policy.state()
+    assert all(isinstance(k, str) and isinstance(v, float) for k, v in state.items())
+    restored = make_policy(PolicyParams(name, k_max=6), state)
+    assert restored.state() == state
+    rng_a, rng_b = random.Random(1), random.Random(1)
+    assert [policy.begin_round(rng_a) for _ in range(5)] == [restored.begin_round(rng_b) for _ in range(5)]
+
+
+def test_heuristic_schedule():
+    policy = Heuristic(k_max=6, k_current=4)
+    policy.update([1.0] * 4, 4)
+    assert policy.k_current == 6
+    policy.update([1.0] * 6, 6)
+    assert policy.k_current == 6  # capped at k_max
+    for _ in range(10):
+        policy.update([1.0] * 6, 0)
+    assert policy.k_current == 1
+
+
+def test_beta_ts_drafts_less_after_rejections():
+    rng = random.Random(0)
+    confident, doubtful = BetaTS(k_max=8, alpha=50, beta=1), BetaTS(k_max=8, alpha=1, beta=50)
+
+    def mean_length(policy):
+        total = 0
+        for _ in range(300):
+            policy.begin_round(rng)
+            drafted = 1
+            while drafted < 8 and policy.keep_drafting(drafted, 0.5, rng):
+                drafted += 1
+            total += drafted
+        return total / 300
+
+    assert mean_length(confident) > 6 > 2 > mean_length(doubtful)
+
+
+def test_off_and_caps():
+    assert make_policy(PolicyParams("off")).begin_round(random.Random(0)) == 0
+    assert make_policy(PolicyParams("fixed", k_max=3, options={"k": 7})).begin_round(random.Random(0)) == 3
+
+
+def test_bad_policy_input_names_the_field():
+    with pytest.raises(InvalidArgument, match="policy"):
+        make_policy(PolicyParams("greedy-guess"))
+    with pytest.raises(InvalidArgument, match="policy_options"):
+        make_policy(PolicyParams("fixed", options={"kk": 2}))
+    with pytest.raises(InvalidArgument, match="policy_state"):
+        make_policy(PolicyParams("beta-ts"), {"gamma": 1.0})
+    with pytest.raises(InvalidArgument, match="k_max"):
+        make_policy(PolicyParams("beta-ts", k_max=-1))
