@@ -45,9 +45,7 @@ def run_protoc(out: Path) -> None:
         raise SystemExit("protoc failed")
 
 
-def render(
-    generated: Path, dest_root: Path, import_prefix: str, stems: tuple[str, ...] | None
-) -> dict[Path, str]:
+def render(generated: Path, dest_root: Path, import_prefix: str, stems: tuple[str, ...] | None) -> dict[Path, str]:
     """One output's files: stubs of `stems` (all when None) under dest_root/eesd/v1, imports rewritten."""
     files: dict[Path, str] = {}
     for src in sorted((generated / PROTO_PACKAGE).iterdir()):

@@ -40,9 +40,11 @@ def generate_request_to_proto(request: GenerationRequest) -> controller_pb2.Gene
         sampling=common_pb2.SamplingParams(
             temperature=request.temperature, top_k=request.top_k, top_p=request.top_p, seed=request.seed
         ),
-        policy=request.policy.value if isinstance(request.policy, Policy) else request.policy or "",
-        policy_params=dict(request.policy_params),
-        k_max=request.k_max or 0,
+        policy=common_pb2.PolicyParams(
+            name=request.policy.value if isinstance(request.policy, Policy) else request.policy or "",
+            k_max=request.k_max,
+            options=dict(request.policy_options),
+        ),
         session_id=request.session_id or "",
         ignore_eos=not request.stop_on_eos,
     )
@@ -58,6 +60,7 @@ def round_stats_from_proto(message: common_pb2.RoundStats) -> RoundStats:
         k_chosen=message.k_chosen,
         drafted=message.drafted,
         accepted=message.accepted,
+        committed=message.committed,
         draft_ms=message.draft_ms,
         verify_ms=message.verify_ms,
         transport_ms=message.transport_ms,

@@ -56,9 +56,9 @@ class GenerationRequest:
     seed: int | None = None
     # None lets the server choose.
     policy: Policy | str | None = None
-    # e.g. {"k": 4} for Policy.FIXED, {"threshold": 0.4} for Policy.THRESHOLD.
-    policy_params: Mapping[str, float] = field(default_factory=dict)
-    # Upper bound on drafts per round; None lets the server choose.
+    # Policy knobs, e.g. {"k": 4} for Policy.FIXED, {"threshold": 0.4} for Policy.THRESHOLD.
+    policy_options: Mapping[str, float] = field(default_factory=dict)
+    # Upper bound on drafts per round (0: no speculation); None lets the server choose.
     k_max: int | None = None
     # Client-chosen id, so the session can be cancelled before its first token arrives.
     session_id: str | None = None
@@ -78,10 +78,10 @@ class GenerationRequest:
             raise InvalidArgumentError(f"top_k must be >= 0, got {self.top_k}")
         if not 0 < self.top_p <= 1:
             raise InvalidArgumentError(f"top_p must be in (0, 1], got {self.top_p}")
-        if self.seed is not None and not 0 <= self.seed < 2**64:
-            raise InvalidArgumentError(f"seed must fit in 64 unsigned bits, got {self.seed}")
-        if self.k_max is not None and self.k_max < 1:
-            raise InvalidArgumentError(f"k_max must be >= 1 (Policy.OFF means no drafts), got {self.k_max}")
+        if self.seed is not None and not 0 <= self.seed < 2**63:
+            raise InvalidArgumentError(f"seed must be in [0, 2^63), got {self.seed}")
+        if self.k_max is not None and self.k_max < 0:
+            raise InvalidArgumentError(f"k_max must be >= 0, got {self.k_max}")
 
 
 class GenerateOptions(TypedDict, total=False):
@@ -93,7 +93,7 @@ class GenerateOptions(TypedDict, total=False):
     top_p: float
     seed: int | None
     policy: Policy | str | None
-    policy_params: Mapping[str, float]
+    policy_options: Mapping[str, float]
     k_max: int | None
     session_id: str | None
     stop_on_eos: bool
@@ -106,6 +106,8 @@ class RoundStats:
     k_chosen: int
     drafted: int
     accepted: int
+    # Tokens the round committed: accepted + 1, fewer when max_new_tokens or EOS cut it.
+    committed: int
     draft_ms: float
     verify_ms: float
     transport_ms: float

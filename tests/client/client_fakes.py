@@ -98,7 +98,12 @@ class FakeController(controller_pb2_grpc.ControllerServiceServicer):
                     token_ids=ids,
                     text="".join(token_text(t) for t in ids),
                     stats=common_pb2.RoundStats(
-                        k_chosen=k, drafted=k, accepted=len(ids) - 1, draft_ms=1.0, verify_ms=2.0
+                        k_chosen=k,
+                        drafted=k,
+                        accepted=len(ids) - 1,
+                        committed=len(ids),
+                        draft_ms=1.0,
+                        verify_ms=2.0,
                     ),
                 ),
             )
@@ -126,11 +131,9 @@ class FakeController(controller_pb2_grpc.ControllerServiceServicer):
                     accepted=len(tokens) - round_,
                     mean_accepted_tokens=len(tokens) / round_,
                     k_histogram=histogram,
-                    policy=request.policy or "beta-ts",
+                    policy=request.policy.name or "beta-ts",
                 ),
-                time_split=controller_pb2.TimeSplit(
-                    draft_ms=1.0 * round_, verify_ms=2.0 * round_, total_ms=9.0
-                ),
+                time_split=controller_pb2.TimeSplit(draft_ms=1.0 * round_, verify_ms=2.0 * round_, total_ms=9.0),
             ),
         )
 

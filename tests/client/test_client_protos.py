@@ -48,17 +48,17 @@ def test_services_expose_the_protocol() -> None:
             "OpenSession",
             "Prefill",
             "CloseSession",
+            "VerifyStream",
             "Verify",
-            "VerifyBlock",
         ],
     }
     # Every round message carries the round's key.
     for message in (
-        drafter_pb2.DrafterServiceDraftRequest,
-        drafter_pb2.DrafterServiceDraftResponse,
-        verifier_pb2.DraftBlock,
+        drafter_pb2.DraftRequest,
+        drafter_pb2.DraftResponse,
+        verifier_pb2.VerifyRequest,
         verifier_pb2.Verdict,
-        verifier_pb2.BlockError,
+        verifier_pb2.RoundError,
         verifier_pb2.VerifierServicePrefillRequest,
     ):
         assert {"session_id", "round", "base_length"} <= set(message.DESCRIPTOR.fields_by_name), message
@@ -73,12 +73,8 @@ def _minimum(requirements: list[str], name: str) -> tuple[int, ...]:
 def test_client_requirements_cover_the_generated_stubs() -> None:
     requirements = tomllib.loads((ROOT / "client" / "pyproject.toml").read_text())["project"]["dependencies"]
     stubs = ROOT / "client" / "eesd_client" / "_proto" / "eesd" / "v1"
-    runtime = re.search(
-        r"Domain\.PUBLIC,\s*(\d+),\s*(\d+),\s*(\d+),", (stubs / "controller_pb2.py").read_text()
-    )
-    grpc_version = re.search(
-        r"GRPC_GENERATED_VERSION = '([\d.]+)'", (stubs / "controller_pb2_grpc.py").read_text()
-    )
+    runtime = re.search(r"Domain\.PUBLIC,\s*(\d+),\s*(\d+),\s*(\d+),", (stubs / "controller_pb2.py").read_text())
+    grpc_version = re.search(r"GRPC_GENERATED_VERSION = '([\d.]+)'", (stubs / "controller_pb2_grpc.py").read_text())
     assert _minimum(requirements, "protobuf") >= tuple(int(g) for g in runtime.groups())
     assert _minimum(requirements, "grpcio") >= tuple(int(p) for p in grpc_version.group(1).split("."))
 
@@ -86,9 +82,7 @@ def test_client_requirements_cover_the_generated_stubs() -> None:
 def test_client_wheel_holds_only_the_public_stubs(tmp_path: Path) -> None:
     # Build from a copy, so the test leaves no build/ or egg-info in the checkout.
     source = tmp_path / "client"
-    shutil.copytree(
-        ROOT / "client", source, ignore=shutil.ignore_patterns("build", "*.egg-info", "__pycache__")
-    )
+    shutil.copytree(ROOT / "client", source, ignore=shutil.ignore_patterns("build", "*.egg-info", "__pycache__"))
     subprocess.run(
         [
             sys.executable,

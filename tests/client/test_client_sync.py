@@ -44,7 +44,7 @@ def test_generate_streams_chunks_then_final_stats(controller: Server) -> None:
             top_p=0.9,
             seed=1234,
             policy=Policy.CALIBRATION_TS,
-            policy_params={"buckets": 8},
+            policy_options={"buckets": 8},
             k_max=6,
             session_id="s-1",
             stop_on_eos=False,
@@ -54,7 +54,7 @@ def test_generate_streams_chunks_then_final_stats(controller: Server) -> None:
 
     assert [c.token_ids for c in chunks] == [(100,), (101, 102), (103, 104, 105), (106,)]
     assert [c.round for c in chunks] == [0, 1, 2, 3]
-    assert chunks[1].text == "t101 t102 " and chunks[1].stats.accepted == 1 and chunks[1].stats.k_chosen == 3
+    assert chunks[1].text == "t101 t102 " and chunks[1].stats.accepted == 1 and chunks[1].stats.committed == 2
     assert stream.session_id == "s-1" and stream.attempts == 1
     assert result.token_ids == tuple(expected_tokens(7))
     assert result.text == "".join(token_text(t) for t in expected_tokens(7))
@@ -71,8 +71,8 @@ def test_generate_streams_chunks_then_final_stats(controller: Server) -> None:
     assert request.prompt_text == "Once upon a time" and request.max_new_tokens == 7
     assert request.sampling.temperature == pytest.approx(0.7) and request.sampling.top_k == 40
     assert request.sampling.top_p == pytest.approx(0.9) and request.sampling.seed == 1234
-    assert request.policy == "calibration-ts" and dict(request.policy_params) == {"buckets": 8.0}
-    assert request.k_max == 6 and request.session_id == "s-1" and request.ignore_eos
+    assert request.policy.name == "calibration-ts" and dict(request.policy.options) == {"buckets": 8.0}
+    assert request.policy.k_max == 6 and request.session_id == "s-1" and request.ignore_eos
 
 
 def test_generate_text_with_prompt_ids_and_defaults(controller: Server) -> None:
@@ -84,7 +84,7 @@ def test_generate_text_with_prompt_ids_and_defaults(controller: Server) -> None:
     assert tuple(request.prompt_ids.ids) == PROMPT_IDS
     # Defaults: greedy, server-chosen policy and k_max, stop at EOS, no seed.
     assert request.sampling.temperature == 0 and not request.sampling.HasField("seed")
-    assert request.policy == "" and request.k_max == 0 and not request.ignore_eos
+    assert request.policy.name == "" and not request.policy.HasField("k_max") and not request.ignore_eos
 
 
 def test_retries_unavailable_before_the_first_token(controller: Server) -> None:
@@ -154,7 +154,7 @@ def test_invalid_requests_fail_before_any_call(controller: Server) -> None:
             ("hi", {"max_new_tokens": 0}),
             ("hi", {"temperature": -1.0}),
             ("hi", {"top_p": 0.0}),
-            ("hi", {"k_max": 0}),
+            ("hi", {"k_max": -1}),
             ("hi", {"seed": -1}),
         ]:
             with pytest.raises(InvalidArgumentError):
