@@ -7,89 +7,14 @@ policy state as hard state, and tell each node which committed prefix its cache 
 import secrets
 import time
 import uuid
-from collections import Counter
 from collections.abc import Callable
-from dataclasses import dataclass, field
 
 from eesd.drafter import Drafter
+from eesd.generation import GenerationResult, GenerationStats, finish
 from eesd.params import GenerationParams, validate_prompt
 from eesd.policies import make_policy
 from eesd.rounds import DraftBlock, DraftRequest, RoundStats, VerifyRequest
 from eesd.verifier import Verifier
-
-
-@dataclass
-class GenerationStats:
-    rounds: int = 0
-    drafted: int = 0
-    accepted: int = 0
-    generated: int = 0
-    elapsed_s: float = 0.0
-    draft_s: float = 0.0
-    verify_s: float = 0.0
-    k_histogram: Counter = field(default_factory=Counter)  # k chosen -> rounds
-    accepted_at_position: Counter = field(default_factory=Counter)  # draft position (0-based) -> accepted
-    drafted_at_position: Counter = field(default_factory=Counter)
-    per_round: list[RoundStats] = field(default_factory=list)
-
-    @property
-    def mean_accepted_tokens(self) -> float:
-        """tau: committed tokens per round, the recovered or bonus token included."""
-        return self.generated / self.rounds if self.rounds else 0.0
-
-    @property
-    def tokens_per_second(self) -> float:
-        return self.generated / self.elapsed_s if self.elapsed_s > 0 else 0.0
-
-    def add(self, stats: RoundStats) -> None:
-        self.rounds += 1
-        self.drafted += stats.drafted
-        self.accepted += stats.accepted
-        self.generated += stats.committed
-        self.draft_s += stats.draft_s
-        self.verify_s += stats.verify_s
-        self.k_histogram[stats.k_chosen] += 1
-        for position in range(stats.drafted):
-            self.drafted_at_position[position] += 1
-            self.accepted_at_position[position] += position < stats.accepted
-        self.per_round.append(stats)
-
-    def summary(self) -> dict:
-        return {
-            "rounds": self.rounds,
-            "drafted": self.drafted,
-            "accepted": self.accepted,
-            "generated": self.generated,
-            "mean_accepted_tokens": self.mean_accepted_tokens,
-            "tokens_per_second": self.tokens_per_second,
-            "elapsed_s": self.elapsed_s,
-            "draft_s": self.draft_s,
-            "verify_s": self.verify_s,
-            "k_histogram": {str(k): v for k, v in sorted(self.k_histogram.items())},
-            "acceptance_by_position": [
-                self.accepted_at_position[i] / self.drafted_at_position[i] for i in sorted(self.drafted_at_position)
-            ],
-        }
-
-
-@dataclass
-class GenerationResult:
-    token_ids: list[int]  # generated tokens only
-    finish_reason: str  # "eos" or "length"
-    seed: int
-    stats: GenerationStats
-
-
-def finish(
-    new_tokens: list[int], generated: int, params: GenerationParams, eos_token_ids: frozenset[int]
-) -> tuple[list[int], str | None]:
-    """Trims a round's tokens at EOS or the token budget; returns them and the finish reason, if any."""
-    if params.stop_on_eos:
-        for i, token in enumerate(new_tokens):
-            if token in eos_token_ids:
-                return new_tokens[: i + 1][: params.max_new_tokens - generated], "eos"
-    room = params.max_new_tokens - generated
-    return new_tokens[:room], ("length" if len(new_tokens) >= room else None)
 
 
 class SpeculativeEngine:

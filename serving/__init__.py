@@ -1,0 +1,1 @@
+"""gRPC plumbing shared by the drafter, verifier and controller services (no model code here)."""

@@ -1,0 +1,82 @@
+"""The one place where domain errors become gRPC status codes (KServe style)."""
+
+import logging
+
+import grpc
+from grpc import aio
+
+from eesd.errors import (
+    EesdError,
+    FailedPrecondition,
+    InvalidArgument,
+    NotFound,
+    ResourceExhausted,
+    Unavailable,
+)
+
+log = logging.getLogger(__name__)
+
+STATUS_OF = (  # most specific first: RollbackError is a FailedPrecondition, InvalidArgument a ValueError
+    (InvalidArgument, grpc.StatusCode.INVALID_ARGUMENT),
+    (NotFound, grpc.StatusCode.NOT_FOUND),
+    (FailedPrecondition, grpc.StatusCode.FAILED_PRECONDITION),
+    (ResourceExhausted, grpc.StatusCode.RESOURCE_EXHAUSTED),
+    (Unavailable, grpc.StatusCode.UNAVAILABLE),
+)
+
+
+def status_of(error: EesdError) -> grpc.StatusCode:
+    for cls, code in STATUS_OF:
+        if isinstance(error, cls):
+            return code
+    return grpc.StatusCode.INTERNAL
+
+
+class DomainErrorInterceptor(aio.ServerInterceptor):
+    """Wraps every handler so an EesdError aborts the call with its status code and message."""
+
+    async def intercept_service(self, continuation, handler_call_details):
+        handler = await continuation(handler_call_details)
+        if handler is None:
+            return None
+        if handler.unary_unary:
+            return grpc.unary_unary_rpc_method_handler(
+                _wrap_unary(handler.unary_unary), handler.request_deserializer, handler.response_serializer
+            )
+        if handler.unary_stream:
+            return grpc.unary_stream_rpc_method_handler(
+                _wrap_stream(handler.unary_stream), handler.request_deserializer, handler.response_serializer
+            )
+        if handler.stream_stream:
+            return grpc.stream_stream_rpc_method_handler(
+                _wrap_stream(handler.stream_stream), handler.request_deserializer, handler.response_serializer
+            )
+        return handler
+
+
+async def _abort(context: aio.ServicerContext, error: EesdError) -> None:
+    code = status_of(error)
+    if code == grpc.StatusCode.INTERNAL:
+        log.exception("unexpected domain error")
+    await context.abort(code, str(error))
+
+
+def _wrap_unary(behavior):
+    async def wrapper(request, context):
+        try:
+            return await behavior(request, context)
+        except EesdError as error:
+            await _abort(context, error)
+
+    return wrapper
+
+
+def _wrap_stream(behavior):
+    async def wrapper(request, context):
+        try:
+            async for response in behavior(request, context):
+                yield response
+        except EesdError as error:
+            await _abort(context, error)
+
+    return wrapper
