@@ -26,7 +26,7 @@ from eesd_client.config import (
     RetryPolicy,
     TlsConfig,
 )
-from eesd_client.errors import CancelledError, from_rpc_error
+from eesd_client.errors import CancelledError, EesdError, from_rpc_error
 from eesd_client.types import (
     GenerateOptions,
     GenerationChunk,
@@ -49,6 +49,7 @@ class AsyncGenerationStream:
         self._builder = ResultBuilder()
         self._call: StreamCall | None = None
         self._cancelled = False
+        self._failure: EesdError | None = None
         self._chunks = self._run()
 
     @property
@@ -65,12 +66,18 @@ class AsyncGenerationStream:
         return self
 
     async def __anext__(self) -> GenerationChunk:
-        return await anext(self._chunks)
+        try:
+            return await anext(self._chunks)
+        except EesdError as error:
+            self._failure = error
+            raise
 
     async def result(self) -> GenerationResult:
         """Consumes the remaining chunks and returns the whole generation with its final statistics."""
-        async for _ in self._chunks:
+        async for _ in self:
             pass
+        if self._failure is not None:  # the stream already failed: say why, again
+            raise self._failure
         return self._builder.result()
 
     def cancel(self) -> None:

@@ -25,7 +25,7 @@ from eesd_client.config import (
     RetryPolicy,
     TlsConfig,
 )
-from eesd_client.errors import CancelledError, from_rpc_error
+from eesd_client.errors import CancelledError, EesdError, from_rpc_error
 from eesd_client.types import (
     GenerateOptions,
     GenerationChunk,
@@ -51,6 +51,7 @@ class GenerationStream:
         self._builder = ResultBuilder()
         self._call: grpc.Call | None = None
         self._cancelled = False
+        self._failure: EesdError | None = None
         self._chunks = self._run()
 
     @property
@@ -67,12 +68,18 @@ class GenerationStream:
         return self
 
     def __next__(self) -> GenerationChunk:
-        return next(self._chunks)
+        try:
+            return next(self._chunks)
+        except EesdError as error:
+            self._failure = error
+            raise
 
     def result(self) -> GenerationResult:
         """Consumes the remaining chunks and returns the whole generation with its final statistics."""
-        for _ in self._chunks:
+        for _ in self:
             pass
+        if self._failure is not None:  # the stream already failed: say why, again
+            raise self._failure
         return self._builder.result()
 
     def cancel(self) -> None:

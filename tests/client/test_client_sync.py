@@ -111,6 +111,8 @@ def test_never_retries_after_the_first_token(controller: Server) -> None:
         assert next(stream).token_ids == (100,)
         with pytest.raises(UnavailableError, match="verifier lost"):
             next(stream)
+        with pytest.raises(UnavailableError):  # the failure sticks to the stream
+            stream.result()
     assert controller.fake.generate_attempts == 1
 
 
