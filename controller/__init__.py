@@ -1,0 +1,1 @@
+"""Controller: sessions, the state store, routing/discovery and the round loop."""
