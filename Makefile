@@ -19,7 +19,7 @@ $(STAMP): pyproject.toml
 	touch $@
 
 # Fast suite (well under 15 minutes on 2 cores). pytest exit 5 means nothing was collected: fail loudly.
-test: setup deploy-tools proto-tools
+test: setup deploy-tools proto-tools redis
 	$(BIN)/python -m pytest -q -m "not slow" $(PYTEST_ARGS); rc=$$?; \
 	  if [ $$rc -eq 5 ]; then echo "pytest collected no tests" >&2; exit 1; fi; exit $$rc
 
@@ -74,3 +74,8 @@ $(BUF):
 
 proto-lint: proto-tools
 	$(BUF) lint
+
+# Integration tests run a real redis-server (tests/integration/conftest.py fails without it).
+.PHONY: redis
+redis:
+	@command -v redis-server >/dev/null 2>&1 || { apt-get update && DEBIAN_FRONTEND=noninteractive apt-get install -y redis-server; }
