@@ -91,6 +91,54 @@ def cmd_generate(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_distill(args: argparse.Namespace) -> int:
+    from eesd.distill import DistillConfig, distill
+
+    cfg = DistillConfig(
+        model_dir=args.model,
+        exit_layer=args.exit_layer,
+        out_dir=args.out,
+        prompts=args.prompts,
+        num_prompts=args.num_prompts,
+        prompt_len=args.prompt_len,
+        gen_len=args.gen_len,
+        sampled_fraction=args.sampled_fraction,
+        steps=args.steps,
+        batch_size=args.batch_size,
+        lr=args.lr,
+        checkpoint_every=args.checkpoint_every,
+        seed=args.seed,
+        device=args.device,
+        dtype=args.dtype,
+    )
+    report = distill(cfg, resume=not args.no_resume, progress=not args.no_progress)
+    summary = {k: report[k] for k in ("before", "after", "train_tokens", "generation_s", "training_s")}
+    print(json.dumps(summary | {"exit_head": args.out}))
+    return 0
+
+
+def add_distill_parser(sub) -> None:
+    dist = sub.add_parser("distill", help="train the exit layer by self-distillation from the frozen model")
+    dist.add_argument("--model", required=True, help="Hugging Face checkpoint directory (Llama/Mistral/Qwen2)")
+    dist.add_argument("--exit-layer", type=int, required=True, help="N: the exit layer reads layer N-1's output")
+    dist.add_argument("--out", required=True, help="exit-head directory to write (checkpoints under out/checkpoints)")
+    dist.add_argument("--prompts", help="prompt corpus: text file, directory of text files, or .jsonl")
+    dist.add_argument("--num-prompts", type=int, default=256)
+    dist.add_argument("--prompt-len", type=int, default=32)
+    dist.add_argument("--gen-len", type=int, default=96, help="tokens the target generates per prompt")
+    dist.add_argument("--sampled-fraction", type=float, default=0.5, help="share of prompts continued by sampling")
+    dist.add_argument("--steps", type=int, default=300)
+    dist.add_argument("--batch-size", type=int, default=16)
+    dist.add_argument("--lr", type=float, default=1e-3)
+    dist.add_argument("--checkpoint-every", type=int, default=50)
+    dist.add_argument("--seed", type=int, default=0)
+    dist.add_argument("--device", default="cpu", help="cpu or cuda")
+    dist.add_argument("--dtype", default="auto", help="target dtype; auto: bfloat16 on cuda, float32 on cpu")
+    dist.add_argument("--no-resume", action="store_true", help="ignore checkpoints and start over")
+    dist.add_argument("--no-progress", action="store_true")
+    dist.set_defaults(func=cmd_distill)
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="eesd", description="Early-Exiting Speculative Decoding")
     sub = parser.add_subparsers(dest="command", required=True)
@@ -111,6 +159,7 @@ def build_parser() -> argparse.ArgumentParser:
     gen.add_argument("--dtype", default="float32", help="float32, bfloat16, float16 or auto")
     gen.add_argument("--json", action="store_true", help="print one JSON object instead of streaming text")
     gen.set_defaults(func=cmd_generate)
+    add_distill_parser(sub)
     return parser
 
 
