@@ -12,10 +12,12 @@ interface (`StateStore`), two implementations run by the same tests:
 Redis layout, every key under `prefix` (default ``eesd:``):
 
 - ``session:<id>``   hash, one per session, expires after `session_ttl_s` without a write. Fields:
-  ``committed`` (tokens packed as little-endian uint32, appended in place), ``prompt_length``,
-  ``next_round``, ``policy`` and ``params`` (JSON), ``drafter``, ``verifier``, ``status``,
-  ``finish_reason``, ``created_at``, ``updated_at`` (unix seconds), and the retry tokens ``create_token``
-  and ``end_token`` that make create and cancel safe to retry.
+  ``prompt_length``, ``next_round``, ``policy`` and ``params`` (JSON), ``drafter``, ``verifier``,
+  ``status``, ``finish_reason``, ``created_at``, ``updated_at`` (unix seconds), and the retry tokens
+  ``create_token`` and ``end_token`` that make create and cancel safe to retry.
+- ``session:<id>:committed``  string, the committed tokens packed as little-endian uint32; a commit
+  APPENDs to it (O(new tokens); rewriting a hash field instead costs O(context): measured 0.5 ms at 32k
+  tokens and 3.8 ms at 128k, against a flat ~0.16 ms here). Same TTL as the hash, refreshed together.
 - ``route:<address>`` sorted set of the active sessions pinned to a node, scored by their expiry (Redis
   server time, ms), so that expired sessions drop out of `count_routes`.
 - ``nodes``          set of addresses that have a ``route:`` set.
@@ -338,40 +340,47 @@ local function unindex_routes(prefix, sid, drafter, verifier)
 end
 """
 
-# KEYS: session. ARGV: create token, ttl ms, prefix, sid, field/value pairs... -> 1 created, 0 exists.
+# Every session script gets KEYS: session hash, committed tokens.
+# ARGV: create token, ttl ms, prefix, sid, packed tokens, field/value pairs... -> 1 created, 0 exists.
 _CREATE = """
 local key = KEYS[1]
 if redis.call('EXISTS', key) == 1 then
   if redis.call('HGET', key, 'create_token') == ARGV[1] then return 1 end
   return 0
 end
-redis.call('HSET', key, 'create_token', ARGV[1], unpack(ARGV, 5))
+redis.call('HSET', key, 'create_token', ARGV[1], unpack(ARGV, 6))
+redis.call('SET', KEYS[2], ARGV[5], 'PX', ARGV[2])
 redis.call('PEXPIRE', key, ARGV[2])
 local v = redis.call('HMGET', key, 'status', 'drafter', 'verifier')
 if v[1] == 'active' then index_routes(ARGV[3], ARGV[4], v[2], v[3], expiry_ms(ARGV[2]), nil) end
 return 1
 """
 
-# KEYS: session. ARGV: round, packed tokens, policy JSON, ttl ms, updated_at, prefix, sid.
+# ARGV: round, packed tokens, policy JSON, ttl ms, updated_at, prefix, sid.
 # -> {code, committed length, next round}; code 1 applied, 0 already applied, -1 missing, -2 ahead, -3 ended.
 _COMMIT = """
 local key = KEYS[1]
-local v = redis.call('HMGET', key, 'next_round', 'status', 'committed', 'drafter', 'verifier')
+local v = redis.call('HMGET', key, 'next_round', 'status', 'drafter', 'verifier')
 if not v[1] then return {-1, 0, 0} end
 local nr = tonumber(v[1])
 local r = tonumber(ARGV[1])
-local len = string.len(v[3]) / 4
-if r < nr then return {0, len, nr} end
-if v[2] ~= 'active' then return {-3, len, nr} end
-if r > nr then return {-2, len, nr} end
-local committed = v[3] .. ARGV[2]
-redis.call('HSET', key, 'committed', committed, 'next_round', nr + 1, 'policy', ARGV[3], 'updated_at', ARGV[5])
+if r < nr then return {0, redis.call('STRLEN', KEYS[2]) / 4, nr} end
+if v[2] ~= 'active' then return {-3, redis.call('STRLEN', KEYS[2]) / 4, nr} end
+if r > nr then return {-2, redis.call('STRLEN', KEYS[2]) / 4, nr} end
+local len = redis.call('APPEND', KEYS[2], ARGV[2]) / 4
+redis.call('HSET', key, 'next_round', nr + 1, 'policy', ARGV[3], 'updated_at', ARGV[5])
 redis.call('PEXPIRE', key, ARGV[4])
-index_routes(ARGV[6], ARGV[7], v[4], v[5], expiry_ms(ARGV[4]), 'XX')
-return {1, string.len(committed) / 4, nr + 1}
+redis.call('PEXPIRE', KEYS[2], ARGV[4])
+index_routes(ARGV[6], ARGV[7], v[3], v[4], expiry_ms(ARGV[4]), 'XX')
+return {1, len, nr + 1}
 """
 
-# KEYS: session. ARGV: drafter, verifier, ttl ms, updated_at, prefix, sid. -> 1, or -1 missing.
+# -> {hash as a flat list, packed tokens}; all from one snapshot.
+_GET = """
+return {redis.call('HGETALL', KEYS[1]), redis.call('GET', KEYS[2])}
+"""
+
+# ARGV: drafter, verifier, ttl ms, updated_at, prefix, sid. -> 1, or -1 missing.
 _SET_ROUTE = """
 local key = KEYS[1]
 local v = redis.call('HMGET', key, 'status', 'drafter', 'verifier')
@@ -379,11 +388,12 @@ if not v[1] then return -1 end
 unindex_routes(ARGV[5], ARGV[6], v[2], v[3])
 redis.call('HSET', key, 'drafter', ARGV[1], 'verifier', ARGV[2], 'updated_at', ARGV[4])
 redis.call('PEXPIRE', key, ARGV[3])
+redis.call('PEXPIRE', KEYS[2], ARGV[3])
 if v[1] == 'active' then index_routes(ARGV[5], ARGV[6], ARGV[1], ARGV[2], expiry_ms(ARGV[3]), nil) end
 return 1
 """
 
-# KEYS: session. ARGV: status, reason, ttl ms, updated_at, prefix, sid, end token.
+# ARGV: status, reason, ttl ms, updated_at, prefix, sid, end token.
 # -> 1 ended now (or by this same call, retried), 0 had already ended, -1 missing.
 _END = """
 local key = KEYS[1]
@@ -395,15 +405,16 @@ if v[1] ~= 'active' then
 end
 redis.call('HSET', key, 'status', ARGV[1], 'finish_reason', ARGV[2], 'updated_at', ARGV[4], 'end_token', ARGV[7])
 redis.call('PEXPIRE', key, ARGV[3])
+redis.call('PEXPIRE', KEYS[2], ARGV[3])
 unindex_routes(ARGV[5], ARGV[6], v[2], v[3])
 return 1
 """
 
-# KEYS: session. ARGV: prefix, sid.
+# ARGV: prefix, sid.
 _DELETE = """
 local v = redis.call('HMGET', KEYS[1], 'drafter', 'verifier')
 unindex_routes(ARGV[1], ARGV[2], v[1], v[2])
-return redis.call('DEL', KEYS[1])
+return redis.call('DEL', KEYS[1], KEYS[2])
 """
 
 # ARGV: prefix. -> flat list address, count (addresses with no live session are dropped).
@@ -472,7 +483,7 @@ class RedisStateStore:
         self._create, self._commit = lib(_LUA_LIB + _CREATE), lib(_LUA_LIB + _COMMIT)
         self._set_route, self._end = lib(_LUA_LIB + _SET_ROUTE), lib(_LUA_LIB + _END)
         self._delete, self._count_routes = lib(_LUA_LIB + _DELETE), lib(_LUA_LIB + _COUNT_ROUTES)
-        self._merge = lib(_MERGE)
+        self._merge, self._get = lib(_MERGE), lib(_GET)
 
     async def __aenter__(self) -> RedisStateStore:
         return self
@@ -480,8 +491,10 @@ class RedisStateStore:
     async def __aexit__(self, *exc: object) -> None:
         await self.close()
 
-    def _key(self, session_id: str) -> str:
-        return f"{self.prefix}session:{session_id}"
+    def _keys(self, session_id: str) -> list[str]:
+        """The session's hash and its committed tokens."""
+        key = f"{self.prefix}session:{session_id}"
+        return [key, f"{key}:committed"]
 
     async def _io(self, request: Awaitable[Any]) -> Any:
         try:
@@ -496,7 +509,6 @@ class RedisStateStore:
         rec = _check_record(record)
         now = time.time()
         fields = {
-            "committed": _pack(rec.committed),
             "prompt_length": rec.prompt_length,
             "next_round": rec.next_round,
             "policy": json.dumps(rec.policy_state),
@@ -508,21 +520,21 @@ class RedisStateStore:
             "created_at": repr(rec.created_at or now),
             "updated_at": repr(now),
         }
-        args: list[Any] = [uuid.uuid4().hex, self._ttl_ms, self.prefix, rec.session_id]
+        args: list[Any] = [uuid.uuid4().hex, self._ttl_ms, self.prefix, rec.session_id, _pack(rec.committed)]
         for name, value in fields.items():
             args += [name, value]
-        if not await self._call(self._create, [self._key(rec.session_id)], args):
+        if not await self._call(self._create, self._keys(rec.session_id), args):
             raise InvalidArgument("session_id", f"session {rec.session_id!r} already exists")
 
     async def get_session(self, session_id: str) -> SessionRecord:
         _check_session_id(session_id)
-        h = await self._io(self._redis.hgetall(self._key(session_id)))
-        if not h:
+        flat, packed = await self._call(self._get, self._keys(session_id), [])
+        if not flat:
             raise NotFound(f"session {session_id!r} not found")
-        s = {k.decode(): v for k, v in h.items()}
+        s = {flat[i].decode(): flat[i + 1] for i in range(0, len(flat), 2)}
         return SessionRecord(
             session_id=session_id,
-            committed=_unpack(s["committed"]),
+            committed=_unpack(packed or b""),
             prompt_length=int(s["prompt_length"]),
             next_round=int(s["next_round"]),
             policy_state=json.loads(s["policy"]),
@@ -543,7 +555,7 @@ class RedisStateStore:
         packed = _pack(_check_tokens("tokens", tokens))
         policy = json.dumps(_check_floats("policy_state", policy_state))
         args = [round_index, packed, policy, self._ttl_ms, repr(time.time()), self.prefix, session_id]
-        code, length, next_round = await self._call(self._commit, [self._key(session_id)], args)
+        code, length, next_round = await self._call(self._commit, self._keys(session_id), args)
         if code == -1:
             raise NotFound(f"session {session_id!r} not found")
         if code == -2:
@@ -555,12 +567,12 @@ class RedisStateStore:
     async def set_route(self, session_id: str, drafter: str, verifier: str) -> None:
         _check_session_id(session_id)
         args = [drafter, verifier, self._ttl_ms, repr(time.time()), self.prefix, session_id]
-        if await self._call(self._set_route, [self._key(session_id)], args) == -1:
+        if await self._call(self._set_route, self._keys(session_id), args) == -1:
             raise NotFound(f"session {session_id!r} not found")
 
     async def _end_session(self, session_id: str, status: str, finish_reason: str) -> bool:
         args = [status, finish_reason, self._ttl_ms, repr(time.time()), self.prefix, session_id, uuid.uuid4().hex]
-        code = await self._call(self._end, [self._key(session_id)], args)
+        code = await self._call(self._end, self._keys(session_id), args)
         if code == -1:
             raise NotFound(f"session {session_id!r} not found")
         return code == 1
@@ -576,7 +588,7 @@ class RedisStateStore:
 
     async def delete_session(self, session_id: str) -> None:
         _check_session_id(session_id)
-        await self._call(self._delete, [self._key(session_id)], [self.prefix, session_id])
+        await self._call(self._delete, self._keys(session_id), [self.prefix, session_id])
 
     async def count_routes(self) -> dict[str, int]:
         flat = await self._call(self._count_routes, [], [self.prefix])

@@ -10,6 +10,7 @@ from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
 
 import pytest
+import redis.asyncio as aioredis
 
 from controller.state_store import (
     CommitResult,
@@ -308,3 +309,21 @@ async def test_redis_down_is_unavailable() -> None:
         ):
             with pytest.raises(Unavailable):
                 await call()
+
+
+@aio
+async def test_redis_leaves_no_keys_behind(redis_server: str) -> None:
+    """The session hash and its committed-tokens key go together, on delete and on expiry."""
+    prefix = f"test-{uuid.uuid4().hex[:8]}:"
+    raw = aioredis.from_url(redis_server)
+    async with RedisStateStore(redis_server, prefix=prefix, session_ttl_s=0.3) as store:
+        await store.create_session(record("gone", drafter="d:1", verifier="v:1"))
+        await store.create_session(record("expires"))
+        await store.commit_round("gone", 0, [1, 2], {})
+        await store.commit_round("expires", 0, [1, 2], {})
+        assert len(await raw.keys(f"{prefix}session:*")) == 4
+        await store.delete_session("gone")
+        await asyncio.sleep(0.5)
+        assert await store.count_routes() == {}
+        assert await raw.keys(f"{prefix}*") == []
+    await raw.aclose()
