@@ -80,3 +80,15 @@ def _wrap_stream(behavior):
             await _abort(context, error)
 
     return wrapper
+
+
+def error_of(code: grpc.StatusCode | int, message: str) -> EesdError:
+    """The domain error a peer's status stands for, so a relayed failure keeps its code."""
+    if isinstance(code, int):
+        code = next((c for c in grpc.StatusCode if c.value[0] == code), grpc.StatusCode.UNKNOWN)
+    if code == grpc.StatusCode.INVALID_ARGUMENT:
+        field, _, detail = message.partition(": ")
+        return InvalidArgument(field, detail)
+    if code == grpc.StatusCode.DEADLINE_EXCEEDED:
+        return Unavailable(message)
+    return next((cls(message) for cls, c in STATUS_OF if c == code), EesdError(message))

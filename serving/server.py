@@ -50,7 +50,11 @@ async def serve(
     port = server.add_insecure_port(address)
     await server.start()
     log.info("%s listening on %s (port %d); warming up", name, address, port)
-    await warmup()
+    try:
+        await warmup()
+    except BaseException:
+        await server.stop(0)
+        raise
     for service in ("", *services):
         await health.set(service, health_pb2.HealthCheckResponse.SERVING)
     log.info("%s SERVING", name)

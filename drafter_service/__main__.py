@@ -1,0 +1,43 @@
+"""python -m drafter_service [--flags]: see DrafterConfig (flags and EESD_* environment variables)."""
+
+import asyncio
+import logging
+
+from drafter_service.config import DrafterConfig
+from drafter_service.servicer import DrafterServicer
+from eesd.drafter import Drafter
+from eesd_proto.eesd.v1 import drafter_pb2, drafter_pb2_grpc
+from serving.config import load_config
+from serving.node import ModelNode
+from serving.server import serve
+
+
+async def main() -> None:
+    config = load_config(DrafterConfig)
+    node = ModelNode(config.node_id or f"{config.host}:{config.port}")
+    servicer = DrafterServicer(node, config.verify_timeout_s)
+
+    async def load() -> None:
+        await node.load(
+            lambda: Drafter(
+                config.model_dir,
+                config.exit_layer,
+                config.exit_head or None,
+                config.dtype,
+                config.device,
+                config.max_sessions,
+                config.draft_top_k,
+            )
+        )
+
+    def register(server) -> list[str]:
+        drafter_pb2_grpc.add_DrafterServiceServicer_to_server(servicer, server)
+        return [drafter_pb2.DESCRIPTOR.services_by_name["DrafterService"].full_name]
+
+    await serve("drafter", f"{config.host}:{config.port}", register, load, config.grace_s, servicer.close)
+    node.shutdown()
+
+
+if __name__ == "__main__":
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s %(levelname)s %(message)s")
+    asyncio.run(main())

@@ -1,0 +1,90 @@
+"""DrafterService: converts messages and calls eesd.drafter.Drafter, then relays the block to the verifier."""
+
+import time
+
+from grpc import aio
+
+from drafter_service.verifier_link import VerifierLinks
+from eesd.kv_cache import CacheBehind
+from eesd.rounds import RoundStats, VerifyRequest
+from eesd_proto.eesd.v1 import common_pb2, drafter_pb2, drafter_pb2_grpc
+from serving import convert
+from serving.node import ModelNode
+from serving.session_rpcs import SessionRpcs
+
+
+class DrafterServicer(SessionRpcs, drafter_pb2_grpc.DrafterServiceServicer):
+    messages, prefix, role = drafter_pb2, "DrafterService", common_pb2.NODE_ROLE_DRAFTER
+
+    def __init__(self, node: ModelNode, verify_timeout_s: float):
+        self.node = node
+        self.verify_timeout_s = verify_timeout_s
+        self._links: VerifierLinks | None = None
+
+    def links(self) -> VerifierLinks:
+        if self._links is None:  # the identity exists only once the model has loaded
+            self._links = VerifierLinks(self.node.model.identity, self.node.node_id, self.verify_timeout_s)
+        return self._links
+
+    async def Draft(self, request: drafter_pb2.DraftRequest, context: aio.ServicerContext):
+        """Drafts under the policy, streams the block to the verifier, crops to its verdict."""
+        common = dict(session_id=request.session_id, round=request.round, base_length=request.base_length)
+        draft_request = convert.draft_request_from_proto(request)
+        start = time.perf_counter()
+        try:
+            block = await self.node.run(self.node.model.propose, draft_request)
+        except CacheBehind as behind:
+            return drafter_pb2.DraftResponse(
+                **common,
+                cache_mismatch=convert.cache_mismatch(
+                    request.session_id,
+                    request.round,
+                    request.base_length,
+                    behind.cache_length,
+                    self.role,
+                    self.node.node_id,
+                ),
+            )
+        drafted = time.perf_counter()
+        verify_request = VerifyRequest(
+            draft_request.session_id,
+            draft_request.round_index,
+            draft_request.base_length,
+            draft_request.pending,
+            block,
+            draft_request.seed,
+            draft_request.sampling,
+        )
+        answer = (
+            await self.links().get(request.verifier_address).verify(convert.verify_request_to_proto(verify_request))
+        )
+        if answer.WhichOneof("kind") == "cache_mismatch":
+            return drafter_pb2.DraftResponse(**common, cache_mismatch=answer.cache_mismatch)
+        verdict = answer.verdict
+        # Keep only what the verdict committed: the accepted drafts (the last draft was never fed).
+        valid = request.base_length + len(request.pending_token_ids) + verdict.accepted
+        cache = self.node.model.sessions.get(request.session_id)
+        cache.crop(min(cache.length, valid))
+        round_trip_ms = (time.perf_counter() - drafted) * 1e3
+        stats = RoundStats(
+            request.round,
+            block.budget,
+            len(block.tokens),
+            verdict.accepted,
+            verdict.accepted + 1,
+            drafted - start,
+            verdict.verify_ms / 1e3,
+        )
+        return drafter_pb2.DraftResponse(
+            **common,
+            result=drafter_pb2.RoundResult(
+                draft=convert.draft_block_to_proto(block),
+                verdict=verdict,
+                drafter_cache_length=cache.length,
+                stats=convert.round_stats_to_proto(stats, transport_ms=max(0.0, round_trip_ms - verdict.verify_ms)),
+            ),
+        )
+
+    async def close(self) -> None:
+        if self._links is not None:
+            await self._links.close()

@@ -1,0 +1,119 @@
+"""A drafter's persistent VerifyStream to one verifier, multiplexing the rounds of all its sessions.
+
+The stream opens with a hello each way (the verifier refuses a drafter of another model); each round is
+one message out and one answer back, matched by (session, round). A broken stream fails the rounds
+waiting on it with UNAVAILABLE and is reopened by the next round.
+"""
+
+import asyncio
+import logging
+
+import grpc
+
+from eesd.errors import EesdError, FailedPrecondition, Unavailable
+from eesd.identity import ModelIdentity
+from eesd_proto.eesd.v1 import verifier_pb2, verifier_pb2_grpc
+from serving import convert
+from serving.errors import error_of
+from serving.server import channel
+
+log = logging.getLogger(__name__)
+
+
+class VerifierLink:
+    def __init__(self, address: str, identity: ModelIdentity, node_id: str, timeout_s: float):
+        self.address, self.identity, self.node_id, self.timeout_s = address, identity, node_id, timeout_s
+        self._channel = channel(address)
+        self._call = None
+        self._reader: asyncio.Task | None = None
+        self._waiters: dict[tuple[str, int], asyncio.Future] = {}
+        self._lock = asyncio.Lock()
+
+    async def _open(self) -> None:
+        stub = verifier_pb2_grpc.VerifierServiceStub(self._channel)
+        call = stub.VerifyStream()
+        try:
+            await call.write(
+                verifier_pb2.VerifyStreamRequest(
+                    hello=verifier_pb2.VerifyHello(
+                        identity=convert.identity_to_proto(self.identity),
+                        node_id=self.node_id,
+                        mode=verifier_pb2.VERIFY_MODE_RECOMPUTE,
+                    )
+                )
+            )
+            answer = await asyncio.wait_for(call.read(), self.timeout_s)
+        except grpc.aio.AioRpcError as err:
+            raise error_of(err.code(), f"verifier {self.address}: {err.details()}") from err
+        except TimeoutError as err:
+            call.cancel()
+            raise Unavailable(f"verifier {self.address} did not answer the hello") from err
+        if answer is grpc.aio.EOF or answer.WhichOneof("kind") != "hello":
+            raise FailedPrecondition(f"verifier {self.address} did not answer with a hello")
+        self.identity.check_pairs_with(convert.identity_from_proto(answer.hello.identity))
+        self._call = call
+        self._reader = asyncio.create_task(self._read(call))
+
+    async def _read(self, call) -> None:
+        # read() rather than `async for`: grpc.aio refuses to mix both styles on one call (the hello used read()).
+        try:
+            while (answer := await call.read()) is not grpc.aio.EOF:
+                body = getattr(answer, answer.WhichOneof("kind"))
+                waiter = self._waiters.pop((body.session_id, body.round), None)
+                if waiter is not None and not waiter.done():
+                    waiter.set_result(answer)
+            reason = "closed the stream"
+        except grpc.aio.AioRpcError as err:
+            reason = f"stream failed: {err.code().name} {err.details()}"
+        self._fail_all(Unavailable(f"verifier {self.address} {reason}"))
+
+    def _fail_all(self, error: EesdError) -> None:
+        self._call = None
+        waiters, self._waiters = self._waiters, {}
+        for waiter in waiters.values():
+            if not waiter.done():
+                waiter.set_exception(error)
+
+    async def verify(self, request: verifier_pb2.VerifyRequest) -> verifier_pb2.VerifyStreamResponse:
+        """Sends one round and waits for its verdict, cache mismatch or error (raised as a domain error)."""
+        key = (request.session_id, request.round)
+        waiter = asyncio.get_running_loop().create_future()
+        async with self._lock:  # one writer at a time on the stream
+            if self._call is None:
+                await self._open()
+            self._waiters[key] = waiter
+            try:
+                await self._call.write(verifier_pb2.VerifyStreamRequest(verify_request=request))
+            except (grpc.aio.AioRpcError, grpc.aio.UsageError) as err:
+                self._waiters.pop(key, None)
+                self._fail_all(Unavailable(f"verifier {self.address}: {err}"))
+                raise Unavailable(f"verifier {self.address} stream broke: {err}") from err
+        try:
+            answer = await asyncio.wait_for(waiter, self.timeout_s)
+        except TimeoutError as err:
+            self._waiters.pop(key, None)
+            raise Unavailable(f"verifier {self.address} gave no verdict in {self.timeout_s} s") from err
+        if answer.WhichOneof("kind") == "round_error":
+            raise error_of(answer.round_error.code, answer.round_error.message)
+        return answer
+
+    async def close(self) -> None:
+        if self._call is not None:
+            self._call.cancel()
+        await self._channel.close()
+
+
+class VerifierLinks:
+    """One link per verifier address, created on first use."""
+
+    def __init__(self, identity: ModelIdentity, node_id: str, timeout_s: float):
+        self.identity, self.node_id, self.timeout_s = identity, node_id, timeout_s
+        self._links: dict[str, VerifierLink] = {}
+
+    def get(self, address: str) -> VerifierLink:
+        if address not in self._links:
+            self._links[address] = VerifierLink(address, self.identity, self.node_id, self.timeout_s)
+        return self._links[address]
+
+    async def close(self) -> None:
+        await asyncio.gather(*(link.close() for link in self._links.values()))

@@ -1,0 +1,162 @@
+"""Proto messages <-> core dataclasses, 1:1. Servicers call these and the core, nothing else."""
+
+from eesd.identity import ModelIdentity
+from eesd.params import PolicyParams, SamplingParams
+from eesd.rounds import DraftBlock, DraftRequest, RoundStats, Verdict, VerifyRequest
+from eesd_proto.eesd.v1 import common_pb2, drafter_pb2, verifier_pb2
+
+DEFAULT_K_MAX = 8
+
+
+def sampling_from_proto(msg: common_pb2.SamplingParams) -> SamplingParams:
+    # proto3 defaults (0) mean "no filter" for top_p as for top_k.
+    return SamplingParams(msg.temperature, msg.top_k, msg.top_p or 1.0, msg.seed if msg.HasField("seed") else None)
+
+
+def sampling_to_proto(params: SamplingParams) -> common_pb2.SamplingParams:
+    return common_pb2.SamplingParams(
+        temperature=params.temperature, top_k=params.top_k, top_p=params.top_p, seed=params.seed
+    )
+
+
+def policy_from_proto(
+    msg: common_pb2.PolicyParams, default_name: str = "beta-ts", default_k_max: int = DEFAULT_K_MAX
+) -> PolicyParams:
+    return PolicyParams(
+        msg.name or default_name, msg.k_max if msg.HasField("k_max") else default_k_max, dict(msg.options)
+    )
+
+
+def policy_to_proto(params: PolicyParams) -> common_pb2.PolicyParams:
+    return common_pb2.PolicyParams(name=params.name, k_max=params.k_max, options=params.options)
+
+
+def identity_to_proto(identity: ModelIdentity) -> common_pb2.ModelIdentity:
+    return common_pb2.ModelIdentity(**vars(identity))
+
+
+def identity_from_proto(msg: common_pb2.ModelIdentity) -> ModelIdentity:
+    return ModelIdentity(
+        msg.model_type, msg.config_hash, msg.tokenizer_hash, msg.dtype, msg.exit_layer, msg.exit_head_hash
+    )
+
+
+def draft_request_from_proto(msg: drafter_pb2.DraftRequest) -> DraftRequest:
+    return DraftRequest(
+        msg.session_id,
+        msg.round,
+        msg.base_length,
+        list(msg.pending_token_ids),
+        msg.max_tokens,
+        msg.seed,
+        sampling_from_proto(msg.sampling),
+        policy_from_proto(msg.policy),
+        dict(msg.policy_state),
+    )
+
+
+def draft_request_to_proto(request: DraftRequest, verifier_address: str, verifier_id: str) -> drafter_pb2.DraftRequest:
+    return drafter_pb2.DraftRequest(
+        session_id=request.session_id,
+        round=request.round_index,
+        base_length=request.base_length,
+        pending_token_ids=request.pending,
+        max_tokens=request.max_tokens,
+        seed=request.seed,
+        sampling=sampling_to_proto(request.sampling),
+        policy=policy_to_proto(request.policy),
+        policy_state=request.policy_state,
+        verifier_address=verifier_address,
+        verifier_id=verifier_id,
+    )
+
+
+def draft_block_to_proto(block: DraftBlock) -> verifier_pb2.DraftBlock:
+    q = [
+        verifier_pb2.SparseDistribution(token_ids=ids, probs=probs)
+        for ids, probs in zip(block.q_ids or [], block.q_probs or [], strict=True)
+    ]
+    return verifier_pb2.DraftBlock(
+        token_ids=block.tokens, confidences=block.confidences, q=q, budget=block.budget, cache_length=block.cache_length
+    )
+
+
+def draft_block_from_proto(msg: verifier_pb2.DraftBlock) -> DraftBlock:
+    sparse = bool(msg.q)
+    return DraftBlock(
+        list(msg.token_ids),
+        list(msg.confidences),
+        [list(d.token_ids) for d in msg.q] if sparse else None,
+        [list(d.probs) for d in msg.q] if sparse else None,
+        msg.budget,
+        msg.cache_length,
+    )
+
+
+def verify_request_to_proto(request: VerifyRequest) -> verifier_pb2.VerifyRequest:
+    return verifier_pb2.VerifyRequest(
+        session_id=request.session_id,
+        round=request.round_index,
+        base_length=request.base_length,
+        pending_token_ids=request.pending,
+        draft=draft_block_to_proto(request.draft),
+        seed=request.seed,
+        sampling=sampling_to_proto(request.sampling),
+    )
+
+
+def verify_request_from_proto(msg: verifier_pb2.VerifyRequest) -> VerifyRequest:
+    return VerifyRequest(
+        msg.session_id,
+        msg.round,
+        msg.base_length,
+        list(msg.pending_token_ids),
+        draft_block_from_proto(msg.draft),
+        msg.seed,
+        sampling_from_proto(msg.sampling),
+    )
+
+
+def verdict_to_proto(verdict: Verdict, base_length: int, verify_ms: float) -> verifier_pb2.Verdict:
+    return verifier_pb2.Verdict(
+        session_id=verdict.session_id,
+        round=verdict.round_index,
+        base_length=base_length,
+        accepted=verdict.accepted,
+        next_token=verdict.next_token,
+        cache_length=verdict.cache_length,
+        verify_ms=verify_ms,
+    )
+
+
+def verdict_from_proto(msg: verifier_pb2.Verdict) -> Verdict:
+    return Verdict(msg.session_id, msg.round, msg.accepted, msg.next_token, msg.cache_length)
+
+
+def round_stats_to_proto(
+    stats: RoundStats, transport_ms: float = 0.0, controller_ms: float = 0.0
+) -> common_pb2.RoundStats:
+    return common_pb2.RoundStats(
+        k_chosen=stats.k_chosen,
+        drafted=stats.drafted,
+        accepted=stats.accepted,
+        committed=stats.committed,
+        draft_ms=stats.draft_s * 1e3,
+        verify_ms=stats.verify_s * 1e3,
+        transport_ms=transport_ms,
+        controller_ms=controller_ms,
+    )
+
+
+def cache_mismatch(
+    session_id: str, round_index: int, base_length: int, cache_length: int, role: int, node_id: str
+) -> common_pb2.CacheMismatch:
+    return common_pb2.CacheMismatch(
+        session_id=session_id,
+        round=round_index,
+        base_length=base_length,
+        cache_length=cache_length,
+        node_role=role,
+        node_id=node_id,
+        session_open=cache_length > 0,
+    )

@@ -1,0 +1,59 @@
+"""The session RPCs both model services expose (identity, open, prefill, close), written once.
+
+The drafter's and verifier's request/response messages differ only in their service prefix
+(buf wants unique names), so each servicer names its prefix and proto module.
+"""
+
+from types import ModuleType
+
+from grpc import aio
+
+from eesd.kv_cache import CacheBehind
+from serving import convert
+from serving.node import ModelNode
+
+
+class SessionRpcs:
+    node: ModelNode
+    messages: ModuleType  # drafter_pb2 or verifier_pb2
+    prefix: str  # "DrafterService" or "VerifierService"
+    role: int  # common_pb2.NodeRole
+
+    def _message(self, name: str):
+        return getattr(self.messages, f"{self.prefix}{name}")
+
+    async def GetModelIdentity(self, request, context: aio.ServicerContext):
+        return self._message("GetModelIdentityResponse")(
+            identity=convert.identity_to_proto(self.node.model.identity), node_id=self.node.node_id
+        )
+
+    async def OpenSession(self, request, context: aio.ServicerContext):
+        if request.HasField("expected_identity"):
+            # The node's identity must satisfy what the controller expects, as a drafter must its verifier.
+            self.node.model.identity.check_pairs_with(convert.identity_from_proto(request.expected_identity))
+        return self._message("OpenSessionResponse")(
+            session_id=request.session_id, cache_length=self.node.open_session(request.session_id)
+        )
+
+    async def Prefill(self, request, context: aio.ServicerContext):
+        reply = self._message("PrefillResponse")
+        common = dict(session_id=request.session_id, round=request.round, base_length=request.base_length)
+        try:
+            length = await self.node.prefill(request.session_id, request.base_length, list(request.token_ids))
+        except CacheBehind as behind:
+            return reply(
+                **common,
+                cache_mismatch=convert.cache_mismatch(
+                    request.session_id,
+                    request.round,
+                    request.base_length,
+                    behind.cache_length,
+                    self.role,
+                    self.node.node_id,
+                ),
+            )
+        return reply(**common, cache_length=length)
+
+    async def CloseSession(self, request, context: aio.ServicerContext):
+        self.node.close_session(request.session_id)
+        return self._message("CloseSessionResponse")(session_id=request.session_id)

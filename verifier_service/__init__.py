@@ -1,0 +1,1 @@
+"""The verifier service: the full model behind gRPC (DESIGN §4)."""

@@ -1,0 +1,33 @@
+"""python -m verifier_service [--flags]: see VerifierConfig (flags and EESD_* environment variables)."""
+
+import asyncio
+import logging
+
+from eesd.verifier import Verifier
+from eesd_proto.eesd.v1 import verifier_pb2, verifier_pb2_grpc
+from serving.config import load_config
+from serving.node import ModelNode
+from serving.server import serve
+from verifier_service.config import VerifierConfig
+from verifier_service.servicer import VerifierServicer
+
+
+async def main() -> None:
+    config = load_config(VerifierConfig)
+    node = ModelNode(config.node_id or f"{config.host}:{config.port}")
+    servicer = VerifierServicer(node)
+
+    async def load() -> None:
+        await node.load(lambda: Verifier(config.model_dir, config.dtype, config.device, config.max_sessions))
+
+    def register(server) -> list[str]:
+        verifier_pb2_grpc.add_VerifierServiceServicer_to_server(servicer, server)
+        return [verifier_pb2.DESCRIPTOR.services_by_name["VerifierService"].full_name]
+
+    await serve("verifier", f"{config.host}:{config.port}", register, load, config.grace_s)
+    node.shutdown()
+
+
+if __name__ == "__main__":
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s %(levelname)s %(message)s")
+    asyncio.run(main())
