@@ -286,6 +286,11 @@ def test_bad_url_is_invalid_argument(url: str) -> None:
     assert e.value.field == "redis_url"
 
 
+def test_redis_errors_do_not_show_the_password() -> None:
+    store = RedisStateStore("redis://user:s3cret@127.0.0.1:1/0")
+    assert "s3cret" not in store._url and "127.0.0.1:1" in store._url
+
+
 def test_open_state_store_picks_the_backend() -> None:
     assert isinstance(open_state_store("memory://"), MemoryStateStore)
     for url in ("redis://127.0.0.1:6379/0", "rediss://redis.example:6380", "unix:///run/redis.sock"):
@@ -321,7 +326,9 @@ async def test_redis_leaves_no_keys_behind(redis_server: str) -> None:
         await store.create_session(record("expires"))
         await store.commit_round("gone", 0, [1, 2], {})
         await store.commit_round("expires", 0, [1, 2], {})
-        assert len(await raw.keys(f"{prefix}session:*")) == 4
+        keys = {k.decode().removeprefix(prefix) for k in await raw.keys(f"{prefix}*")}
+        sessions = {f"{kind}:{sid}" for kind in ("session", "committed") for sid in ("gone", "expires")}
+        assert keys == sessions | {"route:d:1", "route:v:1", "nodes"}
         await store.delete_session("gone")
         await asyncio.sleep(0.5)
         assert await store.count_routes() == {}
