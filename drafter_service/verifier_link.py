@@ -20,6 +20,14 @@ from serving.server import channel
 log = logging.getLogger(__name__)
 
 
+def verifier_error(code: grpc.StatusCode | int, message: str) -> EesdError:
+    """The verifier's failure as a domain error; an unavailable verifier is named so the controller replaces it."""
+    error = error_of(code, message)
+    if isinstance(error, Unavailable):
+        error.peer = "verifier"
+    return error
+
+
 class VerifierLink:
     def __init__(self, address: str, identity: ModelIdentity, node_id: str, timeout_s: float):
         self.address, self.identity, self.node_id, self.timeout_s = address, identity, node_id, timeout_s
@@ -44,10 +52,10 @@ class VerifierLink:
             )
             answer = await asyncio.wait_for(call.read(), self.timeout_s)
         except grpc.aio.AioRpcError as err:
-            raise error_of(err.code(), f"verifier {self.address}: {err.details()}") from err
+            raise verifier_error(err.code(), f"verifier {self.address}: {err.details()}") from err
         except TimeoutError as err:
             call.cancel()
-            raise Unavailable(f"verifier {self.address} did not answer the hello") from err
+            raise Unavailable(f"verifier {self.address} did not answer the hello", peer="verifier") from err
         if answer is grpc.aio.EOF or answer.WhichOneof("kind") != "hello":
             raise FailedPrecondition(f"verifier {self.address} did not answer with a hello")
         self.identity.check_pairs_with(convert.identity_from_proto(answer.hello.identity))
@@ -65,7 +73,7 @@ class VerifierLink:
             reason = "closed the stream"
         except grpc.aio.AioRpcError as err:
             reason = f"stream failed: {err.code().name} {err.details()}"
-        self._fail_all(Unavailable(f"verifier {self.address} {reason}"))
+        self._fail_all(Unavailable(f"verifier {self.address} {reason}", peer="verifier"))
 
     def _fail_all(self, error: EesdError) -> None:
         self._call = None
@@ -86,15 +94,17 @@ class VerifierLink:
                 await self._call.write(verifier_pb2.VerifyStreamRequest(verify_request=request))
             except (grpc.aio.AioRpcError, grpc.aio.UsageError) as err:
                 self._waiters.pop(key, None)
-                self._fail_all(Unavailable(f"verifier {self.address}: {err}"))
-                raise Unavailable(f"verifier {self.address} stream broke: {err}") from err
+                self._fail_all(Unavailable(f"verifier {self.address}: {err}", peer="verifier"))
+                raise Unavailable(f"verifier {self.address} stream broke: {err}", peer="verifier") from err
         try:
             answer = await asyncio.wait_for(waiter, self.timeout_s)
         except TimeoutError as err:
             self._waiters.pop(key, None)
-            raise Unavailable(f"verifier {self.address} gave no verdict in {self.timeout_s} s") from err
+            raise Unavailable(
+                f"verifier {self.address} gave no verdict in {self.timeout_s} s", peer="verifier"
+            ) from err
         if answer.WhichOneof("kind") == "round_error":
-            raise error_of(answer.round_error.code, answer.round_error.message)
+            raise verifier_error(answer.round_error.code, answer.round_error.message)
         return answer
 
     async def close(self) -> None:

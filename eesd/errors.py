@@ -26,7 +26,15 @@ class ResourceExhausted(EesdError):
 
 
 class Unavailable(EesdError):
-    """A peer cannot be reached; retrying elsewhere may work."""
+    """A peer cannot be reached; retrying elsewhere may work. `peer` names its role when relayed."""
+
+    def __init__(self, message: str, peer: str = ""):
+        super().__init__(message)
+        self.peer = peer
+
+
+class Unauthenticated(EesdError):
+    """The caller did not present valid credentials."""
 
 
 class RollbackError(FailedPrecondition):

@@ -11,6 +11,7 @@ from eesd.errors import (
     InvalidArgument,
     NotFound,
     ResourceExhausted,
+    Unauthenticated,
     Unavailable,
 )
 
@@ -22,6 +23,7 @@ STATUS_OF = (  # most specific first: RollbackError is a FailedPrecondition, Inv
     (FailedPrecondition, grpc.StatusCode.FAILED_PRECONDITION),
     (ResourceExhausted, grpc.StatusCode.RESOURCE_EXHAUSTED),
     (Unavailable, grpc.StatusCode.UNAVAILABLE),
+    (Unauthenticated, grpc.StatusCode.UNAUTHENTICATED),
 )
 
 
@@ -54,10 +56,17 @@ class DomainErrorInterceptor(aio.ServerInterceptor):
         return handler
 
 
+# Trailing metadata naming which peer was unavailable when a node relays its peer's failure (a drafter
+# that cannot reach its verifier), so the controller replaces the right node.
+UNAVAILABLE_PEER_KEY = "eesd-unavailable-peer"
+
+
 async def _abort(context: aio.ServicerContext, error: EesdError) -> None:
     code = status_of(error)
     if code == grpc.StatusCode.INTERNAL:
         log.exception("unexpected domain error")
+    if isinstance(error, Unavailable) and error.peer:
+        context.set_trailing_metadata(((UNAVAILABLE_PEER_KEY, error.peer),))
     await context.abort(code, str(error))
 
 

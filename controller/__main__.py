@@ -1,0 +1,52 @@
+"""python -m controller [--flags]: see ControllerConfig (flags and EESD_* environment variables)."""
+
+import asyncio
+import logging
+
+from controller.config import ControllerConfig
+from controller.discovery import make_discovery
+from controller.nodes import NodeClients
+from controller.round_loop import RoundLoop
+from controller.routing import Router
+from controller.servicer import ControllerServicer
+from controller.state_store import open_state_store
+from controller.text import model_facts
+from eesd_proto.eesd.v1 import controller_pb2, controller_pb2_grpc
+from serving.config import load_config
+from serving.server import serve
+
+
+async def main() -> None:
+    config = load_config(ControllerConfig)
+    store = open_state_store(config.redis_url, session_ttl_s=config.session_ttl_s)
+    router = Router(
+        make_discovery(config.discovery, config.drafters, config.namespace, config.drafter_selector),
+        make_discovery(config.discovery, config.verifiers, config.namespace, config.verifier_selector),
+        config.node_down_s,
+    )
+    nodes = NodeClients(config.round_timeout_s)
+    codec, eos_ids, vocab_size = model_facts(config.model_dir)
+    loop = RoundLoop(store, router, nodes, eos_ids, vocab_size)
+    servicer = ControllerServicer(
+        loop, store, codec, config.default_policy, config.k_max, config.max_new_tokens_limit, config.auth_token
+    )
+
+    async def warmup() -> None:
+        await store.ping()  # SERVING only once the state store answers
+        router.start()
+
+    async def stop() -> None:
+        router.stop()
+        await nodes.close()
+        await store.close()
+
+    def register(server) -> list[str]:
+        controller_pb2_grpc.add_ControllerServiceServicer_to_server(servicer, server)
+        return [controller_pb2.DESCRIPTOR.services_by_name["ControllerService"].full_name]
+
+    await serve("controller", f"{config.host}:{config.port}", register, warmup, config.grace_s, stop)
+
+
+if __name__ == "__main__":
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s %(levelname)s %(message)s")
+    asyncio.run(main())

@@ -1,0 +1,39 @@
+from dataclasses import dataclass
+
+from controller.discovery import DISCOVERY_MODES
+from eesd.errors import InvalidArgument
+from eesd.params import POLICY_NAMES
+from serving.config import field
+
+
+@dataclass(frozen=True)
+class ControllerConfig:
+    """Controller: sessions, committed tokens and policy posteriors (Redis), routing, the round loop."""
+
+    host: str = field("0.0.0.0", "address to listen on")
+    port: int = field(50051, "gRPC port")
+    metrics_port: int = field(9100, "Prometheus /metrics port (0: off)")
+    redis_url: str = field("memory://", "state store: memory:// (embedded) or redis://host:6379/0")
+    drafters: str = field("", "drafter addresses host:port,... (static/dns discovery, k8s fallback)")
+    verifiers: str = field("", "verifier addresses host:port,...")
+    discovery: str = field("static", "static, dns or kubernetes")
+    namespace: str = field("", "Kubernetes namespace of the drafter/verifier pods")
+    drafter_selector: str = field("", "label selector of the drafters' EndpointSlices")
+    verifier_selector: str = field("", "label selector of the verifiers' EndpointSlices")
+    session_ttl_s: int = field(3600, "idle seconds before a session's state expires")
+    default_policy: str = field("beta-ts", "draft policy when a request names none")
+    k_max: int = field(8, "default cap on drafts per round")
+    max_new_tokens_limit: int = field(4096, "largest max_new_tokens a request may ask for")
+    model_dir: str = field("", "checkpoint directory for the tokenizer, EOS ids and vocabulary (optional)")
+    auth_token: str = field("", "bearer token clients must send (empty: no auth)")
+    round_timeout_s: float = field(60.0, "deadline of one round's RPC")
+    node_down_s: float = field(5.0, "seconds a failed node is kept out of routing before it is retried")
+    grace_s: float = field(30.0, "seconds in-flight generations get to finish on SIGTERM")
+
+    def validate(self) -> None:
+        if self.discovery not in DISCOVERY_MODES:
+            raise InvalidArgument("discovery", f"must be one of {DISCOVERY_MODES}")
+        if self.default_policy not in POLICY_NAMES:
+            raise InvalidArgument("default_policy", f"must be one of {POLICY_NAMES}")
+        if self.discovery != "kubernetes" and not self.verifiers:
+            raise InvalidArgument("verifiers", "at least one verifier address is required")

@@ -1,0 +1,126 @@
+"""The controller's calls to drafters and verifiers, in core dataclasses; gRPC stays in here."""
+
+from dataclasses import dataclass
+
+import grpc
+
+from eesd.errors import Unavailable
+from eesd.rounds import DraftBlock, DraftRequest, Verdict, VerifyRequest
+from eesd_proto.eesd.v1 import drafter_pb2, drafter_pb2_grpc, verifier_pb2, verifier_pb2_grpc
+from serving import convert
+from serving.errors import UNAVAILABLE_PEER_KEY, error_of
+from serving.server import channel
+
+
+@dataclass(frozen=True)
+class RoundOutcome:
+    draft: DraftBlock
+    verdict: Verdict
+    drafter_cache_length: int
+    draft_ms: float
+    verify_ms: float
+    transport_ms: float
+
+
+@dataclass(frozen=True)
+class Mismatch:
+    """A node's cache covers fewer committed tokens than the round assumed."""
+
+    role: str  # "drafter" or "verifier"
+    cache_length: int
+
+
+def _mismatch(msg) -> Mismatch:
+    role = "drafter" if msg.node_role == convert.common_pb2.NODE_ROLE_DRAFTER else "verifier"
+    return Mismatch(role, msg.cache_length)
+
+
+def _error(err: grpc.aio.AioRpcError, role: str, address: str) -> Exception:
+    """A failed call as a domain error; an unavailable node carries the role to replace."""
+    peer = dict(err.trailing_metadata() or ()).get(UNAVAILABLE_PEER_KEY, role)
+    if err.code() in (grpc.StatusCode.UNAVAILABLE, grpc.StatusCode.DEADLINE_EXCEEDED, grpc.StatusCode.CANCELLED):
+        return Unavailable(f"{role} {address}: {err.details()}", peer=peer)
+    return error_of(err.code(), err.details() or "")
+
+
+class NodeClients:
+    def __init__(self, timeout_s: float):
+        self.timeout_s = timeout_s
+        self._channels: dict[str, grpc.aio.Channel] = {}
+
+    def _channel(self, address: str) -> grpc.aio.Channel:
+        if address not in self._channels:
+            self._channels[address] = channel(address)
+        return self._channels[address]
+
+    async def draft(self, drafter: str, request: DraftRequest, verifier: str) -> RoundOutcome | Mismatch:
+        stub = drafter_pb2_grpc.DrafterServiceStub(self._channel(drafter))
+        try:
+            reply = await stub.Draft(
+                convert.draft_request_to_proto(request, verifier, verifier), timeout=self.timeout_s
+            )
+        except grpc.aio.AioRpcError as err:
+            raise _error(err, "drafter", drafter) from err
+        if reply.WhichOneof("outcome") == "cache_mismatch":
+            return _mismatch(reply.cache_mismatch)
+        result = reply.result
+        return RoundOutcome(
+            convert.draft_block_from_proto(result.draft),
+            convert.verdict_from_proto(result.verdict),
+            result.drafter_cache_length,
+            result.stats.draft_ms,
+            result.stats.verify_ms,
+            result.stats.transport_ms,
+        )
+
+    async def verify(self, verifier: str, request: VerifyRequest) -> RoundOutcome | Mismatch:
+        """A verifier-only round (no drafts): plain autoregressive decoding, one token."""
+        stub = verifier_pb2_grpc.VerifierServiceStub(self._channel(verifier))
+        try:
+            reply = await stub.Verify(convert.verify_request_to_proto(request), timeout=self.timeout_s)
+        except grpc.aio.AioRpcError as err:
+            raise _error(err, "verifier", verifier) from err
+        if reply.WhichOneof("outcome") == "cache_mismatch":
+            return _mismatch(reply.cache_mismatch)
+        return RoundOutcome(
+            request.draft, convert.verdict_from_proto(reply.verdict), 0, 0.0, reply.verdict.verify_ms, 0.0
+        )
+
+    async def prefill(
+        self, role: str, address: str, session_id: str, round_index: int, base_length: int, token_ids: list[int]
+    ) -> int | Mismatch:
+        """Brings a lagging node's cache up to base_length + len(token_ids)."""
+        module, stub_cls = (
+            (drafter_pb2, drafter_pb2_grpc.DrafterServiceStub)
+            if role == "drafter"
+            else (verifier_pb2, verifier_pb2_grpc.VerifierServiceStub)
+        )
+        prefix = "DrafterService" if role == "drafter" else "VerifierService"
+        request = getattr(module, f"{prefix}PrefillRequest")(
+            session_id=session_id, round=round_index, base_length=base_length, token_ids=token_ids
+        )
+        try:
+            reply = await stub_cls(self._channel(address)).Prefill(request, timeout=self.timeout_s)
+        except grpc.aio.AioRpcError as err:
+            raise _error(err, role, address) from err
+        if reply.WhichOneof("outcome") == "cache_mismatch":
+            return _mismatch(reply.cache_mismatch)
+        return reply.cache_length
+
+    async def close_session(self, role: str, address: str, session_id: str) -> None:
+        """Best effort: a node that is gone has nothing to free."""
+        module, stub_cls, prefix = (
+            (drafter_pb2, drafter_pb2_grpc.DrafterServiceStub, "DrafterService")
+            if role == "drafter"
+            else (verifier_pb2, verifier_pb2_grpc.VerifierServiceStub, "VerifierService")
+        )
+        try:
+            await stub_cls(self._channel(address)).CloseSession(
+                getattr(module, f"{prefix}CloseSessionRequest")(session_id=session_id), timeout=5.0
+            )
+        except grpc.aio.AioRpcError:
+            pass
+
+    async def close(self) -> None:
+        for ch in self._channels.values():
+            await ch.close()

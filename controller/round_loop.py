@@ -1,0 +1,263 @@
+"""The controller's core (transport-free): one session's rounds over a (drafter, verifier) pair.
+
+Committed tokens and the policy posterior are the hard state, written to the store in one atomic step
+per round guarded by the round number. KV caches are soft state: a node whose cache disagrees is told
+what to prefill; a lost drafter is replaced (or the session decodes verifier-only), a lost verifier is
+replaced, and the output stays the same because every round's randomness derives from (seed, round).
+"""
+
+import asyncio
+import logging
+import secrets
+import time
+import uuid
+from collections.abc import AsyncIterator
+from dataclasses import asdict, dataclass
+
+from controller.nodes import Mismatch, NodeClients, RoundOutcome
+from controller.routing import Router
+from controller.state_store import SessionRecord, StateStore
+from eesd.errors import EesdError, FailedPrecondition, InvalidArgument, Unavailable
+from eesd.generation import GenerationStats, finish
+from eesd.params import GenerationParams, validate_prompt
+from eesd.policies import make_policy
+from eesd.rounds import DraftBlock, DraftRequest, RoundStats, VerifyRequest
+
+log = logging.getLogger(__name__)
+
+
+@dataclass(frozen=True)
+class RoundEvent:
+    session_id: str
+    round_index: int
+    tokens: list[int]  # committed this round (after EOS / length trimming)
+    stats: RoundStats
+    transport_ms: float
+    controller_ms: float
+
+
+@dataclass(frozen=True)
+class Finished:
+    session_id: str
+    finish_reason: str  # "eos", "length" or "cancelled"
+    prompt_tokens: int
+    stats: GenerationStats
+    transport_ms: float
+    controller_ms: float
+
+
+@dataclass
+class _Pair:
+    """The session's nodes and how many committed tokens each one's cache covers."""
+
+    drafter: str | None
+    verifier: str
+    drafter_length: int = 0
+    verifier_length: int = 0
+
+
+class RoundLoop:
+    def __init__(
+        self,
+        store: StateStore,
+        router: Router,
+        nodes: NodeClients,
+        eos_token_ids: frozenset[int],
+        vocab_size: int | None,
+        unavailable_wait_s: float = 30.0,
+    ):
+        self.store, self.router, self.nodes = store, router, nodes
+        self.eos_token_ids, self.vocab_size = eos_token_ids, vocab_size
+        self.unavailable_wait_s = unavailable_wait_s
+        self._cancelled: set[str] = set()
+
+    def cancel_local(self, session_id: str) -> None:
+        self._cancelled.add(session_id)
+
+    async def generate(
+        self, prompt_ids: list[int], params: GenerationParams, session_id: str = ""
+    ) -> AsyncIterator[RoundEvent | Finished]:
+        params.validate()
+        if self.vocab_size is not None:
+            validate_prompt(prompt_ids, self.vocab_size)
+        elif not prompt_ids:
+            raise InvalidArgument("prompt_ids", "prompt is empty")
+        seed = params.sampling.seed if params.sampling.seed is not None else secrets.randbits(63)
+        session_id = session_id or uuid.uuid4().hex
+        policy = make_policy(params.policy)
+        verifier = self.router.pick_verifier()
+        if verifier is None:
+            raise Unavailable("no verifier is ready")
+        speculate = params.policy.name != "off" and params.policy.k_max > 0
+        pair = _Pair(self.router.pick_drafter() if speculate else None, verifier)
+        await self.store.create_session(
+            SessionRecord(
+                session_id,
+                list(prompt_ids),
+                len(prompt_ids),
+                0,
+                policy.state(),
+                {
+                    "max_new_tokens": params.max_new_tokens,
+                    "sampling": asdict(params.sampling),
+                    "seed": seed,
+                    "policy": asdict(params.policy),
+                    "stop_on_eos": params.stop_on_eos,
+                },
+                pair.drafter or "",
+                pair.verifier,
+            )
+        )
+        self.router.acquire(pair.drafter or "", pair.verifier)
+        committed, stats = list(prompt_ids), GenerationStats()
+        transport_ms = controller_ms = 0.0
+        start = time.perf_counter()
+        try:
+            finish_reason = None
+            while finish_reason is None:
+                if session_id in self._cancelled:
+                    finish_reason = "cancelled"
+                    break
+                round_start = time.perf_counter()
+                if speculate and pair.drafter is None and (drafter := self.router.pick_drafter()):
+                    pair.drafter, pair.drafter_length = drafter, 0  # a drafter is back: speculate again
+                    self.router.acquire(drafter)
+                room = params.max_new_tokens - stats.generated - 1
+                outcome = await self._run_round(
+                    session_id, stats.rounds, committed, params, seed, policy, pair, room if speculate else 0
+                )
+                call_done = time.perf_counter()
+                tokens, finish_reason = finish(
+                    outcome.verdict.committed_tokens(outcome.draft), stats.generated, params, self.eos_token_ids
+                )
+                if outcome.draft.tokens:
+                    policy.update(outcome.draft.confidences, outcome.verdict.accepted)
+                try:
+                    await self.store.commit_round(session_id, stats.rounds, tokens, policy.state())
+                except FailedPrecondition:  # cancelled through another controller
+                    finish_reason = "cancelled"
+                    break
+                committed += tokens
+                pair.verifier_length = outcome.verdict.cache_length
+                if outcome.draft.tokens:
+                    pair.drafter_length = outcome.drafter_cache_length
+                round_stats = RoundStats(
+                    stats.rounds,
+                    outcome.draft.budget,
+                    len(outcome.draft.tokens),
+                    outcome.verdict.accepted,
+                    len(tokens),
+                    outcome.draft_ms / 1e3,
+                    outcome.verify_ms / 1e3,
+                )
+                stats.add(round_stats)
+                own_ms = (time.perf_counter() - call_done) * 1e3
+                wire_ms = max(0.0, (call_done - round_start) * 1e3 - outcome.draft_ms - outcome.verify_ms)
+                transport_ms += wire_ms
+                controller_ms += own_ms
+                yield RoundEvent(session_id, round_stats.round_index, tokens, round_stats, wire_ms, own_ms)
+            stats.elapsed_s = time.perf_counter() - start
+            await self.store.finish(
+                session_id, "cancelled" if finish_reason == "cancelled" else "finished", finish_reason
+            )
+            yield Finished(session_id, finish_reason, len(prompt_ids), stats, transport_ms, controller_ms)
+        except EesdError:
+            await self.store.finish(session_id, "finished", "error")
+            raise
+        finally:
+            self._cancelled.discard(session_id)
+            self.router.release(pair.drafter or "", pair.verifier)
+            for role, address in (("drafter", pair.drafter), ("verifier", pair.verifier)):
+                if address:
+                    asyncio.ensure_future(self.nodes.close_session(role, address, session_id))
+
+    async def _run_round(
+        self,
+        session_id: str,
+        round_index: int,
+        committed: list[int],
+        params: GenerationParams,
+        seed: int,
+        policy,
+        pair: _Pair,
+        room: int,
+    ) -> RoundOutcome:
+        """Runs round `round_index` until it has a verdict, repairing caches and replacing nodes as needed."""
+        deadline = time.monotonic() + self.unavailable_wait_s
+        while True:
+            try:
+                if pair.drafter is not None and room > 0:
+                    await self._catch_up(session_id, round_index, committed, pair)
+                    base = min(pair.drafter_length, pair.verifier_length)
+                    outcome = await self.nodes.draft(
+                        pair.drafter,
+                        DraftRequest(
+                            session_id,
+                            round_index,
+                            base,
+                            committed[base:],
+                            room,
+                            seed,
+                            params.sampling,
+                            params.policy,
+                            policy.state(),
+                        ),
+                        pair.verifier,
+                    )
+                else:
+                    outcome = await self.nodes.verify(
+                        pair.verifier,
+                        VerifyRequest(
+                            session_id,
+                            round_index,
+                            pair.verifier_length,
+                            committed[pair.verifier_length :],
+                            DraftBlock([], []),
+                            seed,
+                            params.sampling,
+                        ),
+                    )
+            except Unavailable as error:
+                if time.monotonic() > deadline:
+                    raise
+                await self._replace(session_id, pair, error)
+                continue
+            if isinstance(outcome, Mismatch):
+                log.info(
+                    "session %s round %d: %s cache holds %d tokens; resending from there",
+                    session_id,
+                    round_index,
+                    outcome.role,
+                    outcome.cache_length,
+                )
+                setattr(pair, f"{outcome.role}_length", outcome.cache_length)
+                continue
+            return outcome
+
+    async def _catch_up(self, session_id: str, round_index: int, committed: list[int], pair: _Pair) -> None:
+        """Prefills whichever node lags by more than a token, so the shared base does not drag the other
+        node back (a fresh drafter must not make the verifier recompute the whole context)."""
+        target = len(committed) - 1
+        for role, address in (("drafter", pair.drafter), ("verifier", pair.verifier)):
+            # A mismatch answer reports a shorter cache, so this loop ends at the latest at length 0.
+            while target - (length := getattr(pair, f"{role}_length")) > 1:
+                reply = await self.nodes.prefill(
+                    role, address, session_id, round_index, length, committed[length:target]
+                )
+                setattr(pair, f"{role}_length", reply.cache_length if isinstance(reply, Mismatch) else reply)
+
+    async def _replace(self, session_id: str, pair: _Pair, error: Unavailable) -> None:
+        """Routes around an unavailable node; with no drafter left the session decodes verifier-only."""
+        failed = pair.verifier if error.peer == "verifier" else pair.drafter
+        log.warning("session %s: %s unavailable (%s)", session_id, error.peer or "node", error)
+        self.router.mark_down(failed)
+        self.router.release(failed)
+        if error.peer == "verifier":
+            replacement = self.router.pick_verifier(exclude=failed)
+            pair.verifier, pair.verifier_length = replacement or failed, 0
+            if replacement is None:
+                await asyncio.sleep(0.2)  # the only verifier may be restarting: retry it after a pause
+        else:
+            pair.drafter, pair.drafter_length = self.router.pick_drafter(exclude=failed), 0
+        self.router.acquire(pair.drafter or "", pair.verifier)
+        await self.store.set_route(session_id, pair.drafter or "", pair.verifier)

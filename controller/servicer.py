@@ -1,0 +1,142 @@
+"""ControllerService: converts messages and calls the round loop; nothing else."""
+
+from collections import OrderedDict
+
+from grpc import aio
+
+from controller.round_loop import Finished, RoundEvent, RoundLoop
+from controller.state_store import StateStore
+from controller.text import TextCodec, TextStream
+from eesd.errors import InvalidArgument, Unauthenticated
+from eesd.generation import GenerationStats
+from eesd.params import GenerationParams
+from eesd_proto.eesd.v1 import controller_pb2, controller_pb2_grpc
+from serving import convert
+
+FINISH_REASONS = {
+    "length": controller_pb2.FINISH_REASON_LENGTH,
+    "eos": controller_pb2.FINISH_REASON_EOS,
+    "cancelled": controller_pb2.FINISH_REASON_CANCELLED,
+}
+SESSION_STATES = {
+    "active": controller_pb2.SESSION_STATE_ACTIVE,
+    "finished": controller_pb2.SESSION_STATE_FINISHED,
+    "cancelled": controller_pb2.SESSION_STATE_CANCELLED,
+}
+RECENT_STATS = 4096  # speculation stats of recent sessions kept for GetSession
+
+
+def speculation_to_proto(stats: GenerationStats, policy: str) -> controller_pb2.SpeculationStats:
+    return controller_pb2.SpeculationStats(
+        rounds=stats.rounds,
+        drafted=stats.drafted,
+        accepted=stats.accepted,
+        mean_accepted_tokens=stats.mean_accepted_tokens,
+        k_histogram=dict(stats.k_histogram),
+        policy=policy,
+    )
+
+
+class ControllerServicer(controller_pb2_grpc.ControllerServiceServicer):
+    def __init__(
+        self,
+        loop: RoundLoop,
+        store: StateStore,
+        codec: TextCodec | None,
+        default_policy: str,
+        default_k_max: int,
+        max_new_tokens_limit: int,
+        auth_token: str = "",
+    ):
+        self.loop, self.store, self.codec = loop, store, codec
+        self.default_policy, self.default_k_max = default_policy, default_k_max
+        self.max_new_tokens_limit, self.auth_token = max_new_tokens_limit, auth_token
+        self._recent: OrderedDict[str, controller_pb2.SpeculationStats] = OrderedDict()
+
+    def _authorize(self, context: aio.ServicerContext) -> None:
+        if not self.auth_token:
+            return
+        sent = dict(context.invocation_metadata() or ()).get("authorization", "")
+        if sent != f"Bearer {self.auth_token}":
+            raise Unauthenticated("missing or wrong bearer token in the authorization metadata")
+
+    def _prompt(self, request: controller_pb2.GenerateRequest) -> list[int]:
+        if request.WhichOneof("prompt") == "prompt_text":
+            if self.codec is None:
+                raise InvalidArgument("prompt_text", "the controller has no tokenizer (--model-dir); send prompt_ids")
+            return self.codec.encode(request.prompt_text)
+        return list(request.prompt_ids.ids)
+
+    async def Generate(self, request: controller_pb2.GenerateRequest, context: aio.ServicerContext):
+        self._authorize(context)
+        if request.max_new_tokens > self.max_new_tokens_limit:
+            raise InvalidArgument("max_new_tokens", f"must be <= {self.max_new_tokens_limit}")
+        policy = convert.policy_from_proto(request.policy, self.default_policy, self.default_k_max)
+        params = GenerationParams(
+            request.max_new_tokens,
+            convert.sampling_from_proto(request.sampling),
+            policy,
+            stop_on_eos=not request.ignore_eos,
+        )
+        text = TextStream(self.codec)
+        async for event in self.loop.generate(self._prompt(request), params, request.session_id):
+            if isinstance(event, RoundEvent):
+                yield controller_pb2.GenerateResponse(
+                    session_id=event.session_id,
+                    chunk=controller_pb2.GenerationChunk(
+                        round=event.round_index,
+                        token_ids=event.tokens,
+                        text=text.push(event.tokens),
+                        stats=convert.round_stats_to_proto(event.stats, event.transport_ms, event.controller_ms),
+                    ),
+                )
+            else:
+                yield controller_pb2.GenerateResponse(
+                    session_id=event.session_id, summary=self._summary(event, policy.name)
+                )
+
+    def _summary(self, event: Finished, policy: str) -> controller_pb2.GenerationSummary:
+        s = event.stats
+        speculation = speculation_to_proto(s, policy)
+        self._recent[event.session_id] = speculation
+        while len(self._recent) > RECENT_STATS:
+            self._recent.popitem(last=False)
+        return controller_pb2.GenerationSummary(
+            finish_reason=FINISH_REASONS[event.finish_reason],
+            usage=controller_pb2.Usage(prompt_tokens=event.prompt_tokens, completion_tokens=s.generated),
+            speculation=speculation,
+            time_split=controller_pb2.TimeSplit(
+                draft_ms=s.draft_s * 1e3,
+                verify_ms=s.verify_s * 1e3,
+                transport_ms=event.transport_ms,
+                controller_ms=event.controller_ms,
+                total_ms=s.elapsed_s * 1e3,
+            ),
+        )
+
+    async def Cancel(self, request: controller_pb2.CancelRequest, context: aio.ServicerContext):
+        self._authorize(context)
+        if not request.session_id:
+            raise InvalidArgument("session_id", "must be non-empty")
+        await self.store.cancel(request.session_id)
+        self.loop.cancel_local(request.session_id)
+        record = await self.store.get_session(request.session_id)
+        return controller_pb2.CancelResponse(session_id=request.session_id, state=SESSION_STATES[record.status])
+
+    async def GetSession(self, request: controller_pb2.GetSessionRequest, context: aio.ServicerContext):
+        self._authorize(context)
+        if not request.session_id:
+            raise InvalidArgument("session_id", "must be non-empty")
+        record = await self.store.get_session(request.session_id)
+        return controller_pb2.GetSessionResponse(
+            session=controller_pb2.Session(
+                session_id=record.session_id,
+                state=SESSION_STATES[record.status],
+                finish_reason=FINISH_REASONS.get(record.finish_reason, controller_pb2.FINISH_REASON_UNSPECIFIED),
+                usage=controller_pb2.Usage(prompt_tokens=record.prompt_length, completion_tokens=len(record.generated)),
+                speculation=self._recent.get(record.session_id),
+                drafter_id=record.drafter,
+                verifier_id=record.verifier,
+                committed_token_ids=record.committed if request.include_token_ids else [],
+            )
+        )
