@@ -139,6 +139,93 @@ def add_distill_parser(sub) -> None:
     dist.set_defaults(func=cmd_distill)
 
 
+def load_prompt_file(path: str, model_dir: str, limit: int) -> list[list[int]]:
+    """Prompts as token ids from a .jsonl ({"prompt": text} or {"prompt_ids": [...]}) or a .json list of
+    strings / id lists; text needs the checkpoint's tokenizer."""
+    source = Path(path)
+    if not source.is_file():
+        raise InvalidArgument("prompts", f"no such file: {path!r}")
+    if source.suffix == ".jsonl":
+        rows = [json.loads(line) for line in source.read_text().splitlines() if line.strip()]
+    else:
+        rows = json.loads(source.read_text())
+        rows = rows.get("prompts", rows) if isinstance(rows, dict) else rows
+    tokenizer = None
+    prompts = []
+    for row in rows[:limit]:
+        if isinstance(row, dict):
+            row = row.get("prompt_ids", row.get("prompt", row.get("text")))
+        if isinstance(row, str):
+            tokenizer = tokenizer or load_tokenizer(model_dir)
+            if tokenizer is None:
+                raise InvalidArgument("prompts", f"{model_dir} has no tokenizer for text prompts")
+            row = tokenizer(row)["input_ids"]
+        prompts.append([int(t) for t in row])
+    if not prompts:
+        raise InvalidArgument("prompts", f"no prompts in {path!r}")
+    return prompts
+
+
+def cmd_bench(args: argparse.Namespace) -> int:
+    import random
+
+    from bench.report import markdown
+    from bench.suite import BenchConfig, run_suite
+    from eesd.checkpoint import load_config
+
+    if args.prompts:
+        prompts = load_prompt_file(args.prompts, args.model, args.num_prompts)
+    else:  # id-only checkpoints: random prompts
+        rng, vocab = random.Random(args.seed), load_config(args.model).vocab_size
+        prompts = [[rng.randrange(3, vocab) for _ in range(16)] for _ in range(args.num_prompts)]
+    cfg = BenchConfig(
+        model_dir=args.model,
+        exit_layer=args.exit_layer,
+        exit_head=args.exit_head,
+        prompts=prompts,
+        name=args.name,
+        out_dir=args.out,
+        max_new_tokens=args.max_new_tokens,
+        repetitions=args.repetitions,
+        temperatures=[float(t) for t in args.temperatures.split(",")],
+        dtype=args.dtype,
+        k_max=args.k_max,
+        fixed_ks=[int(k) for k in args.fixed_ks.split(",") if k.strip()],
+        policies=[p for p in args.policies.split(",") if p.strip()],
+        include_hf=not args.no_hf,
+        seed=args.seed,
+        threads=args.threads,
+        plots=not args.no_plots,
+    )
+    result = run_suite(cfg, progress=not args.quiet)
+    print(markdown(result))
+    return 0
+
+
+def add_bench_parser(sub) -> None:
+    bench = sub.add_parser("bench", help="benchmark EESD against HF generate / assisted generation / ours")
+    bench.add_argument("--model", required=True)
+    bench.add_argument("--exit-layer", type=int, required=True)
+    bench.add_argument("--exit-head", help="trained exit-head directory (default: untrained)")
+    bench.add_argument("--prompts", help=".jsonl or .json prompts (default: random ids)")
+    bench.add_argument("--num-prompts", type=int, default=8)
+    bench.add_argument("--max-new-tokens", type=int, default=96)
+    bench.add_argument("--repetitions", type=int, default=3)
+    bench.add_argument("--temperatures", default="0,0.7", help="comma-separated; 0 is greedy")
+    bench.add_argument("--dtype", default="bfloat16")
+    bench.add_argument("--k-max", type=int, default=8)
+    bench.add_argument("--fixed-ks", default="1,2,3,4,5,6,7,8")
+    bench.add_argument("--policies", default="heuristic,threshold,beta-ts,calibration-ts")
+    bench.add_argument("--no-hf", action="store_true", help="skip HF generate and HF assisted generation")
+    bench.add_argument("--seed", type=int, default=0)
+    bench.add_argument("--threads", type=int, default=2)
+    bench.add_argument("--name", default="bench", help="results are written to <out>/<name>.json and PNGs")
+    bench.add_argument("--out", default="bench/results")
+    bench.add_argument("--no-plots", action="store_true")
+    bench.add_argument("--quiet", action="store_true")
+    bench.set_defaults(func=cmd_bench)
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="eesd", description="Early-Exiting Speculative Decoding")
     sub = parser.add_subparsers(dest="command", required=True)
@@ -160,6 +247,7 @@ def build_parser() -> argparse.ArgumentParser:
     gen.add_argument("--json", action="store_true", help="print one JSON object instead of streaming text")
     gen.set_defaults(func=cmd_generate)
     add_distill_parser(sub)
+    add_bench_parser(sub)
     return parser
 
 
