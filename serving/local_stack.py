@@ -1,0 +1,261 @@
+"""A whole EESD stack on one machine, as separate processes on loopback: redis-server (optional), the
+controller, drafters and verifiers. `make run` serves one until Ctrl-C; tests and the demo drive it.
+
+    python -m serving.local_stack --model-dir DIR --exit-layer N [--drafters 1] [--verifiers 1] [--redis]
+"""
+
+import argparse
+import os
+import shutil
+import signal
+import socket
+import subprocess
+import sys
+import tempfile
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+import grpc
+from grpc_health.v1 import health_pb2, health_pb2_grpc
+
+ROOT = Path(__file__).resolve().parent.parent
+
+
+def free_port() -> int:
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return sock.getsockname()[1]
+
+
+def wait_serving(address: str, process: subprocess.Popen, timeout_s: float, log: Path) -> None:
+    """Blocks until the standard health check answers SERVING; fails fast if the process died."""
+    deadline = time.monotonic() + timeout_s
+    with grpc.insecure_channel(address) as channel:
+        stub = health_pb2_grpc.HealthStub(channel)
+        while time.monotonic() < deadline:
+            if process.poll() is not None:
+                raise RuntimeError(f"{address} exited with {process.returncode}:\n{log.read_text()[-3000:]}")
+            try:
+                if (
+                    stub.Check(health_pb2.HealthCheckRequest(), timeout=1.0).status
+                    == health_pb2.HealthCheckResponse.SERVING
+                ):
+                    return
+            except grpc.RpcError:
+                pass
+            time.sleep(0.1)
+    raise TimeoutError(f"{address} not SERVING after {timeout_s} s:\n{log.read_text()[-3000:]}")
+
+
+@dataclass
+class Node:
+    role: str  # "controller", "drafter", "verifier" or "redis"
+    port: int
+    args: list[str]
+    log: Path
+    process: subprocess.Popen | None = None
+
+    @property
+    def address(self) -> str:
+        return f"127.0.0.1:{self.port}"
+
+
+class LocalStack:
+    def __init__(
+        self,
+        model_dir: str | Path,
+        exit_layer: int,
+        exit_head: str = "",
+        dtype: str = "float32",
+        drafters: int = 1,
+        verifiers: int = 1,
+        redis: bool = False,
+        log_dir: str | Path | None = None,
+        threads: int = 1,
+        controller_args: tuple[str, ...] = (),
+    ):
+        self.log_dir = Path(log_dir or tempfile.mkdtemp(prefix="eesd-stack-"))
+        self.log_dir.mkdir(parents=True, exist_ok=True)
+        self.threads = threads
+        model = ["--model-dir", str(model_dir), "--dtype", dtype]
+        self.nodes: list[Node] = []
+        if redis:
+            port = free_port()
+            self.nodes.append(
+                Node(
+                    "redis",
+                    port,
+                    [
+                        shutil.which("redis-server") or "redis-server",
+                        "--port",
+                        str(port),
+                        "--bind",
+                        "127.0.0.1",
+                        "--save",
+                        "",
+                        "--appendonly",
+                        "no",
+                    ],
+                    self.log_dir / "redis.log",
+                )
+            )
+        for i in range(verifiers):
+            port = free_port()
+            self.nodes.append(
+                Node(
+                    "verifier",
+                    port,
+                    [sys.executable, "-m", "verifier_service", "--host", "127.0.0.1", "--port", str(port), *model],
+                    self.log_dir / f"verifier{i}.log",
+                )
+            )
+        for i in range(drafters):
+            port = free_port()
+            self.nodes.append(
+                Node(
+                    "drafter",
+                    port,
+                    [
+                        sys.executable,
+                        "-m",
+                        "drafter_service",
+                        "--host",
+                        "127.0.0.1",
+                        "--port",
+                        str(port),
+                        *model,
+                        "--exit-layer",
+                        str(exit_layer),
+                        "--exit-head",
+                        exit_head,
+                    ],
+                    self.log_dir / f"drafter{i}.log",
+                )
+            )
+        port = free_port()
+        redis_url = f"redis://127.0.0.1:{self.by_role('redis')[0].port}/0" if redis else "memory://"
+        self.nodes.append(
+            Node(
+                "controller",
+                port,
+                [
+                    sys.executable,
+                    "-m",
+                    "controller",
+                    "--host",
+                    "127.0.0.1",
+                    "--port",
+                    str(port),
+                    "--redis-url",
+                    redis_url,
+                    "--drafters",
+                    ",".join(n.address for n in self.by_role("drafter")),
+                    "--verifiers",
+                    ",".join(n.address for n in self.by_role("verifier")),
+                    "--model-dir",
+                    str(model_dir),
+                    "--node-down-s",
+                    "1",
+                    *controller_args,
+                ],
+                self.log_dir / "controller.log",
+            )
+        )
+
+    def by_role(self, role: str) -> list[Node]:
+        return [n for n in self.nodes if n.role == role]
+
+    @property
+    def controller_address(self) -> str:
+        return self.by_role("controller")[0].address
+
+    def _spawn(self, node: Node) -> None:
+        env = {**os.environ, "PYTHONPATH": str(ROOT), "OMP_NUM_THREADS": str(self.threads), "PYTHONUNBUFFERED": "1"}
+        node.process = subprocess.Popen(
+            node.args, stdout=node.log.open("ab"), stderr=subprocess.STDOUT, env=env, cwd=ROOT, start_new_session=True
+        )
+
+    def _wait(self, node: Node, timeout_s: float) -> None:
+        if node.role == "redis":
+            deadline = time.monotonic() + timeout_s
+            while time.monotonic() < deadline:
+                with socket.socket() as sock:
+                    if sock.connect_ex(("127.0.0.1", node.port)) == 0:
+                        return
+                time.sleep(0.05)
+            raise TimeoutError(f"redis-server did not listen on {node.port}")
+        wait_serving(node.address, node.process, timeout_s, node.log)
+
+    def start(self, timeout_s: float = 180.0) -> "LocalStack":
+        """Starts every process (model nodes in parallel), then waits for all to be SERVING."""
+        for node in self.nodes:
+            self._spawn(node)
+        for node in self.nodes:
+            self._wait(node, timeout_s)
+        return self
+
+    def stop_node(self, node: Node, sig: int = signal.SIGTERM) -> None:
+        if node.process is not None and node.process.poll() is None:
+            node.process.send_signal(sig)
+            try:
+                node.process.wait(timeout=30)
+            except subprocess.TimeoutExpired:
+                node.process.kill()
+                node.process.wait()
+
+    def restart_node(self, node: Node, timeout_s: float = 180.0) -> None:
+        """Kills a node (its KV caches die with it) and starts it again on the same port."""
+        self.stop_node(node, signal.SIGKILL)
+        self._spawn(node)
+        self._wait(node, timeout_s)
+
+    def stop(self) -> None:
+        for node in reversed(self.nodes):
+            self.stop_node(node)
+
+    def __enter__(self) -> "LocalStack":
+        return self.start()
+
+    def __exit__(self, *exc) -> None:
+        self.stop()
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--model-dir", required=True)
+    parser.add_argument("--exit-layer", type=int, required=True)
+    parser.add_argument("--exit-head", default="")
+    parser.add_argument("--dtype", default="float32")
+    parser.add_argument("--drafters", type=int, default=1)
+    parser.add_argument("--verifiers", type=int, default=1)
+    parser.add_argument("--redis", action="store_true", help="run redis-server as the state store")
+    parser.add_argument("--log-dir", default=".cache/stack-logs")
+    args = parser.parse_args()
+    stack = LocalStack(
+        args.model_dir,
+        args.exit_layer,
+        args.exit_head,
+        args.dtype,
+        args.drafters,
+        args.verifiers,
+        args.redis,
+        args.log_dir,
+    )
+    stack.start()
+    for node in stack.nodes:
+        print(f"{node.role:10s} {node.address}  (log {node.log})", flush=True)
+    print(f"controller ready at {stack.controller_address}; Ctrl-C stops the stack", flush=True)
+    stopping = []
+    signal.signal(signal.SIGTERM, lambda *_: stopping.append(1))
+    try:
+        while not stopping and all(n.process.poll() is None for n in stack.nodes):
+            time.sleep(0.5)
+    except KeyboardInterrupt:
+        pass
+    finally:
+        stack.stop()
+
+
+if __name__ == "__main__":
+    main()
