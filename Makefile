@@ -3,11 +3,12 @@ PYTHON ?= python3
 VENV   ?= .venv
 BIN    := $(VENV)/bin
 STAMP  := $(VENV)/.installed
+CLIENT_STAMP := $(VENV)/.client-installed
 PYTEST_ARGS ?=
 
-.PHONY: setup test test-slow lint demo clean deploy-tools manifests
+.PHONY: setup test test-slow lint demo run clean deploy-tools manifests
 
-setup: $(STAMP) proto
+setup: $(STAMP) proto $(CLIENT_STAMP)
 
 # torch first and pinned: the CPU wheel lies on the machine; a dependency asking for torch later must
 # find it installed, or pip pulls a multi-GB CUDA build.
@@ -16,6 +17,11 @@ $(STAMP): pyproject.toml
 	$(BIN)/pip install -q --upgrade pip
 	$(BIN)/pip install -q torch==2.13.0
 	$(BIN)/pip install -q -e '.[dev]'
+	touch $@
+
+# The client SDK installs from client/ (its own package, no torch) once its stubs are generated.
+$(CLIENT_STAMP): $(STAMP) eesd_proto/.generated client/pyproject.toml
+	$(BIN)/pip install -q -e ./client
 	touch $@
 
 # Fast suite (well under 15 minutes on 2 cores). pytest exit 5 means nothing was collected: fail loudly.
@@ -32,8 +38,13 @@ lint: setup
 	$(BIN)/ruff check .
 	$(BIN)/ruff format --check eesd tests
 
-demo: setup
-	$(BIN)/python -m eesd.demo
+# The main job: prompts streamed through the distributed stack (started here unless `make run` is up).
+demo: setup redis
+	$(BIN)/python -m serving.demo $(DEMO_ARGS)
+
+# The stack in the foreground: redis-server, controller on :50051, one drafter, one verifier.
+run: setup redis
+	$(BIN)/python -m serving.local_stack --redis $(RUN_ARGS)
 
 clean:
 	rm -rf $(VENV) .pytest_cache .ruff_cache

@@ -1,7 +1,7 @@
 """A whole EESD stack on one machine, as separate processes on loopback: redis-server (optional), the
 controller, drafters and verifiers. `make run` serves one until Ctrl-C; tests and the demo drive it.
 
-    python -m serving.local_stack --model-dir DIR --exit-layer N [--drafters 1] [--verifiers 1] [--redis]
+    python -m serving.local_stack [--model-dir DIR --exit-layer N] [--drafters 1] [--verifiers 1] [--redis]
 """
 
 import argparse
@@ -18,6 +18,8 @@ from pathlib import Path
 
 import grpc
 from grpc_health.v1 import health_pb2, health_pb2_grpc
+
+from serving.models import default_model
 
 ROOT = Path(__file__).resolve().parent.parent
 
@@ -74,6 +76,7 @@ class LocalStack:
         log_dir: str | Path | None = None,
         threads: int = 1,
         controller_args: tuple[str, ...] = (),
+        controller_port: int = 0,
     ):
         self.log_dir = Path(log_dir or tempfile.mkdtemp(prefix="eesd-stack-"))
         self.log_dir.mkdir(parents=True, exist_ok=True)
@@ -133,7 +136,7 @@ class LocalStack:
                     self.log_dir / f"drafter{i}.log",
                 )
             )
-        port = free_port()
+        port = controller_port or free_port()
         redis_url = f"redis://127.0.0.1:{self.by_role('redis')[0].port}/0" if redis else "memory://"
         self.nodes.append(
             Node(
@@ -223,15 +226,27 @@ class LocalStack:
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--model-dir", required=True)
-    parser.add_argument("--exit-layer", type=int, required=True)
+    parser.add_argument("--model-dir", help="default: the reference model once built (make model), else a tiny one")
+    parser.add_argument("--exit-layer", type=int)
     parser.add_argument("--exit-head", default="")
     parser.add_argument("--dtype", default="float32")
     parser.add_argument("--drafters", type=int, default=1)
     parser.add_argument("--verifiers", type=int, default=1)
     parser.add_argument("--redis", action="store_true", help="run redis-server as the state store")
+    parser.add_argument("--controller-port", type=int, default=50051)
+    parser.add_argument("--threads", type=int, default=1, help="torch threads per model process")
     parser.add_argument("--log-dir", default=".cache/stack-logs")
     args = parser.parse_args()
+    if args.model_dir is None:
+        model = default_model()
+        args.model_dir, args.exit_layer, args.exit_head, args.dtype = (
+            model.model_dir,
+            model.exit_layer,
+            model.exit_head,
+            model.dtype,
+        )
+    elif args.exit_layer is None:
+        parser.error("--exit-layer is required with --model-dir")
     stack = LocalStack(
         args.model_dir,
         args.exit_layer,
@@ -241,6 +256,8 @@ def main() -> None:
         args.verifiers,
         args.redis,
         args.log_dir,
+        args.threads,
+        controller_port=args.controller_port,
     )
     stack.start()
     for node in stack.nodes:
