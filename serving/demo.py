@@ -80,7 +80,7 @@ def main() -> None:
             model.dtype,
             redis=True,
             log_dir=".cache/stack-logs",
-            threads=2,
+            threads=1,
         ).start()
         args.controller = stack.controller_address
     try:
