@@ -259,5 +259,6 @@ class RoundLoop:
                 await asyncio.sleep(0.2)  # the only verifier may be restarting: retry it after a pause
         else:
             pair.drafter, pair.drafter_length = self.router.pick_drafter(exclude=failed), 0
-        self.router.acquire(pair.drafter or "", pair.verifier)
+        # Only the replacement takes the released load; the node that did not fail already holds it.
+        self.router.acquire(pair.verifier if error.peer == "verifier" else pair.drafter or "")
         await self.store.set_route(session_id, pair.drafter or "", pair.verifier)

@@ -1,0 +1,49 @@
+"""Many concurrent sessions through one stack (asyncio client): each equals its own oracle, and the
+sessions spread over both drafters and both verifiers (GetSession names each session's nodes)."""
+
+import asyncio
+
+from eesd_client import AsyncEesdClient, SessionState
+
+from tests.e2e.helpers import POLICIES, oracle
+
+SESSIONS = 20
+MAX_NEW = 24
+
+
+def prompt_of(i: int) -> list[int]:
+    return [(31 * i + 7 * j + 5) % 380 + 3 for j in range(1 + i % 9)]
+
+
+async def run_all(address: str) -> list:
+    async with AsyncEesdClient(address, timeout=180) as client:
+        results = await asyncio.gather(
+            *(
+                client.generate_text(
+                    prompt_of(i),
+                    max_new_tokens=MAX_NEW,
+                    policy=POLICIES[i % len(POLICIES)],
+                    k_max=4,
+                    stop_on_eos=False,
+                )
+                for i in range(SESSIONS)
+            )
+        )
+        infos = await asyncio.gather(*(client.get_session(r.session_id, include_token_ids=True) for r in results))
+    return list(zip(results, infos, strict=True))
+
+
+def test_concurrent_sessions_are_all_correct_and_spread_over_nodes(main_stack, main_model):
+    expected = [oracle(main_model, prompt_of(i), MAX_NEW) for i in range(SESSIONS)]
+    outcomes = asyncio.run(run_all(main_stack.controller_address))
+    assert len({result.session_id for result, _ in outcomes}) == SESSIONS
+    for i, (result, info) in enumerate(outcomes):
+        assert result.token_ids == expected[i], (i, POLICIES[i % len(POLICIES)])
+        assert info.state == SessionState.FINISHED
+        # The committed tokens in the state store (Redis) are exactly the prompt plus what was streamed.
+        assert info.committed_token_ids == tuple(prompt_of(i)) + expected[i]
+        assert info.usage.completion_tokens == MAX_NEW
+    drafters = {info.drafter_id for result, info in outcomes if result.stats.speculation.policy != "off"}
+    verifiers = {info.verifier_id for _, info in outcomes}
+    assert drafters == {n.address for n in main_stack.by_role("drafter")}
+    assert verifiers == {n.address for n in main_stack.by_role("verifier")}
