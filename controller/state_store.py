@@ -49,7 +49,7 @@ from redis.backoff import ExponentialBackoff
 from redis.exceptions import ConnectionError as RedisConnectionError
 from redis.exceptions import TimeoutError as RedisTimeoutError
 
-from eesd.errors import FailedPrecondition, InvalidArgument, NotFound, Unavailable
+from eesd.errors import AlreadyExists, FailedPrecondition, InvalidArgument, NotFound, Unavailable
 
 ACTIVE, FINISHED, CANCELLED = "active", "finished", "cancelled"
 STATUSES = (ACTIVE, FINISHED, CANCELLED)
@@ -225,7 +225,7 @@ class MemoryStateStore:
             except NotFound:
                 pass
             else:
-                raise InvalidArgument("session_id", f"session {rec.session_id!r} already exists")
+                raise AlreadyExists("session_id", f"session {rec.session_id!r} already exists")
             rec.created_at = rec.created_at or self._wall()
             self._touch(rec)
 
@@ -533,7 +533,7 @@ class RedisStateStore:
         for name, value in fields.items():
             args += [name, value]
         if not await self._call(self._create, self._keys(rec.session_id), args):
-            raise InvalidArgument("session_id", f"session {rec.session_id!r} already exists")
+            raise AlreadyExists("session_id", f"session {rec.session_id!r} already exists")
 
     async def get_session(self, session_id: str) -> SessionRecord:
         _check_session_id(session_id)

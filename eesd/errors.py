@@ -13,6 +13,11 @@ class InvalidArgument(EesdError, ValueError):
         self.field = field
 
 
+class AlreadyExists(InvalidArgument):
+    """A client-chosen name (a session id) is already in use. An InvalidArgument too, for callers that
+    catch that; the interceptor maps it to ALREADY_EXISTS as the protocol documents."""
+
+
 class NotFound(EesdError, LookupError):
     """A session, model directory or file that the request names does not exist."""
 

@@ -6,6 +6,7 @@ import grpc
 from grpc import aio
 
 from eesd.errors import (
+    AlreadyExists,
     EesdError,
     FailedPrecondition,
     InvalidArgument,
@@ -17,7 +18,8 @@ from eesd.errors import (
 
 log = logging.getLogger(__name__)
 
-STATUS_OF = (  # most specific first: RollbackError is a FailedPrecondition, InvalidArgument a ValueError
+STATUS_OF = (  # most specific first: RollbackError is a FailedPrecondition, AlreadyExists an InvalidArgument
+    (AlreadyExists, grpc.StatusCode.ALREADY_EXISTS),
     (InvalidArgument, grpc.StatusCode.INVALID_ARGUMENT),
     (NotFound, grpc.StatusCode.NOT_FOUND),
     (FailedPrecondition, grpc.StatusCode.FAILED_PRECONDITION),
@@ -95,9 +97,9 @@ def error_of(code: grpc.StatusCode | int, message: str) -> EesdError:
     """The domain error a peer's status stands for, so a relayed failure keeps its code."""
     if isinstance(code, int):
         code = next((c for c in grpc.StatusCode if c.value[0] == code), grpc.StatusCode.UNKNOWN)
-    if code == grpc.StatusCode.INVALID_ARGUMENT:
+    if code in (grpc.StatusCode.INVALID_ARGUMENT, grpc.StatusCode.ALREADY_EXISTS):
         field, _, detail = message.partition(": ")
-        return InvalidArgument(field, detail)
+        return (AlreadyExists if code == grpc.StatusCode.ALREADY_EXISTS else InvalidArgument)(field, detail)
     if code == grpc.StatusCode.DEADLINE_EXCEEDED:
         return Unavailable(message)
     return next((cls(message) for cls, c in STATUS_OF if c == code), EesdError(message))
