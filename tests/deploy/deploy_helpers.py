@@ -5,8 +5,13 @@ conftest imported by name elsewhere would shadow it."""
 
 from __future__ import annotations
 
+import dataclasses
 import importlib.util
 from pathlib import Path
+
+from controller.config import ControllerConfig
+from drafter_service.config import DrafterConfig
+from verifier_service.config import VerifierConfig
 
 ROOT = Path(__file__).resolve().parents[2]
 EXAMPLES = ("cpu", "gpu", "external-redis", "autoscaling")
@@ -40,11 +45,7 @@ class Release:
         return matches[0]
 
     def component(self, kind: str, component: str) -> dict:
-        matches = [
-            o
-            for o in self.of_kind(kind)
-            if o["metadata"]["labels"]["app.kubernetes.io/component"] == component
-        ]
+        matches = [o for o in self.of_kind(kind) if o["metadata"]["labels"]["app.kubernetes.io/component"] == component]
         assert len(matches) == 1, f"{kind} of {component}: {len(matches)} found"
         return matches[0]
 
@@ -75,3 +76,12 @@ def release_for(example: str | None) -> Release:
     if key not in _cache:
         _cache[key] = Release(render.example_values(example) if example else {})
     return _cache[key]
+
+
+# The services' config fields: the contract between the chart's `<role>.config` and the services.
+CONFIGS = {"controller": ControllerConfig, "drafter": DrafterConfig, "verifier": VerifierConfig}
+# Set by the templates rather than by values: the Secret's token and the pod's own name.
+FROM_TEMPLATES = {"controller": {"auth_token"}, "drafter": {"node_id"}, "verifier": {"node_id"}}
+SERVICE_FIELDS = {
+    role: {f.name for f in dataclasses.fields(cls)} - FROM_TEMPLATES[role] for role, cls in CONFIGS.items()
+}

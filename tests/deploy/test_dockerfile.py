@@ -79,9 +79,7 @@ def test_role_image_matches_the_chart(role):
 
 def test_controller_image_has_no_torch_and_model_images_no_redis():
     all_stages = stages()
-    controller_runs = " ".join(
-        r for s in ancestry("controller", all_stages) for r in instruction(all_stages[s], "RUN")
-    )
+    controller_runs = " ".join(r for s in ancestry("controller", all_stages) for r in instruction(all_stages[s], "RUN"))
     assert "torch" not in controller_runs
     assert "kubernetes" in controller_runs and "redis" in controller_runs
     for role in ("drafter", "verifier"):

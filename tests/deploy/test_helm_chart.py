@@ -9,26 +9,13 @@ import helm_python
 import kubernetes_validate
 import pytest
 import yaml
-from deploy_helpers import EXAMPLES, ROLES, ROOT, release_for, render
+from deploy_helpers import EXAMPLES, ROLES, ROOT, SERVICE_FIELDS, release_for, render
 
 from controller.discovery import GRPC_PORT_NAME
 
 CHART = ROOT / "deploy" / "helm" / "eesd"
 # Oldest Kubernetes the chart supports (Chart.yaml kubeVersion) and the newest with schemas here.
 KUBE_VERSIONS = ("1.30.0", kubernetes_validate.utils.latest_version())
-
-# The services' config fields (the contract with drafter_service, verifier_service, controller).
-SERVICE_FIELDS = {
-    "controller": {
-        "host", "port", "metrics_port", "redis_url", "drafters", "verifiers", "discovery", "namespace",
-        "drafter_selector", "verifier_selector", "session_ttl_s", "default_policy", "k_max",
-    },
-    "drafter": {
-        "host", "port", "metrics_port", "model_dir", "exit_layer", "exit_head", "dtype", "device",
-        "max_sessions", "draft_top_k",
-    },
-    "verifier": {"host", "port", "metrics_port", "model_dir", "dtype", "device", "max_sessions"},
-}  # fmt: skip
 
 
 def _error_messages(report: dict) -> list[str]:
@@ -90,11 +77,7 @@ def test_role_blocks_have_one_shape():
     shapes = {role: sorted(values[role]) for role in ROLES}
     assert shapes["controller"] == shapes["drafter"] == shapes["verifier"]
     for key in ("image", "probes", "autoscaling", "podDisruptionBudget", "service", "rollingUpdate"):
-        assert (
-            sorted(values["controller"][key])
-            == sorted(values["drafter"][key])
-            == sorted(values["verifier"][key])
-        )
+        assert sorted(values["controller"][key]) == sorted(values["drafter"][key]) == sorted(values["verifier"][key])
 
 
 def test_configmaps_carry_exactly_the_service_fields(release):
@@ -107,9 +90,7 @@ def test_configmaps_carry_exactly_the_service_fields(release):
         assert fields >= SERVICE_FIELDS[role] - {"exit_head"}, role
         assert "EESD_AUTH_TOKEN" not in data  # from the Secret, never a ConfigMap
         env_from = release.pod_spec(role)["containers"][0]["envFrom"]
-        assert env_from == [
-            {"configMapRef": {"name": release.component("ConfigMap", role)["metadata"]["name"]}}
-        ]
+        assert env_from == [{"configMapRef": {"name": release.component("ConfigMap", role)["metadata"]["name"]}}]
 
 
 def test_gpu_limits_on_drafter_and_verifier_only():
@@ -162,13 +143,11 @@ def test_probes_drain_and_shm_on_every_container(release):
         assert {"name": "shm", "mountPath": "/dev/shm"} in container["volumeMounts"]
 
 
-def test_model_volume_read_only_for_drafter_and_verifier(release):
+def test_model_volume_read_only_for_every_role(release):
+    """Drafter and verifier load weights; the controller reads the tokenizer and EOS ids."""
     for role in ROLES:
         spec = release.pod_spec(role)
         mounts = {m["name"]: m for m in spec["containers"][0]["volumeMounts"]}
-        if role == "controller":
-            assert "model" not in mounts
-            continue
         assert mounts["model"] == {"name": "model", "mountPath": "/models", "readOnly": True}
         assert release.config(role)["EESD_MODEL_DIR"].startswith("/models/")
         assert any(v["name"] == "model" for v in spec["volumes"])
@@ -211,9 +190,7 @@ def test_discovery_selectors_match_exactly_the_role_services(release):
     for role in ("drafter", "verifier"):
         selector = _parse_selector(cfg[f"EESD_{role.upper()}_SELECTOR"])
         # EndpointSlices carry their Service's labels: the selector must pick this role's Service only.
-        services = [
-            s for s in release.of_kind("Service") if _selector_matches(selector, s["metadata"]["labels"])
-        ]
+        services = [s for s in release.of_kind("Service") if _selector_matches(selector, s["metadata"]["labels"])]
         assert [s["metadata"]["name"] for s in services] == [f"{render.RELEASE}-{role}"]
         (service,) = services
         assert service["spec"]["clusterIP"] == "None"  # headless: pods, not a virtual IP
@@ -317,10 +294,7 @@ def test_redis_built_in_with_pvc_or_external_url():
     external = release_for("external-redis")
     assert external.of_kind("StatefulSet") == []
     assert not any(p["metadata"]["name"].endswith("-redis") for p in external.of_kind("NetworkPolicy"))
-    assert (
-        external.config("controller")["EESD_REDIS_URL"]
-        == "redis://redis-master.data.svc.cluster.local:6379/0"
-    )
+    assert external.config("controller")["EESD_REDIS_URL"] == "redis://redis-master.data.svc.cluster.local:6379/0"
 
 
 def test_memory_state_needs_a_single_controller():
@@ -360,9 +334,7 @@ def test_service_monitor_scrapes_all_roles():
     assert monitor["apiVersion"] == "monitoring.coreos.com/v1"
     assert monitor["metadata"]["labels"]["release"] == "prometheus"
     scraped = [
-        s
-        for s in rel.of_kind("Service")
-        if _selector_matches(monitor["spec"]["selector"], s["metadata"]["labels"])
+        s for s in rel.of_kind("Service") if _selector_matches(monitor["spec"]["selector"], s["metadata"]["labels"])
     ]
     assert sorted(s["metadata"]["labels"]["app.kubernetes.io/component"] for s in scraped) == list(ROLES)
     for service in scraped:

@@ -42,7 +42,5 @@ def test_kubectl_manifests_pass_the_kubernetes_validate_cli_strict():
     """What a kubectl user applies, checked by the `kubernetes-validate --strict` command itself."""
     cli = Path(sys.executable).parent / "kubernetes-validate"
     files = [str(ROOT / "deploy" / "k8s" / f"{example}.yaml") for example in render.MANIFEST_EXAMPLES]
-    result = subprocess.run(
-        [str(cli), "--strict", "--quiet", "-k", "1.30.0", *files], capture_output=True, text=True
-    )
+    result = subprocess.run([str(cli), "--strict", "--quiet", "-k", "1.30.0", *files], capture_output=True, text=True)
     assert result.returncode == 0, result.stdout + result.stderr

@@ -204,6 +204,13 @@ spec:
             # Libraries that cache to $HOME write to the writable /tmp, not the read-only root.
             - name: HOME
               value: /tmp
+            {{- if ne $role "controller" }}
+            # Handshakes and metrics name the pod, not the 0.0.0.0 it listens on.
+            - name: EESD_NODE_ID
+              valueFrom:
+                fieldRef:
+                  fieldPath: metadata.name
+            {{- end }}
             {{- if and (eq $role "controller") $root.Values.auth.enabled }}
             - name: EESD_AUTH_TOKEN
               valueFrom:
