@@ -13,12 +13,13 @@ from controller.state_store import open_state_store
 from controller.text import model_facts
 from eesd_proto.eesd.v1 import controller_pb2, controller_pb2_grpc
 from serving.config import load_config
+from serving.metrics import TimedStateStore
 from serving.server import serve
 
 
 async def main() -> None:
     config = load_config(ControllerConfig)
-    store = open_state_store(config.redis_url, session_ttl_s=config.session_ttl_s)
+    store = TimedStateStore(open_state_store(config.redis_url, session_ttl_s=config.session_ttl_s))
     router = Router(
         make_discovery(config.discovery, config.drafters, config.namespace, config.drafter_selector),
         make_discovery(config.discovery, config.verifiers, config.namespace, config.verifier_selector),
@@ -44,7 +45,15 @@ async def main() -> None:
         controller_pb2_grpc.add_ControllerServiceServicer_to_server(servicer, server)
         return [controller_pb2.DESCRIPTOR.services_by_name["ControllerService"].full_name]
 
-    await serve("controller", f"{config.host}:{config.port}", register, warmup, config.grace_s, stop)
+    await serve(
+        "controller",
+        f"{config.host}:{config.port}",
+        register,
+        warmup,
+        config.grace_s,
+        stop,
+        metrics_port=config.metrics_port,
+    )
 
 
 if __name__ == "__main__":

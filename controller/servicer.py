@@ -12,6 +12,7 @@ from eesd.generation import GenerationStats
 from eesd.params import GenerationParams
 from eesd_proto.eesd.v1 import controller_pb2, controller_pb2_grpc
 from serving import convert
+from serving.metrics import controller_metrics
 
 FINISH_REASONS = {
     "length": controller_pb2.FINISH_REASON_LENGTH,
@@ -79,7 +80,8 @@ class ControllerServicer(controller_pb2_grpc.ControllerServiceServicer):
             stop_on_eos=not request.ignore_eos,
         )
         text = TextStream(self.codec)
-        async for event in self.loop.generate(self._prompt(request), params, request.session_id):
+        events = self.loop.generate(self._prompt(request), params, request.session_id)
+        async for event in controller_metrics().track(events):
             if isinstance(event, RoundEvent):
                 yield controller_pb2.GenerateResponse(
                     session_id=event.session_id,

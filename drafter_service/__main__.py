@@ -14,7 +14,7 @@ from serving.server import serve
 
 async def main() -> None:
     config = load_config(DrafterConfig)
-    node = ModelNode(config.node_id or f"{config.host}:{config.port}")
+    node = ModelNode(config.node_id or f"{config.host}:{config.port}", "drafter")
     servicer = DrafterServicer(node, config.verify_timeout_s)
 
     async def load() -> None:
@@ -34,7 +34,15 @@ async def main() -> None:
         drafter_pb2_grpc.add_DrafterServiceServicer_to_server(servicer, server)
         return [drafter_pb2.DESCRIPTOR.services_by_name["DrafterService"].full_name]
 
-    await serve("drafter", f"{config.host}:{config.port}", register, load, config.grace_s, servicer.close)
+    await serve(
+        "drafter",
+        f"{config.host}:{config.port}",
+        register,
+        load,
+        config.grace_s,
+        servicer.close,
+        metrics_port=config.metrics_port,
+    )
     node.shutdown()
 
 

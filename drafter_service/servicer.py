@@ -30,7 +30,7 @@ class DrafterServicer(SessionRpcs, drafter_pb2_grpc.DrafterServiceServicer):
         """Drafts under the policy, streams the block to the verifier, crops to its verdict."""
         common = dict(session_id=request.session_id, round=request.round, base_length=request.base_length)
         draft_request = convert.draft_request_from_proto(request)
-        start = time.perf_counter()
+        start, cached = time.perf_counter(), self.node.cache_length(request.session_id)
         try:
             block = await self.node.run(self.node.model.propose, draft_request)
         except CacheBehind as behind:
@@ -65,6 +65,7 @@ class DrafterServicer(SessionRpcs, drafter_pb2_grpc.DrafterServiceServicer):
         valid = request.base_length + len(request.pending_token_ids) + verdict.accepted
         cache = self.node.model.sessions.get(request.session_id)
         cache.crop(min(cache.length, valid))
+        self.node.metrics.rollback(cached - request.base_length + block.cache_length - cache.length)
         round_trip_ms = (time.perf_counter() - drafted) * 1e3
         stats = RoundStats(
             request.round,

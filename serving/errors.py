@@ -15,6 +15,7 @@ from eesd.errors import (
     Unauthenticated,
     Unavailable,
 )
+from serving.metrics import rpc_metrics
 
 log = logging.getLogger(__name__)
 
@@ -37,23 +38,25 @@ def status_of(error: EesdError) -> grpc.StatusCode:
 
 
 class DomainErrorInterceptor(aio.ServerInterceptor):
-    """Wraps every handler so an EesdError aborts the call with its status code and message."""
+    """Wraps every handler so an EesdError aborts the call with its status code and message; counts every
+    status returned (eesd:grpc_server_handled_total)."""
 
     async def intercept_service(self, continuation, handler_call_details):
         handler = await continuation(handler_call_details)
         if handler is None:
             return None
+        method = handler_call_details.method
         if handler.unary_unary:
             return grpc.unary_unary_rpc_method_handler(
-                _wrap_unary(handler.unary_unary), handler.request_deserializer, handler.response_serializer
+                _wrap_unary(handler.unary_unary, method), handler.request_deserializer, handler.response_serializer
             )
         if handler.unary_stream:
             return grpc.unary_stream_rpc_method_handler(
-                _wrap_stream(handler.unary_stream), handler.request_deserializer, handler.response_serializer
+                _wrap_stream(handler.unary_stream, method), handler.request_deserializer, handler.response_serializer
             )
         if handler.stream_stream:
             return grpc.stream_stream_rpc_method_handler(
-                _wrap_stream(handler.stream_stream), handler.request_deserializer, handler.response_serializer
+                _wrap_stream(handler.stream_stream, method), handler.request_deserializer, handler.response_serializer
             )
         return handler
 
@@ -72,23 +75,30 @@ async def _abort(context: aio.ServicerContext, error: EesdError) -> None:
     await context.abort(code, str(error))
 
 
-def _wrap_unary(behavior):
+def _wrap_unary(behavior, method: str):
     async def wrapper(request, context):
-        try:
-            return await behavior(request, context)
-        except EesdError as error:
-            await _abort(context, error)
+        with rpc_metrics().call(method) as status:
+            try:
+                response = await behavior(request, context)
+                status[0] = grpc.StatusCode.OK
+                return response
+            except EesdError as error:
+                status[0] = status_of(error)
+                await _abort(context, error)
 
     return wrapper
 
 
-def _wrap_stream(behavior):
+def _wrap_stream(behavior, method: str):
     async def wrapper(request, context):
-        try:
-            async for response in behavior(request, context):
-                yield response
-        except EesdError as error:
-            await _abort(context, error)
+        with rpc_metrics().call(method) as status:
+            try:
+                async for response in behavior(request, context):
+                    yield response
+                status[0] = grpc.StatusCode.OK
+            except EesdError as error:
+                status[0] = status_of(error)
+                await _abort(context, error)
 
     return wrapper
 

@@ -57,10 +57,15 @@ class Node:
     args: list[str]
     log: Path
     process: subprocess.Popen | None = None
+    metrics_port: int = 0  # Prometheus /metrics (0: none, e.g. redis)
 
     @property
     def address(self) -> str:
         return f"127.0.0.1:{self.port}"
+
+    @property
+    def metrics_url(self) -> str:
+        return f"http://127.0.0.1:{self.metrics_port}/metrics" if self.metrics_port else ""
 
 
 class LocalStack:
@@ -111,6 +116,7 @@ class LocalStack:
                     port,
                     [sys.executable, "-m", "verifier_service", "--host", "127.0.0.1", "--port", str(port), *model],
                     self.log_dir / f"verifier{i}.log",
+                    metrics_port=free_port(),
                 )
             )
         for i in range(drafters):
@@ -134,6 +140,7 @@ class LocalStack:
                         exit_head,
                     ],
                     self.log_dir / f"drafter{i}.log",
+                    metrics_port=free_port(),
                 )
             )
         port = controller_port or free_port()
@@ -163,6 +170,7 @@ class LocalStack:
                     *controller_args,
                 ],
                 self.log_dir / "controller.log",
+                metrics_port=free_port(),
             )
         )
 
@@ -174,6 +182,8 @@ class LocalStack:
         return self.by_role("controller")[0].address
 
     def _spawn(self, node: Node) -> None:
+        if node.metrics_port and "--metrics-port" not in node.args:
+            node.args += ["--metrics-port", str(node.metrics_port)]
         env = {**os.environ, "PYTHONPATH": str(ROOT), "OMP_NUM_THREADS": str(self.threads), "PYTHONUNBUFFERED": "1"}
         node.process = subprocess.Popen(
             node.args, stdout=node.log.open("ab"), stderr=subprocess.STDOUT, env=env, cwd=ROOT, start_new_session=True
@@ -261,7 +271,8 @@ def main() -> None:
     )
     stack.start()
     for node in stack.nodes:
-        print(f"{node.role:10s} {node.address}  (log {node.log})", flush=True)
+        metrics = f"  metrics {node.metrics_url}" if node.metrics_port else ""
+        print(f"{node.role:10s} {node.address}  (log {node.log}){metrics}", flush=True)
     print(f"controller ready at {stack.controller_address}; Ctrl-C stops the stack", flush=True)
     stopping = []
     signal.signal(signal.SIGTERM, lambda *_: stopping.append(1))

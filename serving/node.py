@@ -12,6 +12,7 @@ from typing import TypeVar
 from eesd.drafter import Drafter, check_token_ids
 from eesd.errors import Unavailable
 from eesd.verifier import Verifier
+from serving.metrics import node_metrics
 
 T = TypeVar("T")
 
@@ -19,10 +20,12 @@ T = TypeVar("T")
 class ModelNode:
     """Created before the model loads, so the server can answer health checks (NOT_SERVING) meanwhile."""
 
-    def __init__(self, node_id: str):
+    def __init__(self, node_id: str, role: str = "model"):
         self.node_id = node_id
         self._model: Drafter | Verifier | None = None
         self._executor = ThreadPoolExecutor(max_workers=1, thread_name_prefix="model")
+        self.metrics = node_metrics(role)
+        self.metrics.watch_sessions(lambda: len(self._model.sessions) if self._model is not None else 0)
 
     @property
     def model(self) -> Drafter | Verifier:
@@ -38,7 +41,15 @@ class ModelNode:
         self._model = model
 
     async def run(self, fn: Callable[..., T], *args) -> T:
-        return await asyncio.get_running_loop().run_in_executor(self._executor, fn, *args)
+        with self.metrics.queue_depth.track_inprogress():
+            return await asyncio.get_running_loop().run_in_executor(self._executor, self.metrics.timed(fn), *args)
+
+    def cache_length(self, session_id: str) -> int:
+        """How many tokens the session's cache covers (0 when the node does not hold it)."""
+        try:
+            return self.model.sessions.get(session_id).length
+        except LookupError:
+            return 0
 
     def open_session(self, session_id: str) -> int:
         """Idempotent: an open session keeps its cache."""
@@ -49,6 +60,7 @@ class ModelNode:
 
     async def prefill(self, session_id: str, base_length: int, token_ids: list[int]) -> int:
         check_token_ids("token_ids", token_ids, self.model.config.vocab_size)
+        self.metrics.prefill(len(token_ids))
         cache = self.model.sessions.at_base(session_id, base_length, token_ids)
         await self.run(self.model.stack, token_ids, cache, len(token_ids) - 1)
         return cache.length

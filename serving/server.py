@@ -12,6 +12,7 @@ from grpc_health.v1._async import HealthServicer
 from grpc_reflection.v1alpha import reflection
 
 from serving.errors import DomainErrorInterceptor
+from serving.metrics import start_exporter
 
 log = logging.getLogger(__name__)
 
@@ -36,8 +37,11 @@ async def serve(
     warmup: Callable[[], Awaitable[None]],
     grace_s: float = 10.0,
     on_stop: Callable[[], Awaitable[None]] | None = None,
+    metrics_port: int = 0,
 ) -> None:
-    """Serves until SIGTERM/SIGINT. `register` adds the servicers and returns their full service names."""
+    """Serves until SIGTERM/SIGINT. `register` adds the servicers and returns their full service names.
+    With `metrics_port` > 0, Prometheus /metrics is served over HTTP on it (same host)."""
+    start_exporter(metrics_port, address.rpartition(":")[0].strip("[]") or "0.0.0.0")
     server = aio.server(interceptors=[DomainErrorInterceptor()], options=CHANNEL_OPTIONS)
     services = register(server)
     health = HealthServicer()

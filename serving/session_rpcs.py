@@ -41,6 +41,7 @@ class SessionRpcs:
         try:
             length = await self.node.prefill(request.session_id, request.base_length, list(request.token_ids))
         except CacheBehind as behind:
+            self.node.metrics.cache_mismatch()
             return reply(
                 **common,
                 cache_mismatch=convert.cache_mismatch(

@@ -14,7 +14,7 @@ from verifier_service.servicer import VerifierServicer
 
 async def main() -> None:
     config = load_config(VerifierConfig)
-    node = ModelNode(config.node_id or f"{config.host}:{config.port}")
+    node = ModelNode(config.node_id or f"{config.host}:{config.port}", "verifier")
     servicer = VerifierServicer(node)
 
     async def load() -> None:
@@ -24,7 +24,9 @@ async def main() -> None:
         verifier_pb2_grpc.add_VerifierServiceServicer_to_server(servicer, server)
         return [verifier_pb2.DESCRIPTOR.services_by_name["VerifierService"].full_name]
 
-    await serve("verifier", f"{config.host}:{config.port}", register, load, config.grace_s)
+    await serve(
+        "verifier", f"{config.host}:{config.port}", register, load, config.grace_s, metrics_port=config.metrics_port
+    )
     node.shutdown()
 
 

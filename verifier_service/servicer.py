@@ -52,7 +52,7 @@ class VerifierServicer(SessionRpcs, verifier_pb2_grpc.VerifierServiceServicer):
 
     async def _verify(self, request: verifier_pb2.VerifyRequest) -> dict:
         """{'verdict': ...} or {'cache_mismatch': ...}, the oneof both response messages share."""
-        start = time.perf_counter()
+        start, cached = time.perf_counter(), self.node.cache_length(request.session_id)
         try:
             verdict = await self.node.run(self.node.model.verify, convert.verify_request_from_proto(request))
         except CacheBehind as behind:
@@ -67,4 +67,6 @@ class VerifierServicer(SessionRpcs, verifier_pb2_grpc.VerifierServiceServicer):
                 )
             }
         verify_ms = (time.perf_counter() - start) * 1e3
+        fed = len(request.pending_token_ids) + len(request.draft.token_ids)
+        self.node.metrics.rollback(cached + fed - verdict.cache_length)
         return {"verdict": convert.verdict_to_proto(verdict, request.base_length, verify_ms)}

@@ -1,0 +1,306 @@
+"""Prometheus metrics of every service: raw counters and histograms; rates and ratios are derived in
+queries (docs/observability.md defines acceptance rate and mean accepted tokens with their PromQL).
+
+Names follow vLLM where it has the same quantity, with an `eesd:` prefix in place of `vllm:`
+(eesd:spec_decode_num_drafts_total ~ vllm:spec_decode_num_drafts_total, ...). Each service is its own
+process, so the metrics live in the default registry; a group is created on first use, so a process
+exposes only the groups it records (controller, node role, RPCs). Servicers record with one call each.
+"""
+
+import asyncio
+import functools
+import inspect
+import logging
+import time
+from collections.abc import AsyncIterator, Callable
+from contextlib import contextmanager
+from typing import Any, TypeVar
+
+import prometheus_client
+from prometheus_client import REGISTRY, CollectorRegistry, Counter, Gauge, Histogram
+
+from eesd.generation import GenerationStats
+from eesd.rounds import RoundStats
+
+log = logging.getLogger(__name__)
+T = TypeVar("T")
+E = TypeVar("E")
+
+PREFIX = "eesd:"
+# Seconds: loopback rounds of tiny models take ~1 ms, a large model's verify pass on CPU ~1 s.
+TIME_BUCKETS = (0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0)
+REQUEST_BUCKETS = (0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 20.0, 40.0, 80.0, 160.0)
+K_BUCKETS = (*range(17), 24, 32)  # one bucket per k up to 16: rounds with k = j are bucket(j) - bucket(j-1)
+ROUND_PARTS = ("draft", "verify", "transport", "controller")
+
+
+class ControllerMetrics:
+    """Per round and per request, recorded from the round loop's RoundEvent / Finished events."""
+
+    def __init__(self, registry: CollectorRegistry = REGISTRY):
+        def counter(name: str, doc: str, labels: tuple[str, ...] = ()) -> Counter:
+            return Counter(PREFIX + name, doc, labels, registry=registry)
+
+        self.rounds = counter("rounds", "Rounds run (draft -> verify cycles, verifier-only rounds included).")
+        self.drafts = counter("spec_decode_num_drafts", "Rounds with at least one draft token (vLLM: num_drafts).")
+        self.draft_tokens = counter("spec_decode_num_draft_tokens", "Draft tokens proposed.")
+        self.accepted_tokens = counter("spec_decode_num_accepted_tokens", "Draft tokens accepted by the verifier.")
+        self.accepted_per_pos = counter(
+            "spec_decode_num_accepted_tokens_per_pos", "Accepted draft tokens by draft position.", ("position",)
+        )
+        self.drafted_per_pos = counter(
+            "spec_decode_num_draft_tokens_per_pos", "Draft tokens proposed by draft position.", ("position",)
+        )
+        self.generation_tokens = counter("generation_tokens", "Tokens committed (accepted + recovered/bonus).")
+        self.prompt_tokens = counter("prompt_tokens", "Prompt tokens of finished requests.")
+        self.request_success = counter("request_success", "Requests finished, by reason.", ("finished_reason",))
+        self.k_chosen = Histogram(
+            PREFIX + "spec_decode_k_chosen",
+            "Draft length k the policy chose per round.",
+            buckets=K_BUCKETS,
+            registry=registry,
+        )
+        self.round_seconds = Histogram(
+            PREFIX + "round_duration_seconds",
+            "Round time by part: draft (drafter), verify (verifier), transport (wire), controller (own work).",
+            ("part",),
+            buckets=TIME_BUCKETS,
+            registry=registry,
+        )
+        self.request_seconds = Histogram(
+            PREFIX + "e2e_request_latency_seconds",
+            "Generate time, request to summary.",
+            buckets=REQUEST_BUCKETS,
+            registry=registry,
+        )
+        self.running = Gauge(PREFIX + "num_requests_running", "Generate calls in progress.", registry=registry)
+        self.store_seconds = Histogram(
+            PREFIX + "state_store_request_duration_seconds",
+            "State store (Redis) call latency by operation.",
+            ("op",),
+            buckets=TIME_BUCKETS,
+            registry=registry,
+        )
+
+    def record(self, event: Any) -> None:
+        """A RoundEvent (its stats are RoundStats) or a Finished event (GenerationStats)."""
+        if isinstance(event.stats, RoundStats):
+            s = event.stats
+            self.rounds.inc()
+            self.k_chosen.observe(s.k_chosen)
+            self.generation_tokens.inc(s.committed)
+            if s.drafted:
+                self.drafts.inc()
+                self.draft_tokens.inc(s.drafted)
+                self.accepted_tokens.inc(s.accepted)
+            for position in range(s.drafted):
+                self.drafted_per_pos.labels(str(position)).inc()
+                if position < s.accepted:
+                    self.accepted_per_pos.labels(str(position)).inc()
+            for part, seconds in zip(
+                ROUND_PARTS, (s.draft_s, s.verify_s, event.transport_ms / 1e3, event.controller_ms / 1e3), strict=True
+            ):
+                self.round_seconds.labels(part).observe(seconds)
+        elif isinstance(event.stats, GenerationStats):
+            self.prompt_tokens.inc(event.prompt_tokens)
+            self.request_success.labels(event.finish_reason).inc()
+            self.request_seconds.observe(event.stats.elapsed_s)
+
+    async def track(self, events: AsyncIterator[E]) -> AsyncIterator[E]:
+        """Passes a generation's events through, recording each; counts the generation as running."""
+        self.running.inc()
+        try:
+            async for event in events:
+                self.record(event)
+                yield event
+        finally:
+            self.running.dec()
+
+
+class TimedStateStore:
+    """Wraps a StateStore: every coroutine method's latency goes to eesd:state_store_request_duration_seconds."""
+
+    def __init__(self, store: Any, histogram: Histogram | None = None):
+        self._store = store
+        self._histogram = histogram or controller_metrics().store_seconds
+
+    def __getattr__(self, name: str) -> Any:
+        attr = getattr(self._store, name)
+        if not inspect.iscoroutinefunction(attr):
+            return attr
+        child = self._histogram.labels(name)
+
+        @functools.wraps(attr)
+        async def timed(*args, **kwargs):
+            start = time.perf_counter()
+            try:
+                return await attr(*args, **kwargs)
+            finally:
+                child.observe(time.perf_counter() - start)
+
+        return timed
+
+
+class _NodeFamilies:
+    def __init__(self, registry: CollectorRegistry):
+        role = ("role",)
+        self.forward = Histogram(
+            PREFIX + "node_forward_seconds",
+            "Model calls on the node's compute thread by op (propose, verify, prefill).",
+            (*role, "op"),
+            buckets=TIME_BUCKETS,
+            registry=registry,
+        )
+        self.queue_wait = Histogram(
+            PREFIX + "node_queue_wait_seconds",
+            "Time a model call waited for the compute thread.",
+            role,
+            buckets=TIME_BUCKETS,
+            registry=registry,
+        )
+        self.queue_depth = Gauge(
+            PREFIX + "node_queue_depth",
+            "Model calls waiting for or running on the compute thread.",
+            role,
+            registry=registry,
+        )
+        self.sessions = Gauge(
+            PREFIX + "node_sessions", "Sessions with a KV cache on the node.", role, registry=registry
+        )
+        self.rollbacks = Counter(
+            PREFIX + "kv_rollbacks",
+            "Model calls whose KV cache crops dropped tokens (rejected drafts).",
+            role,
+            registry=registry,
+        )
+        self.rollback_tokens = Counter(
+            PREFIX + "kv_rollback_tokens", "KV positions dropped by rollbacks.", role, registry=registry
+        )
+        self.prefills = Counter(
+            PREFIX + "prefills", "Prefill RPCs (session start and cache repair).", role, registry=registry
+        )
+        self.prefill_tokens = Counter(PREFIX + "prefill_tokens", "Tokens fed by Prefill RPCs.", role, registry=registry)
+        self.cache_mismatches = Counter(
+            PREFIX + "cache_mismatches",
+            "Requests answered with a cache mismatch (the controller re-prefills).",
+            role,
+            registry=registry,
+        )
+
+
+OP_NAMES = {"DecoderStack": "prefill", "<lambda>": "load"}  # a bare stack call is a prefill
+
+
+class NodeMetrics:
+    """A drafter's or verifier's metrics, labelled by role."""
+
+    def __init__(self, role: str, families: _NodeFamilies):
+        self.role = role
+        self._f = families
+        self.queue_depth = families.queue_depth.labels(role)
+        self._queue_wait = families.queue_wait.labels(role)
+
+    def watch_sessions(self, count: Callable[[], int]) -> None:
+        self._f.sessions.labels(self.role).set_function(count)
+
+    def timed(self, fn: Callable[..., T]) -> Callable[..., T]:
+        """`fn` wrapped for the compute thread: records its wait for the thread and its run time."""
+        submitted = time.perf_counter()
+        name = getattr(fn, "__name__", type(fn).__name__)
+        forward = self._f.forward.labels(self.role, OP_NAMES.get(name, name))
+        mismatches = self._f.cache_mismatches.labels(self.role)
+
+        def call(*args) -> T:
+            started = time.perf_counter()
+            self._queue_wait.observe(started - submitted)
+            try:
+                return fn(*args)
+            except Exception as error:
+                if getattr(error, "cache_length", None) is not None:  # eesd.kv_cache.CacheBehind (torch-free here)
+                    mismatches.inc()
+                raise
+            finally:
+                forward.observe(time.perf_counter() - started)
+
+        return call
+
+    def rollback(self, dropped_tokens: int) -> None:
+        if dropped_tokens > 0:
+            self._f.rollbacks.labels(self.role).inc()
+            self._f.rollback_tokens.labels(self.role).inc(dropped_tokens)
+
+    def prefill(self, tokens: int) -> None:
+        self._f.prefills.labels(self.role).inc()
+        self._f.prefill_tokens.labels(self.role).inc(tokens)
+
+    def cache_mismatch(self) -> None:
+        self._f.cache_mismatches.labels(self.role).inc()
+
+
+class RpcMetrics:
+    """Every status a server returns, by method (go-grpc-prometheus names, eesd: prefix)."""
+
+    def __init__(self, registry: CollectorRegistry = REGISTRY):
+        labels = ("grpc_service", "grpc_method")
+        self.handled = Counter(
+            PREFIX + "grpc_server_handled",
+            "RPCs completed, by status code (OK included).",
+            (*labels, "grpc_code"),
+            registry=registry,
+        )
+        self.seconds = Histogram(
+            PREFIX + "grpc_server_handling_seconds",
+            "RPC time until its status.",
+            labels,
+            buckets=REQUEST_BUCKETS,
+            registry=registry,
+        )
+
+    @contextmanager
+    def call(self, method: str):
+        """Times the call; the body sets `status[0]` to the grpc.StatusCode it ends with."""
+        service, _, name = method.lstrip("/").rpartition("/")
+        status, start = ["UNKNOWN"], time.perf_counter()
+        try:
+            yield status
+        except (asyncio.CancelledError, GeneratorExit):  # the client went away
+            status[0] = "CANCELLED"
+            raise
+        finally:
+            code = getattr(status[0], "name", status[0])
+            self.handled.labels(service, name, code).inc()
+            self.seconds.labels(service, name).observe(time.perf_counter() - start)
+
+
+@functools.cache
+def controller_metrics() -> ControllerMetrics:
+    return ControllerMetrics()
+
+
+@functools.cache
+def _node_families() -> _NodeFamilies:
+    return _NodeFamilies(REGISTRY)
+
+
+@functools.cache
+def node_metrics(role: str) -> NodeMetrics:
+    return NodeMetrics(role, _node_families())
+
+
+@functools.cache
+def rpc_metrics() -> RpcMetrics:
+    return RpcMetrics()
+
+
+def start_exporter(port: int, host: str = "0.0.0.0") -> bool:
+    """Serves /metrics over HTTP on `port` (0: off). A port in use is logged, not fatal: metrics are optional."""
+    if port <= 0:
+        return False
+    prometheus_client.disable_created_metrics()
+    try:
+        prometheus_client.start_http_server(port, addr=host)
+    except OSError as error:
+        log.error("metrics exporter could not listen on %s:%d: %s", host, port, error)
+        return False
+    log.info("metrics on http://%s:%d/metrics", host, port)
+    return True
