@@ -46,6 +46,11 @@ demo: setup redis
 run: setup redis
 	$(BIN)/python -m serving.local_stack --redis $(RUN_ARGS)
 
+# The reference model: BPE tokenizer + small Llama trained on the stdlib's source, cached (no-op when built).
+.PHONY: model
+model: setup
+	$(BIN)/python -m eesd.reference_model --out .cache/reference-model
+
 clean:
 	rm -rf $(VENV) .pytest_cache .ruff_cache
 
