@@ -90,25 +90,31 @@ class RoundLoop:
             raise Unavailable("no verifier is ready")
         speculate = params.policy.name != "off" and params.policy.k_max > 0
         pair = _Pair(self.router.pick_drafter() if speculate else None, verifier)
-        await self.store.create_session(
-            SessionRecord(
-                session_id,
-                list(prompt_ids),
-                len(prompt_ids),
-                0,
-                policy.state(),
-                {
-                    "max_new_tokens": params.max_new_tokens,
-                    "sampling": asdict(params.sampling),
-                    "seed": seed,
-                    "policy": asdict(params.policy),
-                    "stop_on_eos": params.stop_on_eos,
-                },
-                pair.drafter or "",
-                pair.verifier,
-            )
-        )
+        # Acquire before the first await: sessions arriving together must see each other's load, or a
+        # burst of them all picks the same least-loaded pair while create_session waits on Redis.
         self.router.acquire(pair.drafter or "", pair.verifier)
+        try:
+            await self.store.create_session(
+                SessionRecord(
+                    session_id,
+                    list(prompt_ids),
+                    len(prompt_ids),
+                    0,
+                    policy.state(),
+                    {
+                        "max_new_tokens": params.max_new_tokens,
+                        "sampling": asdict(params.sampling),
+                        "seed": seed,
+                        "policy": asdict(params.policy),
+                        "stop_on_eos": params.stop_on_eos,
+                    },
+                    pair.drafter or "",
+                    pair.verifier,
+                )
+            )
+        except BaseException:
+            self.router.release(pair.drafter or "", pair.verifier)
+            raise
         committed, stats = list(prompt_ids), GenerationStats()
         transport_ms = controller_ms = 0.0
         start = time.perf_counter()

@@ -8,6 +8,7 @@ import uuid
 
 import grpc
 import pytest
+from google.protobuf.message import Message
 
 from eesd_proto.eesd.v1 import (
     common_pb2,
@@ -61,9 +62,11 @@ def still_healthy(main_stack, main_model):
 
 
 def call_error(fn, *args, **kwargs) -> grpc.RpcError:
+    """The error of a unary call, or of a streaming call once its responses are drained."""
     with pytest.raises(grpc.RpcError) as info:
         result = fn(*args, timeout=60, **kwargs)
-        list(result) if hasattr(result, "__iter__") and not hasattr(result, "ListFields") else result
+        if not isinstance(result, Message):
+            list(result)
     return info.value
 
 

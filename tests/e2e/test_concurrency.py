@@ -2,6 +2,7 @@
 sessions spread over both drafters and both verifiers (GetSession names each session's nodes)."""
 
 import asyncio
+from collections import Counter
 
 from eesd_client import AsyncEesdClient, SessionState
 
@@ -43,7 +44,9 @@ def test_concurrent_sessions_are_all_correct_and_spread_over_nodes(main_stack, m
         # The committed tokens in the state store (Redis) are exactly the prompt plus what was streamed.
         assert info.committed_token_ids == tuple(prompt_of(i)) + expected[i]
         assert info.usage.completion_tokens == MAX_NEW
-    drafters = {info.drafter_id for result, info in outcomes if result.stats.speculation.policy != "off"}
-    verifiers = {info.verifier_id for _, info in outcomes}
-    assert drafters == {n.address for n in main_stack.by_role("drafter")}
-    assert verifiers == {n.address for n in main_stack.by_role("verifier")}
+    # Least-loaded routing spreads the burst: each node serves a fair share (the sessions overlap).
+    drafters = Counter(info.drafter_id for result, info in outcomes if result.stats.speculation.policy != "off")
+    verifiers = Counter(info.verifier_id for _, info in outcomes)
+    for served, role in ((drafters, "drafter"), (verifiers, "verifier")):
+        assert set(served) == {n.address for n in main_stack.by_role(role)}, served
+        assert min(served.values()) >= served.total() / 4, served

@@ -1,10 +1,10 @@
 """Nodes die between rounds of a session; the session finishes with the same tokens (KV caches are soft
 state, committed tokens hard state). Streaming lets the test kill a node after the first chunk.
 
-On the main stack (2 drafters, 2 verifiers) the session moves to the other node; on a solo stack
-(1 drafter, 1 verifier) it waits for the restarted node and re-prefills it, or decodes verifier-only when
-its drafter is gone. The controller-side check drives controller.round_loop in-process against a real
-verifier and a drafter address where nothing listens.
+On the main stack (2 drafters, 2 verifiers) the session moves to the other node. The controller-side
+check drives controller.round_loop in-process against a real verifier and a drafter address where nothing
+listens: verifier-only decoding. Slow (own stack): on a solo stack (1 drafter, 1 verifier) the session
+waits for its restarted verifier and re-prefills it, or decodes verifier-only when its drafter is killed.
 """
 
 import asyncio
@@ -58,6 +58,7 @@ def test_session_moves_to_the_other_node_when_its_node_restarts(main_stack, main
     assert all_alive(main_stack)
 
 
+@pytest.mark.slow
 def test_session_waits_for_its_restarted_verifier(solo_stack, tiny_models):
     """The only verifier restarts: the round is retried until it is back, then its cache is re-prefilled."""
     tokens, before, after = generate_with_restart(solo_stack, "verifier", solo_stack.restart_node)
@@ -66,6 +67,7 @@ def test_session_waits_for_its_restarted_verifier(solo_stack, tiny_models):
     assert "verifier unavailable" in solo_stack.by_role("controller")[0].log.read_text()
 
 
+@pytest.mark.slow
 def test_session_whose_drafter_is_gone_completes_verifier_only(solo_stack, tiny_models):
     """The only drafter is killed for good mid-session: the session finishes by verifier-only decoding.
     (Leaves the solo stack without its drafter: keep this test last in the module.)"""
