@@ -74,6 +74,17 @@ def _ratio(a: float, b: float) -> float | None:
     return a / b if b else None
 
 
+def mean_ms(delta: Samples, histogram: str, *labels: str) -> dict[str, float]:
+    """Mean of a histogram in ms per label combination ("drafter/propose"), from its _sum and _count."""
+    out = {}
+    for (name, ls), count in delta.values.items():
+        if name == histogram + "_count" and count > 0:
+            d = dict(ls)
+            total = delta.values.get((histogram + "_sum", ls), 0.0)
+            out["/".join(d.get(label, "") for label in labels)] = total / count * 1e3
+    return dict(sorted(out.items()))
+
+
 def speculation_stats(delta: Samples) -> dict:
     """Speculation and node statistics of a run: the change of the services' metrics over it."""
     rounds = delta.total(P + "rounds_total")
@@ -95,7 +106,9 @@ def speculation_stats(delta: Samples) -> dict:
         "mean_accepted_tokens": _ratio(committed, rounds),
         "vllm_mean_acceptance_length": 1 + accepted / drafts if drafts else None,
         "acceptance_by_position": [
-            _ratio(accepted_at.get(str(i), 0.0), drafted_at[str(i)]) for i in sorted(map(int, drafted_at))
+            accepted_at.get(str(i), 0.0) / drafted_at[str(i)]
+            for i in sorted(map(int, drafted_at))
+            if drafted_at[str(i)] > 0
         ],
         "k_histogram": {str(k): v for k, v in k_histogram(delta).items()},
         "round_time_ms": {part: seconds * 1e3 for part, seconds in sorted(time_s.items())},
@@ -105,4 +118,7 @@ def speculation_stats(delta: Samples) -> dict:
         "prefills": delta.by_label(P + "prefills_total", "role"),
         "cache_mismatches": delta.by_label(P + "cache_mismatches_total", "role"),
         "grpc_codes": delta.by_label(P + "grpc_server_handled_total", "grpc_code"),
+        "node_forward_ms_mean": mean_ms(delta, P + "node_forward_seconds", "role", "op"),
+        "node_queue_wait_ms_mean": mean_ms(delta, P + "node_queue_wait_seconds", "role"),
+        "state_store_ms_mean": mean_ms(delta, P + "state_store_request_duration_seconds", "op"),
     }

@@ -1,0 +1,199 @@
+"""python -m loadtest: load a running controller (--target) or a LocalStack it starts (--local-stack).
+
+    python -m loadtest --target localhost:50051 --metrics-urls http://localhost:9100/metrics \\
+        --concurrency 4 --requests 32 --max-new-tokens 64 --slo ttft=500,tpot=50
+    python -m loadtest --local-stack --rate 2 --duration 30
+    python -m loadtest --local-stack --sweep --requests 12 --out loadtest/results   # concurrency x spec on/off
+
+Every comma list (--concurrency, --rate, --speculation) is swept; the report (JSON + PNG) goes to --out.
+"""
+
+import argparse
+import asyncio
+import logging
+import os
+import platform
+import subprocess
+import sys
+import time
+from contextlib import ExitStack
+from dataclasses import replace
+from pathlib import Path
+
+from loadtest.prompts import load_prompts
+from loadtest.report import Slo, summarize, write_report
+from loadtest.runner import Load, run_load
+from loadtest.scrape import scrape, speculation_stats
+
+log = logging.getLogger("loadtest")
+SWEEP_CONCURRENCY = "1,2,4,8"
+
+
+def _list(kind):
+    return lambda text: [kind(x) for x in text.split(",") if x.strip()]
+
+
+def parse_args(argv=None) -> argparse.Namespace:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    where = p.add_mutually_exclusive_group(required=True)
+    where.add_argument("--target", help="controller HOST:PORT")
+    where.add_argument("--local-stack", action="store_true", help="start a LocalStack (loopback processes)")
+    p.add_argument("--metrics-urls", type=_list(str), default=[], help="services' /metrics URLs to scrape")
+    p.add_argument("--concurrency", type=_list(int), help="closed loop: clients in flight (comma list sweeps)")
+    p.add_argument("--rate", type=_list(float), help="open loop: Poisson requests/s (comma list sweeps)")
+    p.add_argument("--sweep", action="store_true", help=f"--concurrency {SWEEP_CONCURRENCY} --speculation on,off")
+    p.add_argument("--speculation", type=_list(str), default=None, help="on, off or on,off (default on)")
+    p.add_argument("--requests", type=int, help="requests per run")
+    p.add_argument("--duration", type=float, help="seconds per run (new requests stop; in-flight ones finish)")
+    p.add_argument("--prompts", help="file: .jsonl ({'prompt': text | ids} or a string per line) or .txt lines")
+    p.add_argument("--max-new-tokens", type=int, default=64)
+    p.add_argument("--temperature", type=float, default=0.0)
+    p.add_argument("--policy", default=None, help="draft policy when speculation is on (default: the server's)")
+    p.add_argument("--k-max", type=int, default=None)
+    p.add_argument("--stop-on-eos", action="store_true", help="default: generate exactly --max-new-tokens")
+    p.add_argument("--slo", default="ttft=1000,tpot=100", help="goodput SLO in ms: ttft=..,tpot=..,e2e=..")
+    p.add_argument("--warmup", type=int, default=2, help="untimed requests before the first run")
+    p.add_argument("--timeout", type=float, default=300.0, help="deadline of one request, s")
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--out", default="loadtest/results", help="report directory")
+    p.add_argument("--name", default="loadtest", help="report file stem")
+    g = p.add_argument_group("--local-stack")
+    g.add_argument("--model-dir", help="default: the reference model once built, else the tiny demo model")
+    g.add_argument("--exit-layer", type=int)
+    g.add_argument("--exit-head", default="")
+    g.add_argument("--dtype", default="float32")
+    g.add_argument("--drafters", type=int, default=1)
+    g.add_argument("--verifiers", type=int, default=1)
+    g.add_argument("--redis", action="store_true", help="redis-server as the state store")
+    g.add_argument("--threads", type=int, default=1, help="torch threads per model process")
+    g.add_argument("--log-dir", default=".cache/loadtest-stack-logs", help="the stack's process logs")
+    args = p.parse_args(argv)
+    if args.sweep:
+        args.concurrency = args.concurrency or _list(int)(SWEEP_CONCURRENCY)
+        args.speculation = args.speculation or ["on", "off"]
+    if not args.concurrency and not args.rate:
+        args.concurrency = [1]
+    args.speculation = args.speculation or ["on"]
+    if set(args.speculation) - {"on", "off"}:
+        p.error("--speculation takes on, off or on,off")
+    if args.requests is None and args.duration is None:
+        p.error("give --requests, --duration or both")
+    if args.model_dir and args.exit_layer is None:
+        p.error("--exit-layer is required with --model-dir")
+    return args
+
+
+def loads(args: argparse.Namespace) -> list[Load]:
+    base = Load(
+        concurrency=1,
+        requests=args.requests,
+        duration_s=args.duration,
+        max_new_tokens=args.max_new_tokens,
+        temperature=args.temperature,
+        k_max=args.k_max,
+        stop_on_eos=args.stop_on_eos,
+        seed=args.seed,
+        timeout_s=args.timeout,
+    )
+    shapes = [dict(concurrency=c) for c in args.concurrency or []] + [
+        dict(concurrency=None, rate=r) for r in args.rate or []
+    ]
+    return [
+        replace(base, **shape, policy="off" if spec == "off" else args.policy)
+        for shape in shapes
+        for spec in args.speculation
+    ]
+
+
+def start_stack(args: argparse.Namespace, stack: ExitStack):
+    from serving.local_stack import LocalStack
+    from serving.models import default_model
+
+    if args.model_dir is None:
+        model = default_model()
+        args.model_dir, args.exit_layer, args.exit_head, args.dtype = (
+            model.model_dir,
+            model.exit_layer,
+            model.exit_head,
+            model.dtype,
+        )
+    local = LocalStack(
+        args.model_dir,
+        args.exit_layer,
+        args.exit_head,
+        args.dtype,
+        args.drafters,
+        args.verifiers,
+        args.redis,
+        log_dir=Path(args.log_dir),
+        threads=args.threads,
+    )
+    log.info("starting a LocalStack (%s, N=%d) ...", args.model_dir, args.exit_layer)
+    stack.enter_context(local)
+    args.target = local.controller_address
+    args.metrics_urls = args.metrics_urls or [n.metrics_url for n in local.nodes if n.metrics_port]
+    return local
+
+
+def environment(args: argparse.Namespace) -> dict:
+    try:
+        commit = subprocess.run(["git", "rev-parse", "--short", "HEAD"], capture_output=True, text=True).stdout.strip()
+    except OSError:
+        commit = ""
+    return {
+        "target": args.target,
+        "local_stack": args.local_stack,
+        "model_dir": str(args.model_dir) if args.model_dir else None,
+        "exit_layer": args.exit_layer,
+        "dtype": args.dtype if args.local_stack else None,
+        "threads": args.threads if args.local_stack else None,
+        "python": sys.version.split()[0],
+        "machine": platform.machine(),
+        "cpus": os.cpu_count(),
+        "load_average": os.getloadavg() if hasattr(os, "getloadavg") else None,
+        "commit": commit,
+        "time": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
+    }
+
+
+def run(args: argparse.Namespace) -> dict:
+    with ExitStack() as stack:
+        if args.local_stack:
+            start_stack(args, stack)
+        prompts = load_prompts(args.prompts)
+        slo = Slo.parse(args.slo)
+        if args.warmup:
+            warm = Load(concurrency=1, requests=args.warmup, max_new_tokens=8, timeout_s=args.timeout)
+            asyncio.run(run_load(args.target, prompts, warm))
+        runs = []
+        for load in loads(args):
+            before = scrape(args.metrics_urls) if args.metrics_urls else None
+            records, wall_s = asyncio.run(run_load(args.target, prompts, load))
+            server = speculation_stats(scrape(args.metrics_urls) - before) if before is not None else None
+            runs.append(summarize(load, records, wall_s, slo, server))
+            r = runs[-1]
+            log.info(
+                "%-14s %3d ok %2d failed  %7.1f tok/s  TTFT p50 %7.1f ms  TPOT p50 %6.1f ms  goodput %.2f req/s",
+                r["name"],
+                r["requests"]["completed"],
+                r["requests"]["failed"],
+                r["output_token_throughput"],
+                r["ttft_ms"]["p50"] or 0.0,
+                r["tpot_ms"]["p50"] or 0.0,
+                r["goodput"]["requests_per_s"],
+            )
+        return {"environment": environment(args), "runs": runs}
+
+
+def main(argv=None) -> None:
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s %(message)s")
+    args = parse_args(argv)
+    report = run(args)
+    for path in write_report(report, Path(args.out), args.name):
+        print(path)
+    if any(r["requests"]["failed"] for r in report["runs"]):
+        sys.exit(1)
+
+
+if __name__ == "__main__":
+    main()

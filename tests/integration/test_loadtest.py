@@ -1,0 +1,86 @@
+"""The load generator against a LocalStack it starts: a bounded run (closed loop with speculation on and off,
+one open-loop rate) finishes without errors and writes a consistent report."""
+
+import json
+
+import pytest
+
+from loadtest.__main__ import main
+from loadtest.report import Slo, distribution
+
+REQUESTS, MAX_NEW_TOKENS = 4, 8
+SPEC_KEYS = ("rounds", "draft_tokens", "accepted_tokens", "k_histogram", "acceptance_rate", "mean_accepted_tokens")
+
+
+@pytest.fixture(scope="module")
+def report(tiny_models, tmp_path_factory):
+    out = tmp_path_factory.mktemp("loadtest")
+    argv = ["--local-stack", "--model-dir", str(tiny_models["llama"]), "--exit-layer", "1"]
+    argv += ["--log-dir", str(out / "logs"), "--concurrency", "1,2", "--rate", "20", "--speculation", "on,off"]
+    argv += ["--requests", str(REQUESTS), "--max-new-tokens", str(MAX_NEW_TOKENS), "--warmup", "1"]
+    main([*argv, "--prompts", str(_prompts(out)), "--slo", "ttft=60000,tpot=60000", "--out", str(out)])
+    return out, json.loads((out / "loadtest.json").read_text())
+
+
+def _prompts(out):
+    path = out / "prompts.jsonl"
+    path.write_text('{"prompt": [11, 12, 13, 14]}\n[5, 6, 7, 8, 9]\n')
+    return path
+
+
+def test_report_covers_every_run_without_errors(report):
+    out, data = report
+    names = [r["name"] for r in data["runs"]]
+    assert names == ["c1-spec-on", "c1-spec-off", "c2-spec-on", "c2-spec-off", "r20-spec-on", "r20-spec-off"]
+    for suffix in ("latency_cdf", "vs_concurrency"):
+        assert (out / f"loadtest_{suffix}.png").stat().st_size > 1000
+    for run in data["runs"]:
+        assert run["requests"] == {"issued": REQUESTS, "completed": REQUESTS, "failed": 0, "errors": {}}
+        assert run["speculation_server"]["grpc_codes"].keys() == {"OK"}
+
+
+def test_token_counts_equal_what_the_sdk_received(report):
+    for run in report[1]["runs"]:
+        tokens = run["tokens"]
+        assert tokens["output"] == tokens["output_in_results"] == tokens["output_in_summaries"]
+        assert tokens["output"] == REQUESTS * MAX_NEW_TOKENS  # stop_on_eos is off: every request runs to length
+        assert tokens["chunks"] == run["tokens_per_chunk"]["count"] == run["speculation_client"]["rounds"]
+        assert run["tokens_per_chunk"]["mean"] == pytest.approx(tokens["output"] / tokens["chunks"])
+        assert run["output_token_throughput"] == pytest.approx(tokens["output"] / run["duration_s"])
+        assert run["request_throughput"] == pytest.approx(REQUESTS / run["duration_s"])
+
+
+def test_latency_fields_are_consistent(report):
+    for run in report[1]["runs"]:
+        for key in ("ttft_ms", "tpot_ms", "e2e_ms"):
+            d = run[key]
+            assert d["count"] == REQUESTS
+            assert 0 < d["p50"] <= d["p90"] <= d["p99"]
+        assert run["itl_ms"]["count"] == run["tokens"]["chunks"] - REQUESTS
+        assert run["ttft_ms"]["p99"] <= run["e2e_ms"]["p99"]
+        assert run["goodput"]["good_requests"] == REQUESTS  # the SLO here is a minute
+
+
+def test_speculation_scraped_from_the_servers_equals_the_summaries(report):
+    for run in report[1]["runs"]:
+        client, server = run["speculation_client"], run["speculation_server"]
+        for key in SPEC_KEYS:
+            assert server[key] == pytest.approx(client[key]), key
+        assert server["acceptance_by_position"] == pytest.approx(client["acceptance_by_position"])
+        if run["name"].endswith("off"):
+            assert server["draft_tokens"] == 0 and server["k_histogram"] == {"0": client["rounds"]}
+            assert run["tokens_per_chunk"]["mean"] == 1.0
+        else:
+            assert server["draft_tokens"] > 0
+
+
+def test_slo_and_distribution_helpers():
+    slo = Slo.parse("ttft=100,tpot=10")
+    assert slo.met({"ttft": 99.0, "tpot": 10.0, "e2e": 1e9})
+    assert not slo.met({"ttft": 101.0, "tpot": 1.0, "e2e": 1.0})
+    assert not slo.met({"ttft": None, "tpot": 1.0, "e2e": 1.0})
+    with pytest.raises(ValueError):
+        Slo.parse("latency=3")
+    d = distribution(list(range(1, 101)))
+    assert d["p50"] == pytest.approx(50.5) and d["p99"] == pytest.approx(99.01) and d["count"] == 100
+    assert distribution([])["p50"] is None
