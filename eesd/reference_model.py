@@ -54,6 +54,7 @@ RECIPE_VERSION = 1
 EOS_TOKEN = "<|endoftext|>"
 REPORT_FILE = "build_report.json"
 PROMPTS_FILE = "heldout_prompts.jsonl"
+TRAIN_PROMPTS_FILE = "train_prompts.jsonl"  # for distillation, which must not see the held-out text
 SPLIT_FILE = "corpus_split.json"
 DEFAULT_OUT = Path(".cache/reference-model")
 
@@ -70,9 +71,9 @@ class Recipe:
     context: int = 512
     batch_size: int = 4
     steps: int = 330
-    lr: float = 2e-3
+    lr: float = 1.5e-3
     min_lr_ratio: float = 0.1
-    warmup_steps: int = 30
+    warmup_steps: int = 20
     weight_decay: float = 0.1
     bf16_autocast: bool = True
     threads: int = 2
@@ -237,6 +238,13 @@ def greedy_samples(
     return samples
 
 
+def write_prompts(path: Path, prompts: Sequence[corpus.Prompt]) -> None:
+    """One JSON object per line: {"path", "line", "prompt"} (the format `eesd distill --prompts` reads)."""
+    with path.open("w") as f:
+        for p in prompts:
+            f.write(json.dumps({"path": p.path, "line": p.line, "prompt": p.text}) + "\n")
+
+
 def build_stamp(recipe: Recipe, corpus_fingerprint: str) -> str:
     """Hash of everything the weights depend on: recipe, build code version, corpus, libraries."""
     parts = {
@@ -317,14 +325,18 @@ def _build(
     model.generation_config = GenerationConfig(bos_token_id=eos_id, eos_token_id=eos_id, pad_token_id=eos_id)
     model.save_pretrained(out_dir)  # config.json, generation_config.json, model.safetensors
     hf_tok.save_pretrained(out_dir)
-    with (out_dir / PROMPTS_FILE).open("w") as f:
-        for p in prompts:
-            f.write(json.dumps({"path": p.path, "line": p.line, "prompt": p.text}) + "\n")
+    write_prompts(out_dir / PROMPTS_FILE, prompts)
+    write_prompts(
+        out_dir / TRAIN_PROMPTS_FILE,
+        corpus.cut_prompts(train_sources, recipe.num_prompts, recipe.prompt_chars, recipe.seed),
+    )
     split = {"train": [s.path for s in train_sources], "heldout": [s.path for s in heldout_sources]}
     (out_dir / SPLIT_FILE).write_text(json.dumps(split, indent=1) + "\n")
     return {
         "recipe": dataclasses.asdict(recipe),
         "parameters": sum(p.numel() for p in model.parameters()),
+        # The config alone does not tell two trainings apart: consumers (an exit head's base) key on this.
+        "weights_sha256": hashlib.sha256((out_dir / "model.safetensors").read_bytes()).hexdigest(),
         "train_tokens_available": train_blocks.numel(),
         "train_tokens_seen": recipe.steps * recipe.batch_size * recipe.context,
         "first_step_loss": losses[0],

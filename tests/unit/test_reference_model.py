@@ -15,6 +15,7 @@ from eesd.reference_model import (
     PROMPTS_FILE,
     REPORT_FILE,
     SPLIT_FILE,
+    TRAIN_PROMPTS_FILE,
     Recipe,
     batch_schedule,
     build_reference_model,
@@ -52,7 +53,7 @@ def built(tmp_path_factory: pytest.TempPathFactory) -> Path:
 
 def test_two_builds_give_identical_weights_and_tokenizer(built: Path, tmp_path: Path) -> None:
     again = build_reference_model(tmp_path / "model", TINY)
-    assert weights_hash(again) == weights_hash(built)
+    assert weights_hash(again) == weights_hash(built) == json.loads((built / REPORT_FILE).read_text())["weights_sha256"]
     assert (again / "tokenizer.json").read_bytes() == (built / "tokenizer.json").read_bytes()
     assert (again / PROMPTS_FILE).read_bytes() == (built / PROMPTS_FILE).read_bytes()
 
@@ -78,16 +79,21 @@ def test_tokenizer_round_trips_code(built: Path, loader: type) -> None:
     assert tokenizer.decode(ids) == text
 
 
-def test_heldout_split_is_disjoint_and_prompts_come_from_it(built: Path) -> None:
+def read_jsonl(path: Path) -> list[dict]:
+    return [json.loads(line) for line in path.read_text().splitlines()]
+
+
+def test_heldout_split_is_disjoint_and_prompts_come_from_their_split(built: Path) -> None:
     split = json.loads((built / SPLIT_FILE).read_text())
     assert split["train"] and split["heldout"]
     assert not set(split["train"]) & set(split["heldout"])
-    prompts = [json.loads(line) for line in (built / PROMPTS_FILE).read_text().splitlines()]
-    assert len(prompts) == TINY.num_prompts
-    assert {p["path"] for p in prompts} <= set(split["heldout"])
-    for p in prompts:
-        source = (corpus.stdlib_root() / p["path"]).read_text(encoding="utf-8")
-        assert "".join(source.splitlines(keepends=True)[p["line"] - 1 :]).startswith(p["prompt"])
+    for name, files in [(PROMPTS_FILE, split["heldout"]), (TRAIN_PROMPTS_FILE, split["train"])]:
+        prompts = read_jsonl(built / name)
+        assert len(prompts) == TINY.num_prompts
+        assert {p["path"] for p in prompts} <= set(files)
+        for p in prompts:
+            source = (corpus.stdlib_root() / p["path"]).read_text(encoding="utf-8")
+            assert "".join(source.splitlines(keepends=True)[p["line"] - 1 :]).startswith(p["prompt"])
 
 
 def test_report_has_losses(built: Path) -> None:
