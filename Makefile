@@ -95,3 +95,11 @@ proto-lint: proto-tools
 .PHONY: redis
 redis:
 	@command -v redis-server >/dev/null 2>&1 || { apt-get update && DEBIAN_FRONTEND=noninteractive apt-get install -y redis-server; }
+
+# A short load-test sweep (concurrency 1,2,4 x speculation on/off) against a LocalStack of the default model
+# (the reference model once `make model` built it, else the tiny demo model): JSON + PNG in loadtest/results/.
+# docs/observability.md explains the report; LOADTEST_ARGS adds flags (`python -m loadtest --help`).
+.PHONY: loadtest
+loadtest: setup
+	$(BIN)/python -m loadtest --local-stack --sweep --concurrency 1,2,4 --requests 12 --max-new-tokens 32 \
+	  --out loadtest/results $(LOADTEST_ARGS)

@@ -6,6 +6,7 @@ ITL = gap between consecutive token-bearing chunks of a request; e2e = request s
 """
 
 import json
+import re
 from collections import Counter
 from collections.abc import Mapping, Sequence
 from dataclasses import asdict, dataclass
@@ -89,6 +90,10 @@ def client_speculation(done: Sequence[RequestRecord]) -> dict:
     }
 
 
+def _rounded(values) -> list[float | None]:
+    return [round(v, 2) if v is not None else None for v in values]
+
+
 def summarize(
     load: Load, records: Sequence[RequestRecord], wall_s: float, slo: Slo, server: dict | None = None
 ) -> dict:
@@ -130,11 +135,11 @@ def summarize(
         "tokens_per_chunk": distribution([t for r in done for t in r.chunk_tokens]),
         "speculation_client": client_speculation(done),
         "speculation_server": server,
-        "samples_ms": {  # raw values for the CDF plots
-            "ttft": [m["ttft"] for m in per_request],
-            "tpot": [m["tpot"] for m in per_request],
-            "itl": itl,
-            "e2e": [m["e2e"] for m in per_request],
+        "samples_ms": {  # raw values (0.01 ms) for the CDF plots
+            "ttft": _rounded(m["ttft"] for m in per_request),
+            "tpot": _rounded(m["tpot"] for m in per_request),
+            "itl": _rounded(itl),
+            "e2e": _rounded(m["e2e"] for m in per_request),
         },
     }
 
@@ -143,7 +148,8 @@ def write_report(report: dict, out_dir: Path, stem: str = "loadtest") -> list[Pa
     """JSON plus PNG plots (latency CDFs; throughput and TPOT against concurrency when a sweep has several)."""
     out_dir.mkdir(parents=True, exist_ok=True)
     json_path = out_dir / f"{stem}.json"
-    json_path.write_text(json.dumps(report, indent=2, default=float) + "\n")
+    text = json.dumps(report, indent=1, default=float)
+    json_path.write_text(re.sub(r"\[[^\[\]{}]*\]", lambda m: re.sub(r"\s+", " ", m.group()), text) + "\n")
     written = [json_path]
     try:
         import matplotlib
@@ -169,15 +175,16 @@ def write_report(report: dict, out_dir: Path, stem: str = "loadtest") -> list[Pa
     closed = [r for r in runs if r["load"]["concurrency"] is not None]
     if len({r["load"]["concurrency"] for r in closed}) > 1:
         fig, axes = plt.subplots(1, 3, figsize=(15, 4))
-        for spec in ("on", "off"):
+        levels = sorted({r["load"]["concurrency"] for r in closed})
+        for spec, color in (("on", "C0"), ("off", "C1")):
             series = sorted((r for r in closed if r["name"].endswith(spec)), key=lambda r: r["load"]["concurrency"])
             if not series:
                 continue
-            x = [r["load"]["concurrency"] for r in series]
-            axes[0].plot(x, [r["output_token_throughput"] for r in series], "o-", label=f"speculation {spec}")
-            axes[1].plot(x, [r["tpot_ms"]["p50"] for r in series], "o-", label=f"p50, speculation {spec}")
-            axes[1].plot(x, [r["tpot_ms"]["p90"] for r in series], "x--", label=f"p90, speculation {spec}")
-            axes[2].plot(x, [r["goodput"]["requests_per_s"] for r in series], "o-", label=f"speculation {spec}")
+            x, style = [r["load"]["concurrency"] for r in series], dict(color=color, marker="o")
+            axes[0].plot(x, [r["output_token_throughput"] for r in series], **style, label=f"speculation {spec}")
+            axes[1].plot(x, [r["tpot_ms"]["p50"] for r in series], **style, label=f"p50, speculation {spec}")
+            axes[1].plot(x, [r["tpot_ms"]["p90"] for r in series], **style, ls="--", label=f"p90, speculation {spec}")
+            axes[2].plot(x, [r["goodput"]["requests_per_s"] for r in series], **style, label=f"speculation {spec}")
         for ax, title, unit in zip(
             axes,
             ("output throughput", "TPOT", "goodput"),
@@ -186,6 +193,7 @@ def write_report(report: dict, out_dir: Path, stem: str = "loadtest") -> list[Pa
         ):
             ax.set(title=f"{title} vs concurrency", xlabel="concurrent clients", ylabel=unit)
             ax.set_xscale("log", base=2)
+            ax.set_xticks(levels, [str(c) for c in levels])
             ax.grid(alpha=0.3)
             ax.legend(fontsize=7)
         fig.tight_layout()
