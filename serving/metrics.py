@@ -30,7 +30,7 @@ PREFIX = "eesd:"
 # Seconds: loopback rounds of tiny models take ~1 ms, a large model's verify pass on CPU ~1 s.
 TIME_BUCKETS = (0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0)
 REQUEST_BUCKETS = (0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 20.0, 40.0, 80.0, 160.0)
-K_BUCKETS = (*range(17), 24, 32)  # one bucket per k up to 16: rounds with k = j are bucket(j) - bucket(j-1)
+K_BUCKETS = (*range(33), 40, 48, 56, 64)  # one bucket per k <= 32: rounds with k = j are bucket(j) - bucket(j-1)
 ROUND_PARTS = ("draft", "verify", "transport", "controller")
 
 
