@@ -90,31 +90,7 @@ class RoundLoop:
             raise Unavailable("no verifier is ready")
         speculate = params.policy.name != "off" and params.policy.k_max > 0
         pair = _Pair(self.router.pick_drafter() if speculate else None, verifier)
-        # Acquire before the first await: sessions arriving together must see each other's load, or a
-        # burst of them all picks the same least-loaded pair while create_session waits on Redis.
-        self.router.acquire(pair.drafter or "", pair.verifier)
-        try:
-            await self.store.create_session(
-                SessionRecord(
-                    session_id,
-                    list(prompt_ids),
-                    len(prompt_ids),
-                    0,
-                    policy.state(),
-                    {
-                        "max_new_tokens": params.max_new_tokens,
-                        "sampling": asdict(params.sampling),
-                        "seed": seed,
-                        "policy": asdict(params.policy),
-                        "stop_on_eos": params.stop_on_eos,
-                    },
-                    pair.drafter or "",
-                    pair.verifier,
-                )
-            )
-        except BaseException:
-            self.router.release(pair.drafter or "", pair.verifier)
-            raise
+        await self._create_session(session_id, prompt_ids, params, seed, policy.state(), pair)
         committed, stats = list(prompt_ids), GenerationStats()
         transport_ms = controller_ms = 0.0
         start = time.perf_counter()
@@ -147,15 +123,7 @@ class RoundLoop:
                 pair.verifier_length = outcome.verdict.cache_length
                 if outcome.draft.tokens:
                     pair.drafter_length = outcome.drafter_cache_length
-                round_stats = RoundStats(
-                    stats.rounds,
-                    outcome.draft.budget,
-                    len(outcome.draft.tokens),
-                    outcome.verdict.accepted,
-                    len(tokens),
-                    outcome.draft_ms / 1e3,
-                    outcome.verify_ms / 1e3,
-                )
+                round_stats = outcome.stats(stats.rounds, len(tokens))
                 stats.add(round_stats)
                 own_ms = (time.perf_counter() - call_done) * 1e3
                 wire_ms = max(0.0, (call_done - round_start) * 1e3 - outcome.draft_ms - outcome.verify_ms)
@@ -170,12 +138,44 @@ class RoundLoop:
         except EesdError:
             await self.store.finish(session_id, "finished", "error")
             raise
+        except (asyncio.CancelledError, GeneratorExit):
+            # The client went away mid-stream: what was committed stays, the session ends as cancelled.
+            asyncio.ensure_future(self.store.finish(session_id, "cancelled", "cancelled"))
+            raise
         finally:
             self._cancelled.discard(session_id)
             self.router.release(pair.drafter or "", pair.verifier)
             for role, address in (("drafter", pair.drafter), ("verifier", pair.verifier)):
                 if address:
                     asyncio.ensure_future(self.nodes.close_session(role, address, session_id))
+
+    async def _create_session(
+        self,
+        session_id: str,
+        prompt_ids: list[int],
+        params: GenerationParams,
+        seed: int,
+        policy_state: dict[str, float],
+        pair: _Pair,
+    ) -> None:
+        # Load is taken before the first await: sessions arriving together must see each other's load, or
+        # a burst of them all picks the same least-loaded pair while create_session waits on Redis.
+        self.router.acquire(pair.drafter or "", pair.verifier)
+        request = {
+            "max_new_tokens": params.max_new_tokens,
+            "sampling": asdict(params.sampling),
+            "seed": seed,
+            "policy": asdict(params.policy),
+            "stop_on_eos": params.stop_on_eos,
+        }
+        record = SessionRecord(
+            session_id, list(prompt_ids), len(prompt_ids), 0, policy_state, request, pair.drafter or "", pair.verifier
+        )
+        try:
+            await self.store.create_session(record)
+        except BaseException:
+            self.router.release(pair.drafter or "", pair.verifier)
+            raise
 
     async def _run_round(
         self,
