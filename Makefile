@@ -50,6 +50,23 @@ run: setup redis
 .PHONY: model
 model: setup
 	$(BIN)/python -m eesd.reference_model --out .cache/reference-model
+	$(MAKE) --no-print-directory exit-head
+
+# Second step of `make model`: the exit layer distilled from the model itself (eesd distill on continuations
+# of prompts from the model's training files). Cached: skipped while the head matches recipe and model build.
+EXIT_LAYER ?= 2
+REFERENCE  := .cache/reference-model
+EXIT_HEAD  := $(REFERENCE)-exit-head-n$(EXIT_LAYER)
+.PHONY: exit-head bench
+exit-head: setup
+	$(BIN)/python -m eesd.cli model --skip-build --out $(REFERENCE) --exit-layer $(EXIT_LAYER)
+
+# Benchmarks on the reference model and its held-out prompts, greedy and T=0.7, interleaved, medians of 3:
+# bench/results/reference.json + PNGs, and the Markdown table docs/benchmarks.md quotes.
+BENCH_ARGS ?= --num-prompts 8 --max-new-tokens 128 --repetitions 3
+bench: model
+	$(BIN)/python -m eesd.cli bench --model $(REFERENCE) --exit-layer $(EXIT_LAYER) --exit-head $(EXIT_HEAD) \
+	  --prompts $(REFERENCE)/heldout_prompts.jsonl --name reference $(BENCH_ARGS) | tee bench/results/reference.md
 
 clean:
 	rm -rf $(VENV) .pytest_cache .ruff_cache

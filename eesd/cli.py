@@ -2,6 +2,7 @@
 
 import argparse
 import json
+import logging
 import sys
 from pathlib import Path
 
@@ -152,6 +153,8 @@ def load_prompt_file(path: str, model_dir: str, limit: int) -> list[list[int]]:
         rows = rows.get("prompts", rows) if isinstance(rows, dict) else rows
     tokenizer = None
     prompts = []
+    if len(rows) > limit > 1:  # spread over the file (held-out prompts come sorted by source file)
+        rows = [rows[round(i * (len(rows) - 1) / (limit - 1))] for i in range(limit)]
     for row in rows[:limit]:
         if isinstance(row, dict):
             row = row.get("prompt_ids", row.get("prompt", row.get("text")))
@@ -226,6 +229,89 @@ def add_bench_parser(sub) -> None:
     bench.set_defaults(func=cmd_bench)
 
 
+REFERENCE_EXIT_LAYER = 2
+
+
+def reference_distill_config(model_dir: str, head_dir: str, exit_layer: int, prompts: str) -> "DistillConfig":  # noqa: F821
+    """The distillation recipe of the reference model's exit head (`make model`)."""
+    from eesd.distill import DistillConfig
+
+    return DistillConfig(
+        model_dir=model_dir,
+        exit_layer=exit_layer,
+        out_dir=head_dir,
+        prompts=prompts,
+        num_prompts=384,
+        prompt_len=64,
+        gen_len=128,
+        sampled_fraction=0.5,
+        steps=600,
+        batch_size=16,
+        lr=1e-3,
+        warmup_steps=30,
+        checkpoint_every=100,
+        seed=0,
+        dtype="float32",
+    )
+
+
+def cmd_model(args: argparse.Namespace) -> int:
+    """Builds the reference model (cached by its recipe stamp), then distills its exit head (cached)."""
+    from eesd import corpus, reference_model
+    from eesd.distill import corpus_prompts_file, distill, up_to_date
+
+    model_dir = Path(args.out)
+    if not args.skip_build:
+        logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s %(message)s")
+        reference_model.build_reference_model(model_dir)
+    stamp = reference_model.cached_stamp(model_dir)
+    if stamp is None:
+        raise InvalidArgument("model_dir", f"no reference model built in {str(model_dir)!r}; run `make model`")
+    head_dir = Path(args.exit_head_out or f"{model_dir}-exit-head-n{args.exit_layer}")
+    split = json.loads((model_dir / reference_model.SPLIT_FILE).read_text())
+    prompts = head_dir.parent / f"{head_dir.name}-prompts.jsonl"
+    cfg = reference_distill_config(str(model_dir), str(head_dir), args.exit_layer, str(prompts))
+    if up_to_date(cfg, stamp) and not args.force:
+        print(f"eesd model: exit head in {head_dir} is up to date", file=sys.stderr)
+    else:
+        # Distillation prompts come from the model's training files only: the held-out files stay unseen.
+        sources = corpus.read_sources(corpus.stdlib_root(), split["train"])
+        corpus_prompts_file(sources, prompts, cfg.num_prompts, 300, cfg.seed)
+        torch_threads(args.threads)
+        distill(cfg, resume=not args.force, progress=not args.no_progress, model_stamp=stamp)
+    report = json.loads((head_dir / "distill.json").read_text())
+    print(
+        json.dumps(
+            {
+                "model": str(model_dir),
+                "exit_head": str(head_dir),
+                "exit_layer": args.exit_layer,
+                "before": report["before"],
+                "after": report["after"],
+            }
+        )
+    )
+    return 0
+
+
+def torch_threads(threads: int) -> None:
+    import torch
+
+    torch.set_num_threads(threads)
+
+
+def add_model_parser(sub) -> None:
+    model = sub.add_parser("model", help="build the reference model and distill its exit head (both cached)")
+    model.add_argument("--out", default=".cache/reference-model", help="reference model directory")
+    model.add_argument("--exit-layer", type=int, default=REFERENCE_EXIT_LAYER)
+    model.add_argument("--exit-head-out", help="exit-head directory (default: <out>-exit-head-n<N>)")
+    model.add_argument("--skip-build", action="store_true", help="only distill (the model is already built)")
+    model.add_argument("--force", action="store_true", help="distill again even when the head is up to date")
+    model.add_argument("--threads", type=int, default=2)
+    model.add_argument("--no-progress", action="store_true")
+    model.set_defaults(func=cmd_model)
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="eesd", description="Early-Exiting Speculative Decoding")
     sub = parser.add_subparsers(dest="command", required=True)
@@ -248,6 +334,7 @@ def build_parser() -> argparse.ArgumentParser:
     gen.set_defaults(func=cmd_generate)
     add_distill_parser(sub)
     add_bench_parser(sub)
+    add_model_parser(sub)
     return parser
 
 

@@ -26,7 +26,7 @@ from transformers import AutoModelForCausalLM
 from eesd.checkpoint import CheckpointReader, config_hash, load_config, modeling_module, resolve_dtype
 from eesd.decoder_stack import attention_window, causal_mask
 from eesd.errors import InvalidArgument
-from eesd.exit_layer import ExitLayerMeta, save_exit_head, untrained_exit_layer, validate_exit_layer
+from eesd.exit_layer import META_FILE, ExitLayerMeta, save_exit_head, untrained_exit_layer, validate_exit_layer
 
 REPORT_FILE = "distill.json"
 CORPUS_SUFFIXES = (".py", ".txt", ".md", ".rst")
@@ -264,8 +264,33 @@ def _progress(step: int, total: int, loss: float, start: float, enabled: bool) -
         print(file=sys.stderr)
 
 
-def distill(cfg: DistillConfig, resume: bool = True, progress: bool = True) -> dict:
-    """Trains and saves the exit head under cfg.out_dir; returns the report (also written to distill.json)."""
+def up_to_date(cfg: DistillConfig, model_stamp: str = "") -> bool:
+    """Whether cfg.out_dir holds a head distilled with exactly this config from this model build."""
+    report, meta = Path(cfg.out_dir) / REPORT_FILE, Path(cfg.out_dir) / META_FILE
+    if not report.is_file() or not meta.is_file():
+        return False
+    saved = json.loads(report.read_text())
+    return saved.get("config") == json.loads(json.dumps(asdict(cfg))) and saved.get("model_stamp") == model_stamp
+
+
+def corpus_prompts_file(sources: list, out_file: str | Path, count: int, min_chars: int, seed: int) -> Path:
+    """Writes prompts cut from corpus documents (eesd.corpus.SourceFile) as a .jsonl distill reads."""
+    from eesd.corpus import cut_prompts
+
+    out = Path(out_file)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    rows = [
+        json.dumps({"prompt": p.text, "path": p.path, "line": p.line})
+        for p in cut_prompts(sources, count, min_chars, seed)
+    ]
+    out.write_text("\n".join(rows) + "\n")
+    return out
+
+
+def distill(cfg: DistillConfig, resume: bool = True, progress: bool = True, model_stamp: str = "") -> dict:
+    """Trains and saves the exit head under cfg.out_dir; returns the report (also written to distill.json).
+
+    `model_stamp` names the model build the head belongs to (recorded for `up_to_date`)."""
     cfg.validate()
     config = load_config(cfg.model_dir)
     validate_exit_layer(cfg.exit_layer, config)
@@ -353,6 +378,7 @@ def distill(cfg: DistillConfig, resume: bool = True, progress: bool = True) -> d
     save_exit_head(out, {k: v.float() for k, v in head.layer.state_dict().items()}, meta)
     report = {
         "config": asdict(cfg),
+        "model_stamp": model_stamp,
         "train_sequences": len(train),
         "eval_sequences": len(held_out),
         "train_tokens": sum(f[0].shape[0] for f in train),

@@ -9,7 +9,7 @@ from transformers import AutoModelForCausalLM
 import eesd.distill
 from eesd.checkpoint import CheckpointReader, load_config
 from eesd.cli import main
-from eesd.distill import REPORT_FILE, DistillConfig, ExitHead, distill, target_features
+from eesd.distill import REPORT_FILE, DistillConfig, ExitHead, distill, target_features, up_to_date
 from eesd.drafter import Drafter
 from eesd.engine import SpeculativeEngine
 from eesd.errors import InvalidArgument
@@ -57,6 +57,14 @@ def test_loss_falls_and_report_is_written(distilled):
     assert report["trainable_parameters"] < report["model_parameters"]
     assert json.loads((out / REPORT_FILE).read_text())["after"] == report["after"]
     assert json.loads((out / META_FILE).read_text())["trained"] is True
+
+
+def test_up_to_date_names_config_and_model_build(tiny_models, distilled):
+    out, _ = distilled
+    cfg = _config(tiny_models["llama"], out, checkpoint_every=15)
+    assert up_to_date(cfg)
+    assert not up_to_date(cfg, model_stamp="another build")
+    assert not up_to_date(_config(tiny_models["llama"], out, checkpoint_every=15, steps=41))
 
 
 def test_saved_head_loads_and_raises_acceptance(tiny_models, distilled):
