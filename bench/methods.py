@@ -51,8 +51,20 @@ def default_methods(k_max: int, fixed_ks: list[int], policies: list[str], hf_ass
         methods.append(Method(name, "hf-assisted-ee", options=options, label=name.replace("hf-", "HF ")))
     methods.append(Method("ours-ar", "ours", "off", label="ours, no speculation"))
     methods += [Method(f"ours-fixed-{k}", "ours", "fixed", {"k": k}, label=f"fixed k={k}") for k in fixed_ks]
-    methods += [Method(f"ours-{p}", "ours", p, label=p) for p in policies]
+    for spec in policies:
+        name, options = parse_policy_spec(spec)
+        methods.append(Method(f"ours-{spec}", "ours", name, options, label=spec))
     return methods
+
+
+def parse_policy_spec(spec: str) -> tuple[str, dict[str, float]]:
+    """'beta-ts' or 'beta-ts[draft_cost=0.2;alpha=2]' -> (name, options)."""
+    name, _, rest = spec.partition("[")
+    options = {}
+    for item in filter(None, rest.rstrip("]").split(";")):
+        key, _, value = item.partition("=")
+        options[key.strip()] = float(value)
+    return name.strip(), options
 
 
 class Runners:

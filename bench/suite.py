@@ -205,7 +205,7 @@ def headline(result: dict) -> dict:
     if fixed:
         best_fixed = max(fixed, key=lambda n: fixed[n]["speedup_vs_ours_ar"])
         out["best_fixed"] = best_fixed
-        for ts in ("ours-beta-ts", "ours-calibration-ts"):
+        for ts in [n for n in spec if spec[n]["policy"] in ("beta-ts", "calibration-ts")]:
             if ts in spec:
                 out[f"{ts}_vs_best_fixed"] = spec[ts]["speedup_vs_ours_ar"] / fixed[best_fixed]["speedup_vs_ours_ar"]
                 if "ours-heuristic" in spec:

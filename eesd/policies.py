@@ -105,6 +105,16 @@ def posterior_update(alpha: float, beta: float, judged: int, accepted: int, disc
     return discount * alpha + accepted, discount * beta + (1.0 if accepted < judged else 0.0)
 
 
+def expected_committed(theta: float, k: int) -> float:
+    """tau of a block of k drafts at per-token acceptance theta: (1 - theta^(k+1)) / (1 - theta)."""
+    return float(k + 1) if theta >= 1.0 else (1.0 - theta ** (k + 1)) / (1.0 - theta)
+
+
+def best_block(theta: float, draft_cost: float, k_max: int) -> int:
+    """The k in 1..k_max maximising expected tokens per unit of time, tau(theta, k) / (1 + draft_cost * k)."""
+    return max(range(1, k_max + 1), key=lambda k: expected_committed(theta, k) / (1.0 + draft_cost * k)) if k_max else 0
+
+
 @dataclass
 class BetaTS(DraftPolicy):
     """Thompson sampling over one Beta posterior of the per-token acceptance probability."""
@@ -113,6 +123,9 @@ class BetaTS(DraftPolicy):
     beta: float = 1.0
     per_token: float = 0.0  # 1: draw theta after every token instead of once per round
     discount: float = 1.0
+    # > 0: cost-aware instead of the Bernoulli stopping rule: the round drafts the k that maximises
+    # tau(theta, k) / (1 + draft_cost * k) for the sampled theta (draft_cost: one draft step / one verify pass).
+    draft_cost: float = 0.0
     name = "beta-ts"
 
     def __post_init__(self) -> None:
@@ -120,9 +133,13 @@ class BetaTS(DraftPolicy):
 
     def begin_round(self, rng: random.Random) -> int:
         self._theta = rng.betavariate(self.alpha, self.beta)
+        if self.draft_cost > 0:
+            return best_block(self._theta, self.draft_cost, self.k_max)
         return self.k_max
 
     def keep_drafting(self, drafted: int, confidence: float, rng: random.Random) -> bool:
+        if self.draft_cost > 0:
+            return True  # begin_round bounded the block
         theta = rng.betavariate(self.alpha, self.beta) if self.per_token else self._theta
         return rng.random() < theta
 
@@ -145,6 +162,7 @@ class CalibrationTS(DraftPolicy):
     prior_alpha: float = 1.0
     prior_beta: float = 1.0
     discount: float = 1.0
+    min_accept: float = 0.0  # > 0: the cost-aware rule of keep_drafting instead of the Bernoulli draw
     name = "calibration-ts"
     alphas: list[float] = field(default_factory=list)
     betas: list[float] = field(default_factory=list)
@@ -153,10 +171,21 @@ class CalibrationTS(DraftPolicy):
         self.buckets = int(self.buckets)
         self.alphas = self.alphas or [self.prior_alpha] * self.buckets
         self.betas = self.betas or [self.prior_beta] * self.buckets
+        self._prefix = 1.0
+
+    def begin_round(self, rng: random.Random) -> int:
+        self._prefix = 1.0
+        return self.k_max
 
     def keep_drafting(self, drafted: int, confidence: float, rng: random.Random) -> bool:
         b = confidence_bucket(confidence, self.buckets)
-        return rng.random() < rng.betavariate(self.alphas[b], self.betas[b])
+        theta = rng.betavariate(self.alphas[b], self.betas[b])
+        if self.min_accept > 0:
+            # Cost-aware: go on while the sampled chance that every draft so far and the next one (judged
+            # like this one) are accepted is worth a draft step.
+            self._prefix *= theta
+            return self._prefix * theta >= self.min_accept
+        return rng.random() < theta
 
     def update(self, confidences: Sequence[float], accepted: int) -> None:
         """Only judged drafts count: the accepted ones and the first rejected one."""
