@@ -52,6 +52,7 @@ class DistillConfig:
     seed: int = 0
     device: str = "cpu"
     dtype: str = "auto"  # the target's dtype; auto: bfloat16 on cuda, float32 on cpu
+    train_bf16: bool = False  # bf16 autocast for the exit layer's training also under a float32 target
     gen_batch_size: int = 32
 
     def validate(self) -> None:
@@ -273,20 +274,6 @@ def up_to_date(cfg: DistillConfig, model_stamp: str = "") -> bool:
     return saved.get("config") == json.loads(json.dumps(asdict(cfg))) and saved.get("model_stamp") == model_stamp
 
 
-def corpus_prompts_file(sources: list, out_file: str | Path, count: int, min_chars: int, seed: int) -> Path:
-    """Writes prompts cut from corpus documents (eesd.corpus.SourceFile) as a .jsonl distill reads."""
-    from eesd.corpus import cut_prompts
-
-    out = Path(out_file)
-    out.parent.mkdir(parents=True, exist_ok=True)
-    rows = [
-        json.dumps({"prompt": p.text, "path": p.path, "line": p.line})
-        for p in cut_prompts(sources, count, min_chars, seed)
-    ]
-    out.write_text("\n".join(rows) + "\n")
-    return out
-
-
 def distill(cfg: DistillConfig, resume: bool = True, progress: bool = True, model_stamp: str = "") -> dict:
     """Trains and saves the exit head under cfg.out_dir; returns the report (also written to distill.json).
 
@@ -300,7 +287,7 @@ def distill(cfg: DistillConfig, resume: bool = True, progress: bool = True, mode
         if cfg.dtype != "auto"
         else (torch.bfloat16 if device.type == "cuda" else torch.float32)
     )
-    autocast = dtype == torch.bfloat16
+    autocast = dtype == torch.bfloat16 or cfg.train_bf16
     out = Path(cfg.out_dir)
     ckpt_dir = out / "checkpoints"
     ckpt_dir.mkdir(parents=True, exist_ok=True)
