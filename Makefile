@@ -36,7 +36,7 @@ test-slow: setup
 
 lint: setup
 	$(BIN)/ruff check .
-	$(BIN)/ruff format --check eesd tests
+	$(BIN)/ruff format --check .
 
 # The main job: prompts streamed through the distributed stack (started here unless `make run` is up).
 demo: setup redis

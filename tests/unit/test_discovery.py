@@ -330,9 +330,7 @@ def test_kubernetes_discovery_follows_slices_added_unready_and_removed(api):
         # d-2 finished loading.
         api.change(
             "MODIFIED",
-            endpoint_slice(
-                "eesd-drafter-abc", [pod_endpoint("10.0.0.1", "d-1"), pod_endpoint("10.0.0.2", "d-2")]
-            ),
+            endpoint_slice("eesd-drafter-abc", [pod_endpoint("10.0.0.1", "d-1"), pod_endpoint("10.0.0.2", "d-2")]),
         )
         wait_for(lambda: addresses(d) == ["10.0.0.1:50061", "10.0.0.2:50061"])
         # A second slice appears (scale-out past the slice size).
@@ -389,9 +387,7 @@ def test_kubernetes_discovery_resumes_after_timeout_and_relists_after_410(api):
         api.gone()
         wait_for(lambda: addresses(d) == ["10.0.0.9:50061"])
         assert sum(r.get("watch") != "true" for r in api.requests) == 2
-        wait_for(
-            lambda: [r for r in api.requests if r.get("watch") == "true"][-1]["resourceVersion"] == "150"
-        )
+        wait_for(lambda: [r for r in api.requests if r.get("watch") == "true"][-1]["resourceVersion"] == "150")
     finally:
         d.stop()
 
