@@ -63,7 +63,7 @@ exit-head: setup
 
 # Benchmarks on the reference model and its held-out prompts, greedy and T=0.7, interleaved, medians of 3:
 # bench/results/reference.json + PNGs, and the Markdown table docs/benchmarks.md quotes.
-BENCH_ARGS ?= --num-prompts 4 --max-new-tokens 128 --repetitions 3 --policies "heuristic,threshold,beta-ts,calibration-ts,beta-ts[draft_cost=0.25],calibration-ts[min_accept=0.4]"
+BENCH_ARGS ?= --num-prompts 4 --max-new-tokens 96 --repetitions 3 --policies "heuristic,threshold,beta-ts,calibration-ts,beta-ts[draft_cost=0.25;alpha=4],calibration-ts[min_accept=0.25;discount=0.8]"
 bench: model
 	$(BIN)/python -m eesd.cli bench --model $(REFERENCE) --exit-layer $(EXIT_LAYER) --exit-head $(EXIT_HEAD) \
 	  --prompts $(REFERENCE)/heldout_prompts.jsonl --name reference $(BENCH_ARGS) | tee bench/results/reference.md

@@ -328,8 +328,11 @@ def distill(cfg: DistillConfig, resume: bool = True, progress: bool = True, mode
 
     step, history = 0, []
     latest = _latest_checkpoint(ckpt_dir) if resume else None
-    if latest is not None:
-        saved = torch.load(latest, weights_only=False)
+    saved = torch.load(latest, weights_only=False) if latest is not None else None
+    if saved is not None and saved.get("config") != asdict(cfg):  # another recipe: start over
+        log(f"distill: {latest.name} was written by another config; starting over")
+        saved = None
+    if saved is not None:
         head.layer.load_state_dict(saved["exit_state"])
         optimizer.load_state_dict(saved["optimizer"])
         step, history, before = saved["step"], saved["history"], saved["before"]
@@ -353,6 +356,7 @@ def distill(cfg: DistillConfig, resume: bool = True, progress: bool = True, mode
         _progress(step, cfg.steps, history[-1], t1, progress)
         if step % cfg.checkpoint_every == 0 or step == cfg.steps:
             state = {"step": step, "history": history, "before": before, "optimizer": optimizer.state_dict()}
+            state["config"] = asdict(cfg)
             torch.save({**state, "exit_state": head.layer.state_dict()}, ckpt_dir / f"step-{step:06d}.pt")
             for old in sorted(ckpt_dir.glob("step-*.pt"))[:-2]:
                 old.unlink()

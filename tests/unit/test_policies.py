@@ -87,3 +87,25 @@ def test_bad_policy_input_names_the_field():
         make_policy(PolicyParams("beta-ts"), {"gamma": 1.0})
     with pytest.raises(InvalidArgument, match="k_max"):
         make_policy(PolicyParams("beta-ts", k_max=-1))
+
+
+def test_cost_aware_beta_ts_picks_the_block_that_maximises_throughput():
+    from eesd.policies import best_block, expected_committed
+
+    assert expected_committed(0.5, 2) == pytest.approx(1.75) and expected_committed(1.0, 3) == 4.0
+    assert best_block(0.95, 0.1, 8) == 8 and best_block(0.2, 0.5, 8) == 1
+    assert 1 < best_block(0.8, 0.25, 8) < 8
+    confident = make_policy(PolicyParams("beta-ts", k_max=8, options={"alpha": 90, "beta": 10, "draft_cost": 0.25}))
+    rng = random.Random(0)
+    ks = [confident.begin_round(rng) for _ in range(50)]
+    assert all(confident.keep_drafting(1, 0.1, rng) for _ in range(5))  # the block was chosen up front
+    assert 3 <= sum(ks) / len(ks) <= 8
+
+
+def test_cost_aware_calibration_ts_stops_when_the_prefix_is_unlikely():
+    rng = random.Random(0)
+    policy = make_policy(PolicyParams("calibration-ts", options={"buckets": 2, "min_accept": 0.5}))
+    policy.alphas, policy.betas = [1.0, 200.0], [200.0, 1.0]  # low confidence: rejected, high: accepted
+    policy.begin_round(rng)
+    assert all(policy.keep_drafting(i, 0.9, rng) for i in range(1, 6))
+    assert not policy.keep_drafting(6, 0.1, rng)
