@@ -29,20 +29,22 @@ def held_out_prompts(model_dir: Path) -> list[str]:
 
 
 def distilled_head(model_dir: Path) -> Path | None:
-    """The newest trained exit head under .cache/ that belongs to this model (same config hash)."""
-    from eesd.checkpoint import config_hash, load_config
+    """The newest exit head under .cache/ distilled from exactly this build of the model.
 
-    wanted = config_hash(load_config(model_dir))
+    A retrained model keeps its config hash, so heads are matched on the build stamp that distillation
+    records (distill.json) against the model's build_report.json.
+    """
+    stamp = json.loads((model_dir / "build_report.json").read_text())["stamp"]
     heads = [
-        meta.parent
-        for meta in CACHE.glob("**/exit_layer.json")
-        if json.loads(meta.read_text()).get("base_config_hash") == wanted
+        report.parent
+        for report in CACHE.glob("**/distill.json")
+        if json.loads(report.read_text()).get("model_stamp") == stamp and (report.parent / "exit_layer.json").is_file()
     ]
     return max(heads, key=lambda p: (p / "exit_layer.json").stat().st_mtime, default=None)
 
 
 def default_model() -> ServedModel:
-    if (REFERENCE_DIR / "config.json").is_file() and (head := distilled_head(REFERENCE_DIR)) is not None:
+    if (REFERENCE_DIR / "build_report.json").is_file() and (head := distilled_head(REFERENCE_DIR)) is not None:
         exit_layer = json.loads((head / "exit_layer.json").read_text())["exit_layer"]
         return ServedModel(REFERENCE_DIR, exit_layer, str(head), "bfloat16", held_out_prompts(REFERENCE_DIR))
     from eesd.tiny import save_tiny_model
