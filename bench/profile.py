@@ -1,0 +1,63 @@
+"""Where a decode step's time goes: wall time vs matmul/attention kernels of the lean stack (torch.profiler).
+
+python -m bench.profile [--model .cache/reference-model] [--exit-layer 2] [--exit-head DIR] [--threads 1]
+"""
+
+import argparse
+import time
+
+import torch
+from torch.profiler import ProfilerActivity, profile
+
+from eesd.drafter import Drafter
+from eesd.verifier import Verifier
+
+KERNELS = ("aten::mm", "aten::addmm", "aten::bmm", "aten::_scaled_dot_product_flash_attention_for_cpu")
+
+
+def measure(stack, num_tokens: int, context: int = 150, calls: int = 50) -> dict:
+    cache = stack.new_cache(512)
+    stack(list(range(1, context)), cache)
+    step = list(range(5, 5 + num_tokens))
+    for _ in range(20):  # warm-up
+        stack(step, cache)
+        cache.crop(context - 1)
+    start = time.perf_counter()
+    for _ in range(calls):
+        stack(step, cache)
+        cache.crop(context - 1)
+    wall = (time.perf_counter() - start) / calls
+    with profile(activities=[ProfilerActivity.CPU]) as prof:
+        for _ in range(calls):
+            stack(step, cache)
+            cache.crop(context - 1)
+    events = prof.key_averages()
+    kernels = sum(e.self_cpu_time_total for e in events if e.key in KERNELS) / calls / 1e3
+    return {"wall_ms": 1e3 * wall, "kernels_ms": kernels, "rest_ms": 1e3 * wall - kernels}
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--model", default=".cache/reference-model")
+    parser.add_argument("--exit-layer", type=int, default=2)
+    parser.add_argument("--exit-head")
+    parser.add_argument("--dtype", default="bfloat16")
+    parser.add_argument("--threads", type=int, default=1)
+    args = parser.parse_args()
+    torch.set_num_threads(args.threads)
+    verifier = Verifier(args.model, dtype=args.dtype)
+    drafter = Drafter(args.model, args.exit_layer, args.exit_head, dtype=args.dtype)
+    for name, stack, tokens in (
+        ("verify 1 token", verifier.stack, 1),
+        ("verify 6 tokens", verifier.stack, 6),
+        ("draft step", drafter.stack, 1),
+    ):
+        m = measure(stack, tokens)
+        print(
+            f"{name:16s} wall {m['wall_ms']:6.2f} ms  matmul+attention {m['kernels_ms']:6.2f} ms  "
+            f"rest {m['rest_ms']:6.2f} ms"
+        )
+
+
+if __name__ == "__main__":
+    main()
