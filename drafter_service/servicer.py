@@ -36,14 +36,7 @@ class DrafterServicer(SessionRpcs, drafter_pb2_grpc.DrafterServiceServicer):
         except CacheBehind as behind:
             return drafter_pb2.DraftResponse(
                 **common,
-                cache_mismatch=convert.cache_mismatch(
-                    request.session_id,
-                    request.round,
-                    request.base_length,
-                    behind.cache_length,
-                    self.role,
-                    self.node.node_id,
-                ),
+                cache_mismatch=self._mismatch(request, behind),
             )
         drafted = time.perf_counter()
         verify_request = VerifyRequest(

@@ -24,6 +24,7 @@ from loadtest.prompts import load_prompts
 from loadtest.report import Slo, summarize, write_report
 from loadtest.runner import Load, run_load
 from loadtest.scrape import scrape, speculation_stats
+from serving.local_stack import add_stack_arguments, stack_from_args
 
 log = logging.getLogger("loadtest")
 SWEEP_CONCURRENCY = "1,2,4,8"
@@ -58,15 +59,7 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--out", default="loadtest/results", help="report directory")
     p.add_argument("--name", default="loadtest", help="report file stem")
     g = p.add_argument_group("--local-stack")
-    g.add_argument("--model-dir", help="default: the reference model once built, else the tiny demo model")
-    g.add_argument("--exit-layer", type=int)
-    g.add_argument("--exit-head", default="")
-    g.add_argument("--dtype", default="float32")
-    g.add_argument("--drafters", type=int, default=1)
-    g.add_argument("--verifiers", type=int, default=1)
-    g.add_argument("--redis", action="store_true", help="redis-server as the state store")
-    g.add_argument("--threads", type=int, default=1, help="torch threads per model process")
-    g.add_argument("--log-dir", default=".cache/loadtest-stack-logs", help="the stack's process logs")
+    add_stack_arguments(g, ".cache/loadtest-stack-logs")
     args = p.parse_args(argv)
     if args.sweep:
         args.concurrency = args.concurrency or _list(int)(SWEEP_CONCURRENCY)
@@ -106,28 +99,7 @@ def loads(args: argparse.Namespace) -> list[Load]:
 
 
 def start_stack(args: argparse.Namespace, stack: ExitStack):
-    from serving.local_stack import LocalStack
-    from serving.models import default_model
-
-    if args.model_dir is None:
-        model = default_model()
-        args.model_dir, args.exit_layer, args.exit_head, args.dtype = (
-            model.model_dir,
-            model.exit_layer,
-            model.exit_head,
-            model.dtype,
-        )
-    local = LocalStack(
-        args.model_dir,
-        args.exit_layer,
-        args.exit_head,
-        args.dtype,
-        args.drafters,
-        args.verifiers,
-        args.redis,
-        log_dir=Path(args.log_dir),
-        threads=args.threads,
-    )
+    local = stack_from_args(args)
     log.info("starting a LocalStack (%s, N=%d) ...", args.model_dir, args.exit_layer)
     stack.enter_context(local)
     args.target = local.controller_address

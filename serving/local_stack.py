@@ -234,8 +234,8 @@ class LocalStack:
         self.stop()
 
 
-def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+def add_stack_arguments(parser: argparse.ArgumentParser | argparse._ArgumentGroup, log_dir: str) -> None:
+    """The flags that describe a local stack (shared by `make run` and the load generator)."""
     parser.add_argument("--model-dir", help="default: the reference model once built (make model), else a tiny one")
     parser.add_argument("--exit-layer", type=int)
     parser.add_argument("--exit-head", default="")
@@ -243,10 +243,12 @@ def main() -> None:
     parser.add_argument("--drafters", type=int, default=1)
     parser.add_argument("--verifiers", type=int, default=1)
     parser.add_argument("--redis", action="store_true", help="run redis-server as the state store")
-    parser.add_argument("--controller-port", type=int, default=50051)
     parser.add_argument("--threads", type=int, default=1, help="torch threads per model process")
-    parser.add_argument("--log-dir", default=".cache/stack-logs")
-    args = parser.parse_args()
+    parser.add_argument("--log-dir", default=log_dir, help="the stack's process logs")
+
+
+def stack_from_args(args: argparse.Namespace, controller_port: int = 0) -> LocalStack:
+    """The stack the flags describe; without --model-dir, the default served model (serving.models)."""
     if args.model_dir is None:
         model = default_model()
         args.model_dir, args.exit_layer, args.exit_head, args.dtype = (
@@ -256,8 +258,8 @@ def main() -> None:
             model.dtype,
         )
     elif args.exit_layer is None:
-        parser.error("--exit-layer is required with --model-dir")
-    stack = LocalStack(
+        raise SystemExit("--exit-layer is required with --model-dir")
+    return LocalStack(
         args.model_dir,
         args.exit_layer,
         args.exit_head,
@@ -267,8 +269,16 @@ def main() -> None:
         args.redis,
         args.log_dir,
         args.threads,
-        controller_port=args.controller_port,
+        controller_port=controller_port,
     )
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    add_stack_arguments(parser, ".cache/stack-logs")
+    parser.add_argument("--controller-port", type=int, default=50051)
+    args = parser.parse_args()
+    stack = stack_from_args(args, args.controller_port)
     stack.start()
     for node in stack.nodes:
         metrics = f"  metrics {node.metrics_url}" if node.metrics_port else ""

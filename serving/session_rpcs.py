@@ -9,6 +9,7 @@ from types import ModuleType
 from grpc import aio
 
 from eesd.kv_cache import CacheBehind
+from eesd_proto.eesd.v1 import common_pb2
 from serving import convert
 from serving.node import ModelNode
 
@@ -18,6 +19,12 @@ class SessionRpcs:
     messages: ModuleType  # drafter_pb2 or verifier_pb2
     prefix: str  # "DrafterService" or "VerifierService"
     role: int  # common_pb2.NodeRole
+
+    def _mismatch(self, request, behind: CacheBehind) -> common_pb2.CacheMismatch:
+        """The answer to a round or prefill whose base lies beyond this node's cache."""
+        return convert.cache_mismatch(
+            request.session_id, request.round, request.base_length, behind.cache_length, self.role, self.node.node_id
+        )
 
     def _message(self, name: str):
         return getattr(self.messages, f"{self.prefix}{name}")
@@ -44,14 +51,7 @@ class SessionRpcs:
             self.node.metrics.cache_mismatch()
             return reply(
                 **common,
-                cache_mismatch=convert.cache_mismatch(
-                    request.session_id,
-                    request.round,
-                    request.base_length,
-                    behind.cache_length,
-                    self.role,
-                    self.node.node_id,
-                ),
+                cache_mismatch=self._mismatch(request, behind),
             )
         return reply(**common, cache_length=length)
 

@@ -56,16 +56,7 @@ class VerifierServicer(SessionRpcs, verifier_pb2_grpc.VerifierServiceServicer):
         try:
             verdict = await self.node.run(self.node.model.verify, convert.verify_request_from_proto(request))
         except CacheBehind as behind:
-            return {
-                "cache_mismatch": convert.cache_mismatch(
-                    request.session_id,
-                    request.round,
-                    request.base_length,
-                    behind.cache_length,
-                    self.role,
-                    self.node.node_id,
-                )
-            }
+            return {"cache_mismatch": self._mismatch(request, behind)}
         verify_ms = (time.perf_counter() - start) * 1e3
         fed = len(request.pending_token_ids) + len(request.draft.token_ids)
         self.node.metrics.rollback(cached + fed - verdict.cache_length)
