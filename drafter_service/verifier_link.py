@@ -20,6 +20,10 @@ from serving.server import channel
 log = logging.getLogger(__name__)
 
 
+# What grpc.aio raises on a call that has already finished, besides AioRpcError.
+STREAM_ENDED = (grpc.aio.UsageError, asyncio.InvalidStateError)
+
+
 def verifier_error(code: grpc.StatusCode | int, message: str) -> EesdError:
     """The verifier's failure as a domain error; an unavailable verifier is named so the controller replaces it."""
     error = error_of(code, message)
@@ -73,9 +77,14 @@ class VerifierLink:
             reason = "closed the stream"
         except grpc.aio.AioRpcError as err:
             reason = f"stream failed: {err.code().name} {err.details()}"
-        self._fail_all(Unavailable(f"verifier {self.address} {reason}", peer="verifier"))
+        except STREAM_ENDED as err:
+            reason = f"stream ended: {err!r}"
+        self._fail_all(call, Unavailable(f"verifier {self.address} {reason}", peer="verifier"))
 
-    def _fail_all(self, error: EesdError) -> None:
+    def _fail_all(self, call, error: EesdError) -> None:
+        """Fails the rounds waiting on `call`; a newer stream opened meanwhile is left alone."""
+        if call is not self._call:
+            return
         self._call = None
         waiters, self._waiters = self._waiters, {}
         for waiter in waiters.values():
@@ -87,15 +96,21 @@ class VerifierLink:
         key = (request.session_id, request.round)
         waiter = asyncio.get_running_loop().create_future()
         async with self._lock:  # one writer at a time on the stream
-            if self._call is None:
-                await self._open()
-            self._waiters[key] = waiter
-            try:
-                await self._call.write(verifier_pb2.VerifyStreamRequest(verify_request=request))
-            except (grpc.aio.AioRpcError, grpc.aio.UsageError) as err:
-                self._waiters.pop(key, None)
-                self._fail_all(Unavailable(f"verifier {self.address}: {err}", peer="verifier"))
-                raise Unavailable(f"verifier {self.address} stream broke: {err}", peer="verifier") from err
+            # A stream the verifier ended (e.g. it restarted) may not have been noticed by the reader yet:
+            # writing to it fails, and the round goes out once more on a fresh stream.
+            for attempt in range(2):
+                if self._call is None:
+                    await self._open()
+                call = self._call
+                self._waiters[key] = waiter
+                try:
+                    await call.write(verifier_pb2.VerifyStreamRequest(verify_request=request))
+                    break
+                except (grpc.aio.AioRpcError, *STREAM_ENDED) as err:
+                    self._waiters.pop(key, None)
+                    self._fail_all(call, Unavailable(f"verifier {self.address}: {err!r}", peer="verifier"))
+                    if attempt == 1:
+                        raise Unavailable(f"verifier {self.address} stream broke: {err!r}", peer="verifier") from err
         try:
             answer = await asyncio.wait_for(waiter, self.timeout_s)
         except TimeoutError as err:
