@@ -97,21 +97,25 @@ class NodeClients:
             request.draft, convert.verdict_from_proto(reply.verdict), 0, 0.0, reply.verdict.verify_ms, 0.0
         )
 
+    def _session_rpcs(self, role: str, address: str):
+        """The node's stub and a constructor of its session-RPC messages (names carry the service prefix)."""
+        module, stub_cls, prefix = (
+            (drafter_pb2, drafter_pb2_grpc.DrafterServiceStub, "DrafterService")
+            if role == "drafter"
+            else (verifier_pb2, verifier_pb2_grpc.VerifierServiceStub, "VerifierService")
+        )
+        return stub_cls(self._channel(address)), lambda name, **fields: getattr(module, prefix + name)(**fields)
+
     async def prefill(
         self, role: str, address: str, session_id: str, round_index: int, base_length: int, token_ids: list[int]
     ) -> int | Mismatch:
         """Brings a lagging node's cache up to base_length + len(token_ids)."""
-        module, stub_cls = (
-            (drafter_pb2, drafter_pb2_grpc.DrafterServiceStub)
-            if role == "drafter"
-            else (verifier_pb2, verifier_pb2_grpc.VerifierServiceStub)
-        )
-        prefix = "DrafterService" if role == "drafter" else "VerifierService"
-        request = getattr(module, f"{prefix}PrefillRequest")(
-            session_id=session_id, round=round_index, base_length=base_length, token_ids=token_ids
+        stub, message = self._session_rpcs(role, address)
+        request = message(
+            "PrefillRequest", session_id=session_id, round=round_index, base_length=base_length, token_ids=token_ids
         )
         try:
-            reply = await stub_cls(self._channel(address)).Prefill(request, timeout=self.timeout_s)
+            reply = await stub.Prefill(request, timeout=self.timeout_s)
         except grpc.aio.AioRpcError as err:
             raise _error(err, role, address) from err
         if reply.WhichOneof("outcome") == "cache_mismatch":
@@ -120,15 +124,9 @@ class NodeClients:
 
     async def close_session(self, role: str, address: str, session_id: str) -> None:
         """Best effort: a node that is gone has nothing to free."""
-        module, stub_cls, prefix = (
-            (drafter_pb2, drafter_pb2_grpc.DrafterServiceStub, "DrafterService")
-            if role == "drafter"
-            else (verifier_pb2, verifier_pb2_grpc.VerifierServiceStub, "VerifierService")
-        )
+        stub, message = self._session_rpcs(role, address)
         try:
-            await stub_cls(self._channel(address)).CloseSession(
-                getattr(module, f"{prefix}CloseSessionRequest")(session_id=session_id), timeout=5.0
-            )
+            await stub.CloseSession(message("CloseSessionRequest", session_id=session_id), timeout=5.0)
         except grpc.aio.AioRpcError:
             pass
 

@@ -9,15 +9,10 @@ from eesd.errors import InvalidArgument
 from eesd.exit_layer import load_exit_head, state_hash, untrained_exit_layer, validate_exit_layer
 from eesd.identity import ModelIdentity
 from eesd.kv_cache import SessionCaches
+from eesd.params import check_token_ids
 from eesd.policies import make_policy
 from eesd.rounds import DraftBlock, DraftRequest
 from eesd.sampling import round_generator, round_seed, sample, sparse_top, target_probs
-
-
-def check_token_ids(field: str, ids: list[int], vocab_size: int) -> None:
-    bad = [t for t in ids if not 0 <= t < vocab_size]
-    if bad:
-        raise InvalidArgument(field, f"ids outside the vocabulary [0, {vocab_size}): {bad[:5]}")
 
 
 class Drafter:

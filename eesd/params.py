@@ -60,10 +60,15 @@ class GenerationParams:
         self.policy.validate()
 
 
+def check_token_ids(field: str, ids: list[int], vocab_size: int) -> None:
+    """Raises InvalidArgument naming `field` for ids outside the vocabulary."""
+    bad = [t for t in ids if not 0 <= t < vocab_size]
+    if bad:
+        raise InvalidArgument(field, f"ids outside the vocabulary [0, {vocab_size}): {bad[:5]}")
+
+
 def validate_prompt(prompt_ids: list[int], vocab_size: int) -> None:
     """Raises InvalidArgument naming `prompt_ids` for an empty prompt or ids outside the vocabulary."""
     if len(prompt_ids) == 0:
         raise InvalidArgument("prompt_ids", "prompt is empty")
-    bad = [t for t in prompt_ids if not 0 <= t < vocab_size]
-    if bad:
-        raise InvalidArgument("prompt_ids", f"ids outside the vocabulary [0, {vocab_size}): {bad[:5]}")
+    check_token_ids("prompt_ids", prompt_ids, vocab_size)

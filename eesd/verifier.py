@@ -12,10 +12,10 @@ import torch
 from eesd.acceptance import accept_greedy, accept_stochastic
 from eesd.checkpoint import CheckpointReader, config_hash, load_config, resolve_dtype, tokenizer_hash
 from eesd.decoder_stack import build_stack
-from eesd.drafter import check_token_ids
 from eesd.errors import InvalidArgument
 from eesd.identity import ModelIdentity
 from eesd.kv_cache import SessionCaches
+from eesd.params import check_token_ids
 from eesd.rounds import DraftBlock, Verdict, VerifyRequest
 from eesd.sampling import densify, round_generator, target_probs
 

@@ -9,8 +9,9 @@ from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
 from typing import TypeVar
 
-from eesd.drafter import Drafter, check_token_ids
+from eesd.drafter import Drafter
 from eesd.errors import Unavailable
+from eesd.params import check_token_ids
 from eesd.verifier import Verifier
 from serving.metrics import node_metrics
 
