@@ -1,12 +1,15 @@
 """Distributed stack vs in-process engine at one session, and where a round's time goes.
 
-Same model, prompts, policy and dtype; runs interleaved prompt by prompt (the machine is shared and
-noisy, so only ratios within one run mean anything). Writes bench/results/distributed.json and .png.
+Three arms on the same model, prompts, policy and dtype: the in-process engine, the stack with pipelined
+drafting (the default) and the stack without it (drafter --pipeline false). They run interleaved prompt
+by prompt (the machine is shared and noisy, so only ratios within one run mean anything). Writes
+bench/results/distributed.json and .png.
 
-    python -m bench.distributed [--repetitions 3] [--max-new-tokens 96] [--policy beta-ts]
+    python -m bench.distributed [--repetitions 3] [--max-new-tokens 96] [--policy beta-ts] [--dtype float32]
 """
 
 import argparse
+import contextlib
 import json
 import statistics
 import time
@@ -29,69 +32,93 @@ def percentile(values: list[float], q: float) -> float:
     return ordered[min(len(ordered) - 1, int(q * len(ordered)))] if ordered else 0.0
 
 
-def run(repetitions: int, max_new_tokens: int, policy: str, prompts: int, threads: int, redis: bool) -> dict:
+ARMS = {"pipelined": (), "unpipelined": ("--pipeline", "false")}  # distributed arm -> drafter flags
+SPLIT = ("draft", "verify", "transport", "controller")
+
+
+def run(
+    repetitions: int, max_new_tokens: int, policy: str, prompts: int, threads: int, redis: bool, dtype: str
+) -> dict:
     torch.set_num_threads(threads)
     model = default_model()
+    dtype = dtype or model.dtype
     engine = SpeculativeEngine(
-        Drafter(model.model_dir, model.exit_layer, model.exit_head or None, model.dtype),
-        Verifier(model.model_dir, model.dtype),
+        Drafter(model.model_dir, model.exit_layer, model.exit_head or None, dtype), Verifier(model.model_dir, dtype)
     )
     prompt_list = model.prompts[:prompts]
-    with (
-        LocalStack(
-            model.model_dir, model.exit_layer, model.exit_head, model.dtype, redis=redis, threads=threads
-        ) as stack,
-        EesdClient(stack.controller_address) as client,
-    ):
-        encode = (lambda p: p) if not isinstance(prompt_list[0], str) else None
-        if encode is None:
-            from transformers import AutoTokenizer
+    encode = lambda p: p  # noqa: E731 - a model without tokenizer has token-id prompts
+    if isinstance(prompt_list[0], str):
+        from transformers import AutoTokenizer
 
-            tokenizer = AutoTokenizer.from_pretrained(model.model_dir)
-            encode = lambda p: tokenizer(p)["input_ids"]  # noqa: E731
-        params = GenerationParams(max_new_tokens, policy=PolicyParams(policy))
-        client.generate_text(encode(prompt_list[0]), max_new_tokens=8, policy=policy)  # warm-up both paths
+        tokenizer = AutoTokenizer.from_pretrained(model.model_dir)
+        encode = lambda p: tokenizer(p)["input_ids"]  # noqa: E731
+    params = GenerationParams(max_new_tokens, policy=PolicyParams(policy))
+    with contextlib.ExitStack() as stacks:
+        clients = {}
+        for arm, drafter_args in ARMS.items():
+            stack = stacks.enter_context(
+                LocalStack(
+                    model.model_dir,
+                    model.exit_layer,
+                    model.exit_head,
+                    dtype,
+                    redis=redis,
+                    threads=threads,
+                    drafter_args=drafter_args,
+                )
+            )
+            clients[arm] = stacks.enter_context(EesdClient(stack.controller_address))
+            clients[arm].generate_text(encode(prompt_list[0]), max_new_tokens=8, policy=policy)  # warm-up
         engine.generate(encode(prompt_list[0]), GenerationParams(8, policy=PolicyParams(policy)))
-        rates = {"in_process": [], "distributed": []}
-        rounds, equal = [], True
+        rates = {arm: [] for arm in ("in_process", *ARMS)}
+        split = {arm: {name: [] for name in SPLIT} for arm in rates}
+        differing = {arm: 0 for arm in ARMS}  # prompts whose tokens differ from the in-process engine's
         for _ in range(repetitions):
-            totals = {"in_process": [0, 0.0], "distributed": [0, 0.0]}
+            totals = {arm: [0, 0.0] for arm in rates}
             for prompt in prompt_list:
                 ids = encode(prompt)
                 start = time.perf_counter()
                 local = engine.generate(ids, params)
                 totals["in_process"][0] += len(local.token_ids)
                 totals["in_process"][1] += time.perf_counter() - start
-                start = time.perf_counter()
-                remote = client.generate_text(ids, max_new_tokens=max_new_tokens, policy=policy)
-                totals["distributed"][0] += len(remote.token_ids)
-                totals["distributed"][1] += time.perf_counter() - start
-                equal &= list(remote.token_ids) == local.token_ids
-                rounds += remote.rounds
-            for key, (tokens, seconds) in totals.items():
-                rates[key].append(tokens / seconds)
-    split = {
-        name: [getattr(r, f"{name}_ms") for r in rounds] for name in ("draft", "verify", "transport", "controller")
-    }
-    medians = {key: statistics.median(values) for key, values in rates.items()}
+                for r in local.stats.per_round:
+                    split["in_process"]["draft"].append(r.draft_s * 1e3)
+                    split["in_process"]["verify"].append(r.verify_s * 1e3)
+                for arm, client in clients.items():
+                    start = time.perf_counter()
+                    remote = client.generate_text(ids, max_new_tokens=max_new_tokens, policy=policy)
+                    totals[arm][0] += len(remote.token_ids)
+                    totals[arm][1] += time.perf_counter() - start
+                    differing[arm] += list(remote.token_ids) != local.token_ids
+                    for r in remote.rounds:
+                        for name in SPLIT:
+                            split[arm][name].append(getattr(r, f"{name}_ms"))
+            for arm, (tokens, seconds) in totals.items():
+                rates[arm].append(tokens / seconds)
+    medians = {arm: statistics.median(values) for arm, values in rates.items()}
     return {
         "machine": machine(),
         "model": str(model.model_dir),
         "exit_layer": model.exit_layer,
-        "dtype": model.dtype,
+        "dtype": dtype,
         "policy": policy,
         "prompts": len(prompt_list),
         "max_new_tokens": max_new_tokens,
         "repetitions": repetitions,
+        "threads_per_process": threads,
         "state_store": "redis" if redis else "memory",
-        "tokens_per_second": {key: {"median": medians[key], "runs": values} for key, values in rates.items()},
-        "distributed_over_in_process": medians["distributed"] / medians["in_process"],
-        "same_tokens": equal,
+        "tokens_per_second": {arm: {"median": medians[arm], "runs": values} for arm, values in rates.items()},
+        "over_in_process": {arm: medians[arm] / medians["in_process"] for arm in ARMS},
+        "runs_differing_from_in_process": differing,
         "round_ms": {
-            name: {"p50": percentile(v, 0.5), "p90": percentile(v, 0.9), "p99": percentile(v, 0.99)}
-            for name, v in split.items()
+            arm: {
+                name: {"p50": percentile(v, 0.5), "p90": percentile(v, 0.9), "p99": percentile(v, 0.99)}
+                for name, v in parts.items()
+                if v
+            }
+            for arm, parts in split.items()
         },
-        "rounds": len(rounds),
+        "rounds": {arm: len(parts["verify"]) for arm, parts in split.items()},
     }
 
 
@@ -101,15 +128,22 @@ def plot(result: dict, path: Path) -> None:
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    fig, (left, right) = plt.subplots(1, 2, figsize=(10, 4))
-    names = ["in_process", "distributed"]
-    left.bar(names, [result["tokens_per_second"][n]["median"] for n in names], color=["#4c72b0", "#dd8452"])
+    fig, (left, right) = plt.subplots(1, 2, figsize=(11, 4))
+    arms = list(result["tokens_per_second"])
+    colors = ["#4c72b0", "#dd8452", "#c44e52"]
+    left.bar(arms, [result["tokens_per_second"][a]["median"] for a in arms], color=colors)
     left.set_ylabel("tokens/s (median)")
-    left.set_title(f"one session, {result['policy']}: {result['distributed_over_in_process']:.2f}x")
-    parts = ["draft", "verify", "transport", "controller"]
-    right.bar(parts, [result["round_ms"][p]["p50"] for p in parts], color="#55a868")
-    right.set_ylabel("ms per round (p50)")
-    right.set_title("where a distributed round's time goes")
+    ratios = ", ".join(f"{a} {r:.2f}x" for a, r in result["over_in_process"].items())
+    left.set_title(f"one session, {result['policy']}: {ratios}", fontsize=9)
+    width = 0.8 / len(arms)
+    for i, arm in enumerate(arms):
+        parts = result["round_ms"][arm]
+        positions = [j + (i - 1) * width for j in range(len(SPLIT))]
+        right.bar(positions, [parts.get(p, {}).get("p50", 0.0) for p in SPLIT], width, color=colors[i], label=arm)
+    right.set_xticks(range(len(SPLIT)), SPLIT)
+    right.set_ylabel("ms per round on the critical path (p50)")
+    right.set_title("where a round's time goes")
+    right.legend()
     fig.suptitle(
         f"{result['model']} N={result['exit_layer']} {result['dtype']} — {result['machine']['cpu']}", fontsize=8
     )
@@ -126,20 +160,28 @@ def main() -> None:
     parser.add_argument(
         "--threads", type=int, default=1, help="torch threads per process (1: robust on a loaded machine)"
     )
+    parser.add_argument("--dtype", default="", help="override the served model's dtype (e.g. float32)")
     parser.add_argument("--memory-store", action="store_true", help="embedded state store instead of redis-server")
     parser.add_argument("--out", default="bench/results/distributed")
     args = parser.parse_args()
-    result = run(args.repetitions, args.max_new_tokens, args.policy, args.prompts, args.threads, not args.memory_store)
+    result = run(
+        args.repetitions,
+        args.max_new_tokens,
+        args.policy,
+        args.prompts,
+        args.threads,
+        not args.memory_store,
+        args.dtype,
+    )
     out = Path(args.out)
     out.parent.mkdir(parents=True, exist_ok=True)
     out.with_suffix(".json").write_text(json.dumps(result, indent=2) + "\n")
     plot(result, out.with_suffix(".png"))
-    tps = result["tokens_per_second"]
-    print(
-        f"in-process {tps['in_process']['median']:.1f} tok/s, distributed {tps['distributed']['median']:.1f} tok/s "
-        f"({result['distributed_over_in_process']:.2f}x), same tokens: {result['same_tokens']}"
-    )
-    print("per-round p50 ms: " + ", ".join(f"{k} {v['p50']:.2f}" for k, v in result["round_ms"].items()))
+    for arm, tps in result["tokens_per_second"].items():
+        ratio = result["over_in_process"].get(arm, 1.0)
+        differing = result["runs_differing_from_in_process"].get(arm, 0)
+        split = ", ".join(f"{k} {v['p50']:.2f}" for k, v in result["round_ms"][arm].items())
+        print(f"{arm:12s} {tps['median']:6.1f} tok/s ({ratio:.2f}x), runs differing {differing}; p50 ms: {split}")
 
 
 if __name__ == "__main__":

@@ -15,7 +15,7 @@ from serving.server import serve
 async def main() -> None:
     config = load_config(DrafterConfig)
     node = ModelNode(config.node_id or f"{config.host}:{config.port}", "drafter")
-    servicer = DrafterServicer(node, config.verify_timeout_s)
+    servicer = DrafterServicer(node, config.verify_timeout_s, config.pipeline)
 
     async def load() -> None:
         await node.load(

@@ -19,6 +19,7 @@ class DrafterConfig:
     max_sessions: int = field(256, "KV caches kept at once; more is RESOURCE_EXHAUSTED")
     draft_top_k: int = field(32, "size K of the sparse draft distribution q shipped when sampling")
     verify_timeout_s: float = field(30.0, "deadline for a verifier's answer to one round")
+    pipeline: bool = field(True, "draft round r+1 while round r is verified, when the node has nothing else to do")
     node_id: str = field("", "name in handshakes and metrics (default host:port)")
     grace_s: float = field(10.0, "seconds in-flight rounds get to finish on SIGTERM")
 

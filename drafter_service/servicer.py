@@ -1,9 +1,11 @@
 """DrafterService: converts messages and calls eesd.drafter.Drafter, then relays the block to the verifier."""
 
+import asyncio
 import time
 
 from grpc import aio
 
+from drafter_service.lookahead import Lookaheads
 from drafter_service.verifier_link import VerifierLinks
 from eesd.kv_cache import CacheBehind
 from eesd.rounds import RoundStats, VerifyRequest
@@ -16,9 +18,10 @@ from serving.session_rpcs import SessionRpcs
 class DrafterServicer(SessionRpcs, drafter_pb2_grpc.DrafterServiceServicer):
     messages, prefix, role = drafter_pb2, "DrafterService", common_pb2.NODE_ROLE_DRAFTER
 
-    def __init__(self, node: ModelNode, verify_timeout_s: float):
+    def __init__(self, node: ModelNode, verify_timeout_s: float, pipeline: bool = True):
         self.node = node
         self.verify_timeout_s = verify_timeout_s
+        self.lookaheads = Lookaheads(node, pipeline)
         self._links: VerifierLinks | None = None
 
     def links(self) -> VerifierLinks:
@@ -27,17 +30,18 @@ class DrafterServicer(SessionRpcs, drafter_pb2_grpc.DrafterServiceServicer):
         return self._links
 
     async def Draft(self, request: drafter_pb2.DraftRequest, context: aio.ServicerContext):
-        """Drafts under the policy, streams the block to the verifier, crops to its verdict."""
+        """Drafts under the policy (or takes the block drafted ahead for this very request), streams it to
+        the verifier, drafts the next round ahead while it waits, and reports the verdict."""
         common = dict(session_id=request.session_id, round=request.round, base_length=request.base_length)
         draft_request = convert.draft_request_from_proto(request)
-        start, cached = time.perf_counter(), self.node.cache_length(request.session_id)
+        start = time.perf_counter()
+        ahead = await self.lookaheads.take(draft_request)
+        # Drafting afresh crops whatever the cache holds past the base (a dropped lookahead included).
+        cropped = 0 if ahead else max(0, self.node.cache_length(request.session_id) - request.base_length)
         try:
-            block = await self.node.run(self.node.model.propose, draft_request)
+            block = ahead or await self.node.run(self.node.model.propose, draft_request)
         except CacheBehind as behind:
-            return drafter_pb2.DraftResponse(
-                **common,
-                cache_mismatch=self._mismatch(request, behind),
-            )
+            return drafter_pb2.DraftResponse(**common, cache_mismatch=self._mismatch(request, behind))
         drafted = time.perf_counter()
         verify_request = VerifyRequest(
             draft_request.session_id,
@@ -48,17 +52,20 @@ class DrafterServicer(SessionRpcs, drafter_pb2_grpc.DrafterServiceServicer):
             draft_request.seed,
             draft_request.sampling,
         )
-        answer = (
-            await self.links().get(request.verifier_address).verify(convert.verify_request_to_proto(verify_request))
-        )
+        link = self.links().get(request.verifier_address)
+        verify = asyncio.ensure_future(link.verify(convert.verify_request_to_proto(verify_request)))
+        self.lookaheads.start(draft_request, block)
+        answer = await verify
         if answer.WhichOneof("kind") == "cache_mismatch":
             return drafter_pb2.DraftResponse(**common, cache_mismatch=answer.cache_mismatch)
         verdict = answer.verdict
-        # Keep only what the verdict committed: the accepted drafts (the last draft was never fed).
+        # The committed part of the cache: the accepted drafts, the last one only if it was fed.
         valid = request.base_length + len(request.pending_token_ids) + verdict.accepted
-        cache = self.node.model.sessions.get(request.session_id)
-        cache.crop(min(cache.length, valid))
-        self.node.metrics.rollback(cached - request.base_length + block.cache_length - cache.length)
+        covers_block = await self.lookaheads.settle(
+            request.session_id, verdict.accepted == len(block.tokens), verdict.next_token
+        )
+        cache_length = valid if covers_block else min(block.cache_length, valid)
+        self.node.metrics.rollback(cropped + block.cache_length - cache_length)
         round_trip_ms = (time.perf_counter() - drafted) * 1e3
         stats = RoundStats(
             request.round,
@@ -74,10 +81,18 @@ class DrafterServicer(SessionRpcs, drafter_pb2_grpc.DrafterServiceServicer):
             result=drafter_pb2.RoundResult(
                 draft=convert.draft_block_to_proto(block),
                 verdict=verdict,
-                drafter_cache_length=cache.length,
+                drafter_cache_length=cache_length,
                 stats=convert.round_stats_to_proto(stats, transport_ms=max(0.0, round_trip_ms - verdict.verify_ms)),
             ),
         )
+
+    async def Prefill(self, request, context: aio.ServicerContext):
+        await self.lookaheads.drop(request.session_id)
+        return await super().Prefill(request, context)
+
+    async def CloseSession(self, request, context: aio.ServicerContext):
+        await self.lookaheads.drop(request.session_id)
+        return await super().CloseSession(request, context)
 
     async def close(self) -> None:
         if self._links is not None:

@@ -1,6 +1,14 @@
-"""The drafter: embeddings, layers 0..N-1, the exit layer, final norm and head; it proposes draft blocks."""
+"""The drafter: embeddings, layers 0..N-1, the exit layer, final norm and head; it proposes draft blocks.
+
+Pipelined drafting (DESIGN §4): while round r is verified, `lookahead` feeds r's last draft and guesses
+the request of round r+1 as it will be if the verifier accepts the whole block and its bonus token is
+the drafter's own top token; proposing that request ahead of time yields exactly the block a fresh
+round would draft, so a right guess only saves time and a wrong one is dropped.
+"""
 
 import random
+from collections.abc import Callable
+from dataclasses import replace
 from pathlib import Path
 
 from eesd.checkpoint import CheckpointReader, config_hash, load_config, resolve_dtype, tokenizer_hash
@@ -50,8 +58,11 @@ class Drafter:
         self.draft_top_k = draft_top_k
         self.device = device
 
-    def propose(self, request: DraftRequest) -> DraftBlock:
-        """Feeds the pending tokens, then drafts token by token while the policy says so."""
+    def propose(self, request: DraftRequest, stop: Callable[[], bool] = lambda: False) -> DraftBlock:
+        """Feeds the pending tokens, then drafts token by token while the policy says so.
+
+        `stop` is asked between drafts; when it says so, drafting ends with DraftStopped.
+        """
         check_token_ids("pending_tokens", request.pending, self.config.vocab_size)
         policy = make_policy(request.policy, request.policy_state)
         rng = random.Random(round_seed(request.seed, request.round_index, "policy"))
@@ -78,6 +89,8 @@ class Drafter:
             confidences.append(confidence)
             if len(tokens) >= budget or not policy.keep_drafting(len(tokens), confidence, rng):
                 break
+            if stop():
+                raise DraftStopped(request.session_id)
             logits = self.stack([token], cache)[-1]
         return DraftBlock(
             tokens,
@@ -87,3 +100,38 @@ class Drafter:
             budget,
             cache.length,
         )
+
+    def lookahead(self, request: DraftRequest, block: DraftBlock) -> DraftRequest | None:
+        """Feeds the block's last draft (so the cache covers the whole block) and guesses round r+1's
+        request; None when round r+1 will not draft. The cache must still end where `block` left it."""
+        cache = self.sessions.get(request.session_id)
+        if cache.length != block.cache_length:
+            raise DraftStopped(request.session_id)
+        logits = self.stack(block.tokens[-1:], cache)[-1]  # (vocab,)
+        # The verifier's bonus token is its top token (greedy) or a draw from p: the drafter's top token
+        # is the likeliest match either way.
+        return next_round(request, block, int(logits.argmax()))
+
+
+class DraftStopped(Exception):
+    """Drafting ahead was stopped (the guess it rested on failed, or other work wants the node)."""
+
+
+def next_round(request: DraftRequest, block: DraftBlock, bonus: int) -> DraftRequest | None:
+    """The request of round r+1 when round r accepts all of `block` and commits `bonus` after it, or
+    None when round r+1 will not draft (no room left). Mirrors the controller's round loop: the policy
+    learns from a fully accepted block, the room shrinks by the k + 1 committed tokens, and both nodes'
+    caches cover everything but the bonus token."""
+    room = request.max_tokens - len(block.tokens) - 1
+    if room <= 0:
+        return None
+    policy = make_policy(request.policy, request.policy_state)
+    policy.update(block.confidences, len(block.tokens))
+    return replace(
+        request,
+        round_index=request.round_index + 1,
+        base_length=block.cache_length + 1,
+        pending=[bonus],
+        max_tokens=room,
+        policy_state=policy.state(),
+    )

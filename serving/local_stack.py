@@ -82,6 +82,7 @@ class LocalStack:
         threads: int = 1,
         controller_args: tuple[str, ...] = (),
         controller_port: int = 0,
+        drafter_args: tuple[str, ...] = (),
     ):
         self.log_dir = Path(log_dir or tempfile.mkdtemp(prefix="eesd-stack-"))
         self.log_dir.mkdir(parents=True, exist_ok=True)
@@ -138,6 +139,7 @@ class LocalStack:
                         str(exit_layer),
                         "--exit-head",
                         exit_head,
+                        *drafter_args,
                     ],
                     self.log_dir / f"drafter{i}.log",
                     metrics_port=free_port(),

@@ -146,7 +146,7 @@ class _NodeFamilies:
         role = ("role",)
         self.forward = Histogram(
             PREFIX + "node_forward_seconds",
-            "Model calls on the node's compute thread by op (propose, verify, prefill).",
+            "Model calls on the node's compute thread by op (propose, verify, prefill, lookahead, propose_ahead).",
             (*role, "op"),
             buckets=TIME_BUCKETS,
             registry=registry,
@@ -180,6 +180,13 @@ class _NodeFamilies:
             PREFIX + "prefills", "Prefill RPCs (session start and cache repair).", role, registry=registry
         )
         self.prefill_tokens = Counter(PREFIX + "prefill_tokens", "Tokens fed by Prefill RPCs.", role, registry=registry)
+        self.lookaheads = Counter(
+            PREFIX + "drafter_lookaheads",
+            "Rounds the drafter drafted ahead while the previous one was verified, by outcome: used, "
+            "dropped (the guessed verdict or request did not come), skipped (the node had other work).",
+            ("outcome",),
+            registry=registry,
+        )
         self.cache_mismatches = Counter(
             PREFIX + "cache_mismatches",
             "Requests answered with a cache mismatch (the controller re-prefills).",
@@ -203,10 +210,11 @@ class NodeMetrics:
     def watch_sessions(self, count: Callable[[], int]) -> None:
         self._f.sessions.labels(self.role).set_function(count)
 
-    def timed(self, fn: Callable[..., T]) -> Callable[..., T]:
-        """`fn` wrapped for the compute thread: records its wait for the thread and its run time."""
+    def timed(self, fn: Callable[..., T], op: str = "") -> Callable[..., T]:
+        """`fn` wrapped for the compute thread: records its wait for the thread and its run time under `op`
+        (default: the function's name)."""
         submitted = time.perf_counter()
-        name = getattr(fn, "__name__", type(fn).__name__)
+        name = op or getattr(fn, "__name__", type(fn).__name__)
         forward = self._f.forward.labels(self.role, OP_NAMES.get(name, name))
         mismatches = self._f.cache_mismatches.labels(self.role)
 
@@ -235,6 +243,9 @@ class NodeMetrics:
 
     def cache_mismatch(self) -> None:
         self._f.cache_mismatches.labels(self.role).inc()
+
+    def lookahead(self, outcome: str) -> None:
+        self._f.lookaheads.labels(outcome).inc()
 
 
 class RpcMetrics:

@@ -25,6 +25,7 @@ class ModelNode:
         self.node_id = node_id
         self._model: Drafter | Verifier | None = None
         self._executor = ThreadPoolExecutor(max_workers=1, thread_name_prefix="model")
+        self.queued = 0  # model calls waiting for or running on the compute thread
         self.metrics = node_metrics(role)
         self.metrics.watch_sessions(lambda: len(self._model.sessions) if self._model is not None else 0)
 
@@ -41,9 +42,15 @@ class ModelNode:
         await self.run(lambda: model.stack([0, 1], model.stack.new_cache(capacity=4)))
         self._model = model
 
-    async def run(self, fn: Callable[..., T], *args) -> T:
-        with self.metrics.queue_depth.track_inprogress():
-            return await asyncio.get_running_loop().run_in_executor(self._executor, self.metrics.timed(fn), *args)
+    async def run(self, fn: Callable[..., T], *args, op: str = "") -> T:
+        """Runs `fn(*args)` on the compute thread; `op` names it in metrics (default: its name)."""
+        self.queued += 1
+        try:
+            with self.metrics.queue_depth.track_inprogress():
+                call = self.metrics.timed(fn, op)
+                return await asyncio.get_running_loop().run_in_executor(self._executor, call, *args)
+        finally:
+            self.queued -= 1
 
     def cache_length(self, session_id: str) -> int:
         """How many tokens the session's cache covers (0 when the node does not hold it)."""

@@ -80,8 +80,11 @@ def test_metrics_of_one_generation_equal_its_stats(stack):
 
     # Nodes: every round ran one verify pass; rejected drafts were rolled back on the verifier.
     assert delta.total(P + "node_forward_seconds_count", role="verifier", op="verify") == spec.rounds
+    # A round drafts afresh or takes the block its drafter drafted ahead; k=0 may skip the drafter.
     proposals = delta.total(P + "node_forward_seconds_count", role="drafter", op="propose")
-    assert spec.rounds - spec.k_histogram.get(0, 0) <= proposals <= spec.rounds  # k=0 may skip the drafter
+    used = delta.total(P + "drafter_lookaheads_total", outcome="used")
+    assert spec.rounds - spec.k_histogram.get(0, 0) <= proposals + used <= spec.rounds
+    assert delta.total(P + "node_forward_seconds_count", role="drafter", op="propose_ahead") >= used
     assert delta.total(P + "kv_rollback_tokens_total", role="verifier") >= spec.drafted - spec.accepted
     assert delta.total(P + "prefills_total") >= 1  # the prompt
     assert delta.total(P + "state_store_request_duration_seconds_count", op="commit_round") == spec.rounds
