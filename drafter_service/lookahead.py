@@ -1,18 +1,24 @@
 """Pipelined drafting on a drafter node (DESIGN §4): round r+1 is drafted while round r is verified.
 
-One lookahead per session, started once a block has gone to the verifier, in two steps on the model
-thread:
-  1. feed the block's last draft and guess round r+1's request. This always runs, so that whenever the
-     verifier accepts the whole block the drafter's cache covers it and the length it reports (hence
-     the next round's base) never depends on timing;
-  2. propose the guessed request, only while no other model call waits: under load the node drafts
-     what the controller asks and nothing ahead. It stops as soon as the guess fails or work arrives.
-The next Draft takes the block when its request is exactly the guessed one; anything else drops it.
+A lookahead starts as soon as a block has gone to the verifier, in up to three steps:
+  1. feed the block's last draft and guess round r+1's request (model thread). This runs unless the
+     verdict already rejected a draft, so whenever the verifier accepts the whole block the drafter's
+     cache covers it and the length it reports (hence the next round's base) never depends on timing;
+  2. propose the guessed request (model thread), only while no other model call waits: under load the
+     node drafts what the controller asks and nothing ahead. It stops as soon as the guess fails or work
+     arrives;
+  3. once round r's verdict proves the guess right (every draft accepted, the bonus token guessed), send
+     the block to the same verifier without waiting for the controller, and start the next lookahead.
+The controller still drives every round: the next Draft takes the block (and the verdict under way) when
+its request is exactly the guessed one, anything else drops the session's lookaheads first. The drafter
+never runs more than one round ahead of the controller, and what it sends early is the very message the
+round would send, so a guess that the controller does not follow (the session ended) costs only work.
 """
 
 import asyncio
 import logging
 import threading
+from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
 
 from eesd.drafter import DraftStopped
@@ -22,30 +28,48 @@ from serving.node import ModelNode
 
 log = logging.getLogger(__name__)
 
+Send = Callable[[DraftRequest, DraftBlock], Awaitable]  # a round's request and block -> the verifier's answer
+
 
 @dataclass
 class _Lookahead:
-    guess: asyncio.Future  # of step 1: the guessed DraftRequest of round r+1, or None (no room)
-    ahead: asyncio.Task  # of step 2: the block drafted for the guess, or None (skipped or stopped)
+    verifier_address: str  # the verifier of round r, to which a right guess is sent
+    send: Send
+    guess: asyncio.Future  # step 1: the guessed DraftRequest of round r+1, or None (no room)
+    ahead: asyncio.Task  # step 2: the block drafted for the guess, or None (skipped or stopped)
     stopped: threading.Event  # read by the model thread between drafts
+    answer: asyncio.Task | None = None  # step 3: the verifier's answer to the block sent ahead
+
+    def guessed(self, request: DraftRequest, verifier_address: str) -> bool:
+        guess = self.guess
+        done = guess.done() and not guess.cancelled() and guess.exception() is None
+        return done and guess.result() == request and verifier_address == self.verifier_address
+
+
+@dataclass(frozen=True)
+class Ahead:
+    """What a Draft finds ready for its request: the block, and the verifier's answer when it went out early."""
+
+    block: DraftBlock
+    answer: asyncio.Task | None
 
 
 class Lookaheads:
     def __init__(self, node: ModelNode, enabled: bool = True):
         self.node, self.enabled = node, enabled
-        self._sessions: dict[str, _Lookahead] = {}
+        self._sessions: dict[str, dict[int, _Lookahead]] = {}  # session -> round drafted ahead -> lookahead
 
-    def start(self, request: DraftRequest, block: DraftBlock) -> None:
-        """Begins drafting round r+1 of `request`'s session; `block` is round r's, just sent out."""
+    def start(self, request: DraftRequest, block: DraftBlock, verifier_address: str, send: Send) -> None:
+        """Begins drafting round r+1 of `request`'s session; `block` is round r's, just sent to the verifier."""
         if not self.enabled or not block.tokens:
             return
-        guess = asyncio.ensure_future(self.node.run(self.node.model.lookahead, request, block))
-        stopped = threading.Event()
-        self._sessions[request.session_id] = _Lookahead(
-            guess, asyncio.create_task(self._ahead(guess, stopped)), stopped
-        )
+        stopped = threading.Event()  # a verdict that already rejected a draft spares even step 1
+        guess = asyncio.ensure_future(self.node.run(self.node.model.lookahead, request, block, stopped.is_set))
+        ahead = asyncio.create_task(self._propose_ahead(guess, stopped))
+        lookahead = _Lookahead(verifier_address, send, guess, ahead, stopped)
+        self._sessions.setdefault(request.session_id, {})[request.round_index + 1] = lookahead
 
-    async def _ahead(self, guess: asyncio.Future, stopped: threading.Event) -> DraftBlock | None:
+    async def _propose_ahead(self, guess: asyncio.Future, stopped: threading.Event) -> DraftBlock | None:
         try:
             request = await guess
             if request is None or stopped.is_set() or self.node.queued:
@@ -57,41 +81,58 @@ class Lookaheads:
             log.debug("lookahead dropped: %r", error)
             return None
 
-    async def settle(self, session_id: str, accepted_all: bool, next_token: int) -> bool:
-        """Round r's verdict is in: keeps the lookahead only if its guess came true. True when the cache
-        covers the whole block (the verifier accepted all of it and step 1 fed the last draft)."""
-        lookahead = self._sessions.get(session_id)
+    async def _send_ahead(self, lookahead: _Lookahead):
+        """Step 3: the block goes out as soon as it is drafted, and the round after it is drafted ahead."""
+        block = await asyncio.shield(lookahead.ahead)
+        if block is None or lookahead.stopped.is_set():
+            return None
+        request = lookahead.guess.result()
+        answer = asyncio.ensure_future(lookahead.send(request, block))
+        self.start(request, block, lookahead.verifier_address, lookahead.send)
+        return await answer
+
+    async def settle(self, request: DraftRequest, accepted_all: bool, next_token: int) -> bool:
+        """Round r's verdict is in: keeps round r+1's lookahead only if its guess came true, and then sends
+        its block ahead. True when the cache covers the whole block of round r (the verifier accepted all
+        of it and step 1 fed the last draft)."""
+        lookahead = self._sessions.get(request.session_id, {}).get(request.round_index + 1)
         if lookahead is None:
             return False
         if not accepted_all:
             lookahead.stopped.set()
             return False
         try:
-            request = await asyncio.shield(lookahead.guess)
+            guess = await asyncio.shield(lookahead.guess)
         except (DraftStopped, EesdError):
             return False
-        if request is None or request.pending != [next_token]:
+        if guess is None or guess.pending != [next_token]:
             lookahead.stopped.set()
+        else:
+            lookahead.answer = asyncio.create_task(self._send_ahead(lookahead))
         return True
 
-    async def take(self, request: DraftRequest) -> DraftBlock | None:
-        """The block drafted ahead for exactly `request`, or None. Either way the session's lookahead is
-        over when this returns, so no stale work touches its cache afterwards."""
-        lookahead = self._sessions.pop(request.session_id, None)
-        if lookahead is None:
+    async def take(self, request: DraftRequest, verifier_address: str) -> Ahead | None:
+        """What was drafted (and maybe sent) ahead for exactly this request, or None; then the session holds
+        no lookahead that another request could collide with."""
+        lookaheads = self._sessions.get(request.session_id, {})
+        lookahead = lookaheads.get(request.round_index)
+        if lookahead is None or not lookahead.guessed(request, verifier_address):
+            if lookahead is not None:
+                self.node.metrics.lookahead("dropped")
+            await self.drop(request.session_id)
             return None
-        guess = lookahead.guess
-        guessed = guess.done() and not guess.cancelled() and not guess.exception() and guess.result() == request
-        if not guessed:
-            lookahead.stopped.set()
+        del lookaheads[request.round_index]
         block = await asyncio.shield(lookahead.ahead)
-        # dropped: the guess failed; skipped: it held but the node was busy (or got busy) meanwhile.
-        self.node.metrics.lookahead("dropped" if not guessed else "skipped" if block is None else "used")
-        return block if guessed else None
+        if block is None:
+            self.node.metrics.lookahead("skipped")  # the guess held but the node had other work
+            return None
+        self.node.metrics.lookahead("used")
+        return Ahead(block, lookahead.answer)
 
     async def drop(self, session_id: str) -> None:
-        """Ends the session's lookahead before something else (prefill, close) touches its cache."""
-        lookahead = self._sessions.pop(session_id, None)
-        if lookahead is not None:
+        """Ends the session's lookaheads (and waits for them) before something else touches its cache."""
+        lookaheads = self._sessions.pop(session_id, {}).values()
+        for lookahead in lookaheads:
             lookahead.stopped.set()
-            await asyncio.gather(lookahead.guess, lookahead.ahead, return_exceptions=True)
+        tasks = [t for la in lookaheads for t in (la.guess, la.ahead, la.answer) if t is not None]
+        await asyncio.gather(*tasks, return_exceptions=True)

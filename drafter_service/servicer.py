@@ -1,15 +1,16 @@
 """DrafterService: converts messages and calls eesd.drafter.Drafter, then relays the block to the verifier."""
 
 import asyncio
+import functools
 import time
 
 from grpc import aio
 
 from drafter_service.lookahead import Lookaheads
-from drafter_service.verifier_link import VerifierLinks
+from drafter_service.verifier_link import VerifierLink, VerifierLinks
 from eesd.kv_cache import CacheBehind
-from eesd.rounds import RoundStats, VerifyRequest
-from eesd_proto.eesd.v1 import common_pb2, drafter_pb2, drafter_pb2_grpc
+from eesd.rounds import DraftBlock, DraftRequest, RoundStats, VerifyRequest
+from eesd_proto.eesd.v1 import common_pb2, drafter_pb2, drafter_pb2_grpc, verifier_pb2
 from serving import convert
 from serving.node import ModelNode
 from serving.session_rpcs import SessionRpcs
@@ -30,39 +31,33 @@ class DrafterServicer(SessionRpcs, drafter_pb2_grpc.DrafterServiceServicer):
         return self._links
 
     async def Draft(self, request: drafter_pb2.DraftRequest, context: aio.ServicerContext):
-        """Drafts under the policy (or takes the block drafted ahead for this very request), streams it to
-        the verifier, drafts the next round ahead while it waits, and reports the verdict."""
+        """Drafts under the policy (or takes the block drafted, maybe already verified, ahead for this very
+        request), streams it to the verifier, drafts the next round ahead while it waits, and reports the
+        verdict."""
         common = dict(session_id=request.session_id, round=request.round, base_length=request.base_length)
         draft_request = convert.draft_request_from_proto(request)
         start = time.perf_counter()
-        ahead = await self.lookaheads.take(draft_request)
+        ahead = await self.lookaheads.take(draft_request, request.verifier_address)
         # Drafting afresh crops whatever the cache holds past the base (a dropped lookahead included).
         cropped = 0 if ahead else max(0, self.node.cache_length(request.session_id) - request.base_length)
         try:
-            block = ahead or await self.node.run(self.node.model.propose, draft_request)
+            block = ahead.block if ahead else await self.node.run(self.node.model.propose, draft_request)
         except CacheBehind as behind:
             return drafter_pb2.DraftResponse(**common, cache_mismatch=self._mismatch(request, behind))
         drafted = time.perf_counter()
-        verify_request = VerifyRequest(
-            draft_request.session_id,
-            draft_request.round_index,
-            draft_request.base_length,
-            draft_request.pending,
-            block,
-            draft_request.seed,
-            draft_request.sampling,
-        )
-        link = self.links().get(request.verifier_address)
-        verify = asyncio.ensure_future(link.verify(convert.verify_request_to_proto(verify_request)))
-        self.lookaheads.start(draft_request, block)
-        answer = await verify
+        answer = await ahead.answer if ahead and ahead.answer else None
+        if answer is None:
+            send = functools.partial(self._verify, self.links().get(request.verifier_address))
+            verify = asyncio.ensure_future(send(draft_request, block))
+            self.lookaheads.start(draft_request, block, request.verifier_address, send)
+            answer = await verify
         if answer.WhichOneof("kind") == "cache_mismatch":
             return drafter_pb2.DraftResponse(**common, cache_mismatch=answer.cache_mismatch)
         verdict = answer.verdict
         # The committed part of the cache: the accepted drafts, the last one only if it was fed.
         valid = request.base_length + len(request.pending_token_ids) + verdict.accepted
         covers_block = await self.lookaheads.settle(
-            request.session_id, verdict.accepted == len(block.tokens), verdict.next_token
+            draft_request, verdict.accepted == len(block.tokens), verdict.next_token
         )
         cache_length = valid if covers_block else min(block.cache_length, valid)
         self.node.metrics.rollback(cropped + block.cache_length - cache_length)
@@ -85,6 +80,22 @@ class DrafterServicer(SessionRpcs, drafter_pb2_grpc.DrafterServiceServicer):
                 stats=convert.round_stats_to_proto(stats, transport_ms=max(0.0, round_trip_ms - verdict.verify_ms)),
             ),
         )
+
+    @staticmethod
+    async def _verify(
+        link: VerifierLink, request: DraftRequest, block: DraftBlock
+    ) -> verifier_pb2.VerifyStreamResponse:
+        """Streams one round's block to the verifier and waits for its answer."""
+        verify_request = VerifyRequest(
+            request.session_id,
+            request.round_index,
+            request.base_length,
+            request.pending,
+            block,
+            request.seed,
+            request.sampling,
+        )
+        return await link.verify(convert.verify_request_to_proto(verify_request))
 
     async def Prefill(self, request, context: aio.ServicerContext):
         await self.lookaheads.drop(request.session_id)

@@ -101,11 +101,13 @@ class Drafter:
             cache.length,
         )
 
-    def lookahead(self, request: DraftRequest, block: DraftBlock) -> DraftRequest | None:
+    def lookahead(
+        self, request: DraftRequest, block: DraftBlock, stop: Callable[[], bool] = lambda: False
+    ) -> DraftRequest | None:
         """Feeds the block's last draft (so the cache covers the whole block) and guesses round r+1's
         request; None when round r+1 will not draft. The cache must still end where `block` left it."""
         cache = self.sessions.get(request.session_id)
-        if cache.length != block.cache_length:
+        if stop() or cache.length != block.cache_length:
             raise DraftStopped(request.session_id)
         logits = self.stack(block.tokens[-1:], cache)[-1]  # (vocab,)
         # The verifier's bonus token is its top token (greedy) or a draw from p: the drafter's top token

@@ -71,6 +71,18 @@ def test_lookahead_refuses_a_cache_that_moved_on(drafter):
         drafter.sessions.close("s")
 
 
+def test_lookahead_stopped_before_it_feeds(drafter):
+    drafter.sessions.open("s")
+    try:
+        first = request("fixed")
+        block = drafter.propose(first)
+        with pytest.raises(DraftStopped):
+            drafter.lookahead(first, block, stop=lambda: True)
+        assert drafter.sessions.get("s").length == block.cache_length
+    finally:
+        drafter.sessions.close("s")
+
+
 def test_stop_ends_drafting(drafter):
     drafter.sessions.open("s")
     try:
