@@ -1,9 +1,11 @@
 """Pipelined drafting on a drafter node (DESIGN §4): round r+1 is drafted while round r is verified.
 
 A lookahead starts as soon as a block has gone to the verifier, in up to three steps:
-  1. feed the block's last draft and guess round r+1's request (model thread). This runs unless the
-     verdict already rejected a draft, so whenever the verifier accepts the whole block the drafter's
-     cache covers it and the length it reports (hence the next round's base) never depends on timing;
+  1. feed the block's last draft and guess round r+1's request (model thread). Whenever the verifier
+     accepts the whole block this step happens, ahead (if the node is idle) or at the start of the next
+     round (if it was busy): the same single-token pass either way, so the length the drafter reports,
+     the next round's base and every number computed after it never depend on timing. A verdict that
+     rejected a draft spares it;
   2. propose the guessed request (model thread), only while no other model call waits: under load the
      node drafts what the controller asks and nothing ahead. It stops as soon as the guess fails or work
      arrives;
@@ -58,10 +60,16 @@ class Lookaheads:
     def __init__(self, node: ModelNode, enabled: bool = True):
         self.node, self.enabled = node, enabled
         self._sessions: dict[str, dict[int, _Lookahead]] = {}  # session -> round drafted ahead -> lookahead
+        # Blocks whose step 1 waits for the verdict (the node was busy), then for the next round if due.
+        self._unfed: dict[str, tuple[DraftRequest, DraftBlock]] = {}
+        self._owed: dict[str, tuple[DraftRequest, DraftBlock]] = {}
 
     def start(self, request: DraftRequest, block: DraftBlock, verifier_address: str, send: Send) -> None:
         """Begins drafting round r+1 of `request`'s session; `block` is round r's, just sent to the verifier."""
         if not self.enabled or not block.tokens:
+            return
+        if self.node.queued:  # other sessions want the node: step 1 only if the verdict needs it
+            self._unfed[request.session_id] = (request, block)
             return
         stopped = threading.Event()  # a verdict that already rejected a draft spares even step 1
         guess = asyncio.ensure_future(self.node.run(self.node.model.lookahead, request, block, stopped.is_set))
@@ -94,7 +102,11 @@ class Lookaheads:
     async def settle(self, request: DraftRequest, accepted_all: bool, next_token: int) -> bool:
         """Round r's verdict is in: keeps round r+1's lookahead only if its guess came true, and then sends
         its block ahead. True when the cache covers the whole block of round r (the verifier accepted all
-        of it and step 1 fed the last draft)."""
+        of it and step 1 fed, or will feed, the last draft)."""
+        if (unfed := self._unfed.pop(request.session_id, None)) is not None:
+            if accepted_all:
+                self._owed[request.session_id] = unfed
+            return accepted_all
         lookahead = self._sessions.get(request.session_id, {}).get(request.round_index + 1)
         if lookahead is None:
             return False
@@ -114,6 +126,13 @@ class Lookaheads:
     async def take(self, request: DraftRequest, verifier_address: str) -> Ahead | None:
         """What was drafted (and maybe sent) ahead for exactly this request, or None; then the session holds
         no lookahead that another request could collide with."""
+        if (owed := self._owed.pop(request.session_id, None)) is not None:
+            self.node.metrics.lookahead("skipped")
+            try:
+                await self.node.run(self.node.model.lookahead, *owed)
+            except (DraftStopped, EesdError) as error:  # the cache moved on: the request will say so
+                log.debug("owed lookahead step dropped: %r", error)
+            return None
         lookaheads = self._sessions.get(request.session_id, {})
         lookahead = lookaheads.get(request.round_index)
         if lookahead is None or not lookahead.guessed(request, verifier_address):
@@ -122,6 +141,8 @@ class Lookaheads:
             await self.drop(request.session_id)
             return None
         del lookaheads[request.round_index]
+        if not lookaheads:
+            del self._sessions[request.session_id]
         block = await asyncio.shield(lookahead.ahead)
         if block is None:
             self.node.metrics.lookahead("skipped")  # the guess held but the node had other work
@@ -131,6 +152,8 @@ class Lookaheads:
 
     async def drop(self, session_id: str) -> None:
         """Ends the session's lookaheads (and waits for them) before something else touches its cache."""
+        self._unfed.pop(session_id, None)
+        self._owed.pop(session_id, None)
         lookaheads = self._sessions.pop(session_id, {}).values()
         for lookahead in lookaheads:
             lookahead.stopped.set()
