@@ -31,7 +31,7 @@ from eesd.params import GenerationParams, PolicyParams
 from eesd.verifier import Verifier
 from loadtest.scrape import P, scrape
 from serving.local_stack import LocalStack
-from serving.models import default_model
+from serving.models import ServedModel, default_model
 
 
 def percentile(values: list[float], q: float) -> float:
@@ -65,9 +65,10 @@ def run(
     redis: bool,
     dtype: str,
     concurrency: list[int],
+    model: ServedModel | None = None,
 ) -> dict:
     torch.set_num_threads(threads)
-    model = default_model()
+    model = model or default_model()
     dtype = dtype or model.dtype
     engine = SpeculativeEngine(
         Drafter(model.model_dir, model.exit_layer, model.exit_head or None, dtype), Verifier(model.model_dir, dtype)
