@@ -43,52 +43,43 @@ def test_no_next_round_without_room():
     assert next_round(request(max_tokens=5), block, bonus=11).max_tokens == 1
 
 
+@pytest.fixture
+def session(drafter):
+    drafter.sessions.open("s")
+    yield drafter.sessions
+    drafter.sessions.close("s")
+
+
 @pytest.mark.parametrize("sampling", [SamplingParams(), SamplingParams(temperature=0.8, top_k=50)], ids=str)
-def test_block_drafted_ahead_equals_a_fresh_round(drafter, sampling):
-    drafter.sessions.open("s")
-    try:
-        first = request("fixed", sampling)
-        block = drafter.propose(first)
-        guess = drafter.lookahead(first, block)
-        assert drafter.sessions.get("s").length == block.cache_length + 1 == guess.base_length
-        ahead = drafter.propose(guess)
-        # A fresh round (lookahead skipped or dropped) rolls the cache back to the same base and drafts again.
-        assert drafter.propose(guess) == ahead
-        assert ahead.tokens
-    finally:
-        drafter.sessions.close("s")
+def test_block_drafted_ahead_equals_a_fresh_round(drafter, session, sampling):
+    first = request("fixed", sampling)
+    block = drafter.propose(first)
+    guess = drafter.lookahead(first, block)
+    assert session.get("s").length == block.cache_length + 1 == guess.base_length
+    ahead = drafter.propose(guess)
+    # A fresh round (lookahead skipped or dropped) rolls the cache back to the same base and drafts again.
+    assert drafter.propose(guess) == ahead
+    assert ahead.tokens
 
 
-def test_lookahead_refuses_a_cache_that_moved_on(drafter):
-    drafter.sessions.open("s")
-    try:
-        first = request("fixed")
-        block = drafter.propose(first)
-        drafter.sessions.get("s").crop(3)
-        with pytest.raises(DraftStopped):
-            drafter.lookahead(first, block)
-    finally:
-        drafter.sessions.close("s")
+def test_lookahead_refuses_a_cache_that_moved_on(drafter, session):
+    first = request("fixed")
+    block = drafter.propose(first)
+    session.get("s").crop(3)
+    with pytest.raises(DraftStopped):
+        drafter.lookahead(first, block)
 
 
-def test_lookahead_stopped_before_it_feeds(drafter):
-    drafter.sessions.open("s")
-    try:
-        first = request("fixed")
-        block = drafter.propose(first)
-        with pytest.raises(DraftStopped):
-            drafter.lookahead(first, block, stop=lambda: True)
-        assert drafter.sessions.get("s").length == block.cache_length
-    finally:
-        drafter.sessions.close("s")
+def test_lookahead_stopped_before_it_feeds(drafter, session):
+    first = request("fixed")
+    block = drafter.propose(first)
+    with pytest.raises(DraftStopped):
+        drafter.lookahead(first, block, stop=lambda: True)
+    assert session.get("s").length == block.cache_length
 
 
-def test_stop_ends_drafting(drafter):
-    drafter.sessions.open("s")
-    try:
-        with pytest.raises(DraftStopped):
-            drafter.propose(request("fixed"), stop=lambda: True)
-        # A stopped draft leaves a cache the next round rolls back from.
-        assert drafter.propose(request("fixed")).tokens
-    finally:
-        drafter.sessions.close("s")
+def test_stop_ends_drafting(drafter, session):
+    with pytest.raises(DraftStopped):
+        drafter.propose(request("fixed"), stop=lambda: True)
+    # A stopped draft leaves a cache the next round rolls back from.
+    assert drafter.propose(request("fixed")).tokens

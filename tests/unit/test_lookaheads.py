@@ -38,10 +38,10 @@ def drafter(tiny_models):
     return Drafter(tiny_models["llama"], 3)
 
 
-async def node_of(drafter: Drafter) -> ModelNode:
+async def scene(drafter: Drafter) -> tuple[ModelNode, Lookaheads, Sent]:
     node = ModelNode("test-drafter", "drafter")
     await node.load(lambda: drafter)
-    return node
+    return node, Lookaheads(node), Sent()
 
 
 async def round_zero(node: ModelNode, session: str) -> tuple[DraftRequest, DraftBlock]:
@@ -50,13 +50,17 @@ async def round_zero(node: ModelNode, session: str) -> tuple[DraftRequest, Draft
     return request, await node.run(node.model.propose, request)
 
 
+async def drafting_ahead(node: ModelNode, lookaheads: Lookaheads, sent: Sent, session: str):
+    """Round 0 of `session` sent out and its lookahead started: (request, block, guessed round 1)."""
+    request, block = await round_zero(node, session)
+    lookaheads.start(request, block, "verifier:1", sent)
+    return request, block, await lookaheads._sessions[session][1].guess
+
+
 def test_right_guess_is_sent_ahead_and_taken(drafter):
     async def scenario():
-        node, sent = await node_of(drafter), Sent()
-        lookaheads = Lookaheads(node)
-        request, block = await round_zero(node, "a")
-        lookaheads.start(request, block, "verifier:1", sent)
-        guess = await lookaheads._sessions["a"][1].guess
+        node, lookaheads, sent = await scene(drafter)
+        request, _, guess = await drafting_ahead(node, lookaheads, sent, "a")
         assert await lookaheads.settle(request, accepted_all=True, next_token=guess.pending[0])
         ahead = await lookaheads.take(guess, "verifier:1")
         assert ahead is not None and await ahead.answer == "answer 1"
@@ -71,11 +75,8 @@ def test_right_guess_is_sent_ahead_and_taken(drafter):
 @pytest.mark.parametrize("failure", ["rejected", "other bonus", "other verifier"])
 def test_wrong_guess_is_dropped(drafter, failure):
     async def scenario():
-        node, sent = await node_of(drafter), Sent()
-        lookaheads = Lookaheads(node)
-        request, block = await round_zero(node, "b")
-        lookaheads.start(request, block, "verifier:1", sent)
-        guess = await lookaheads._sessions["b"][1].guess
+        node, lookaheads, sent = await scene(drafter)
+        request, _, guess = await drafting_ahead(node, lookaheads, sent, "b")
         bonus = guess.pending[0] + (failure == "other bonus")
         covers = await lookaheads.settle(request, accepted_all=failure != "rejected", next_token=bonus)
         assert covers == (failure != "rejected")
@@ -94,11 +95,8 @@ def test_wrong_guess_is_dropped(drafter, failure):
 
 def test_busy_node_owes_step_one_and_drafts_the_same_block(drafter):
     async def scenario():
-        node, sent = await node_of(drafter), Sent()
-        lookaheads = Lookaheads(node)
-        request, block = await round_zero(node, "idle")
-        lookaheads.start(request, block, "verifier:1", sent)
-        guess = await lookaheads._sessions["idle"][1].guess
+        node, lookaheads, sent = await scene(drafter)
+        request, block, guess = await drafting_ahead(node, lookaheads, sent, "idle")
         await lookaheads.settle(request, accepted_all=True, next_token=guess.pending[0])
         ahead = await lookaheads.take(guess, "verifier:1")
 
