@@ -126,13 +126,12 @@ class Lookaheads:
     async def take(self, request: DraftRequest, verifier_address: str) -> Ahead | None:
         """What was drafted (and maybe sent) ahead for exactly this request, or None; then the session holds
         no lookahead that another request could collide with."""
-        if (owed := self._owed.pop(request.session_id, None)) is not None:
+        if (owed := self._owed.pop(request.session_id, None)) is not None:  # step 1 of a busy round, now
             self.node.metrics.lookahead("skipped")
             try:
                 await self.node.run(self.node.model.lookahead, *owed)
             except (DraftStopped, EesdError) as error:  # the cache moved on: the request will say so
                 log.debug("owed lookahead step dropped: %r", error)
-            return None
         lookaheads = self._sessions.get(request.session_id, {})
         lookahead = lookaheads.get(request.round_index)
         if lookahead is None or not lookahead.guessed(request, verifier_address):
