@@ -110,71 +110,40 @@ class LocalStack:
                 )
             )
         for i in range(verifiers):
-            port = free_port()
-            self.nodes.append(
-                Node(
-                    "verifier",
-                    port,
-                    [sys.executable, "-m", "verifier_service", "--host", "127.0.0.1", "--port", str(port), *model],
-                    self.log_dir / f"verifier{i}.log",
-                    metrics_port=free_port(),
-                )
-            )
+            self._add_service("verifier", "verifier_service", f"verifier{i}", model)
         for i in range(drafters):
-            port = free_port()
-            self.nodes.append(
-                Node(
-                    "drafter",
-                    port,
-                    [
-                        sys.executable,
-                        "-m",
-                        "drafter_service",
-                        "--host",
-                        "127.0.0.1",
-                        "--port",
-                        str(port),
-                        *model,
-                        "--exit-layer",
-                        str(exit_layer),
-                        "--exit-head",
-                        exit_head,
-                        *drafter_args,
-                    ],
-                    self.log_dir / f"drafter{i}.log",
-                    metrics_port=free_port(),
-                )
+            self._add_service(
+                "drafter",
+                "drafter_service",
+                f"drafter{i}",
+                [*model, "--exit-layer", str(exit_layer), "--exit-head", exit_head, *drafter_args],
             )
-        port = controller_port or free_port()
         redis_url = f"redis://127.0.0.1:{self.by_role('redis')[0].port}/0" if redis else "memory://"
-        self.nodes.append(
-            Node(
-                "controller",
-                port,
-                [
-                    sys.executable,
-                    "-m",
-                    "controller",
-                    "--host",
-                    "127.0.0.1",
-                    "--port",
-                    str(port),
-                    "--redis-url",
-                    redis_url,
-                    "--drafters",
-                    ",".join(n.address for n in self.by_role("drafter")),
-                    "--verifiers",
-                    ",".join(n.address for n in self.by_role("verifier")),
-                    "--model-dir",
-                    str(model_dir),
-                    "--node-down-s",
-                    "1",
-                    *controller_args,
-                ],
-                self.log_dir / "controller.log",
-                metrics_port=free_port(),
-            )
+        self._add_service(
+            "controller",
+            "controller",
+            "controller",
+            [
+                "--redis-url",
+                redis_url,
+                "--drafters",
+                ",".join(n.address for n in self.by_role("drafter")),
+                "--verifiers",
+                ",".join(n.address for n in self.by_role("verifier")),
+                "--model-dir",
+                str(model_dir),
+                "--node-down-s",
+                "1",
+                *controller_args,
+            ],
+            controller_port,
         )
+
+    def _add_service(self, role: str, module: str, name: str, args: list[str], port: int = 0) -> None:
+        """One of the stack's Python services on loopback, with its own log and /metrics port."""
+        port = port or free_port()
+        command = [sys.executable, "-m", module, "--host", "127.0.0.1", "--port", str(port), *args]
+        self.nodes.append(Node(role, port, command, self.log_dir / f"{name}.log", metrics_port=free_port()))
 
     def by_role(self, role: str) -> list[Node]:
         return [n for n in self.nodes if n.role == role]
