@@ -204,11 +204,13 @@ class NodeMetrics:
     def __init__(self, role: str, families: _NodeFamilies):
         self.role = role
         self._f = families
-        self.queue_depth = families.queue_depth.labels(role)
         self._queue_wait = families.queue_wait.labels(role)
 
     def watch_sessions(self, count: Callable[[], int]) -> None:
         self._f.sessions.labels(self.role).set_function(count)
+
+    def watch_queue(self, depth: Callable[[], int]) -> None:
+        self._f.queue_depth.labels(self.role).set_function(depth)
 
     def timed(self, fn: Callable[..., T], op: str = "") -> Callable[..., T]:
         """`fn` wrapped for the compute thread: records its wait for the thread and its run time under `op`

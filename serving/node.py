@@ -28,6 +28,7 @@ class ModelNode:
         self.queued = 0  # model calls waiting for or running on the compute thread
         self.metrics = node_metrics(role)
         self.metrics.watch_sessions(lambda: len(self._model.sessions) if self._model is not None else 0)
+        self.metrics.watch_queue(lambda: self.queued)
 
     @property
     def model(self) -> Drafter | Verifier:
@@ -46,9 +47,7 @@ class ModelNode:
         """Runs `fn(*args)` on the compute thread; `op` names it in metrics (default: its name)."""
         self.queued += 1
         try:
-            with self.metrics.queue_depth.track_inprogress():
-                call = self.metrics.timed(fn, op)
-                return await asyncio.get_running_loop().run_in_executor(self._executor, call, *args)
+            return await asyncio.get_running_loop().run_in_executor(self._executor, self.metrics.timed(fn, op), *args)
         finally:
             self.queued -= 1
 
