@@ -11,6 +11,8 @@ contiguously (the modules' parameters become views of the fused tensors, so noth
 and cos/sin come from a table computed once. `lean=False` runs the transformers modules instead.
 """
 
+import inspect
+
 import torch
 import torch.nn.functional as F
 from torch import nn
@@ -38,6 +40,12 @@ def causal_mask(num_new: int, past: int, window: int | None, device: torch.devic
     if window is not None:
         allowed &= key_pos > query_pos - window
     return allowed[None, None]
+
+
+def cache_keyword(layer: nn.Module) -> str:
+    """The name under which a transformers decoder layer takes its cache: `cache` since transformers 5.24
+    (which deprecates `past_key_values`), `past_key_values` before."""
+    return "cache" if "cache" in inspect.signature(layer.forward).parameters else "past_key_values"
 
 
 def rms_norm(x: torch.Tensor, weight: torch.Tensor, eps: float) -> torch.Tensor:
@@ -143,6 +151,7 @@ class DecoderStack(nn.Module):
         self.lean = lean and all(supports_lean(layer) for layer in layers)
         self._lean_layers = [LeanLayer(layer, slot, config) for slot, layer in enumerate(layers)] if self.lean else []
         self._rope_table: tuple[torch.Tensor, torch.Tensor] | None = None
+        self._cache_kwarg = cache_keyword(layers[0]) if layers else "past_key_values"
 
     def _rope(self, hidden: torch.Tensor, positions: torch.Tensor, past: int, num_new: int):
         """cos, sin (1, q, head_dim) of the positions: from a table for the default (static) rope."""
@@ -194,7 +203,7 @@ class DecoderStack(nn.Module):
                     hidden,
                     attention_mask=masks[window],
                     position_ids=positions,
-                    past_key_values=cache,
+                    **{self._cache_kwarg: cache},
                     position_embeddings=position_embeddings,
                 )
         cache.commit()

@@ -45,8 +45,15 @@ class KVCache:
             self._grow(min(max(end, 2 * self.capacity), self.max_capacity))
         self._step = num_tokens
 
-    def update(self, key: torch.Tensor, value: torch.Tensor, layer_idx: int) -> tuple[torch.Tensor, torch.Tensor]:
-        """key, value: (1, kv_heads, q, head_dim) for the new positions; returns all valid positions."""
+    def update(
+        self, key: torch.Tensor, value: torch.Tensor, layer_idx: int, *_args, **_kwargs
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        """key, value: (1, kv_heads, q, head_dim) for the new positions; returns all valid positions.
+
+        The signature is transformers' `Cache.update(key, value, layer_idx, ...)`: releases pass extra
+        arguments that a position-pointer cache does not need (`cache_kwargs` up to 5.23, `kwargs` since
+        5.24), so anything after `layer_idx` is accepted and ignored.
+        """
         end = self.length + key.shape[2]
         self.keys[layer_idx, :, :, self.length : end] = key
         self.values[layer_idx, :, :, self.length : end] = value
