@@ -72,10 +72,14 @@ class GenerationResult:
 def finish(
     new_tokens: list[int], generated: int, params: GenerationParams, eos_token_ids: frozenset[int]
 ) -> tuple[list[int], str | None]:
-    """Trims a round's tokens at EOS or the token budget; returns them and the finish reason, if any."""
-    if params.stop_on_eos:
-        for i, token in enumerate(new_tokens):
-            if token in eos_token_ids:
-                return new_tokens[: i + 1][: params.max_new_tokens - generated], "eos"
+    """Trims a round's tokens at EOS or the token budget; returns them and the finish reason, if any.
+
+    The budget is applied first: an EOS beyond it was never generated, so the reason is then "length".
+    """
     room = params.max_new_tokens - generated
-    return new_tokens[:room], ("length" if len(new_tokens) >= room else None)
+    kept = new_tokens[:room]
+    if params.stop_on_eos:
+        for i, token in enumerate(kept):
+            if token in eos_token_ids:
+                return kept[: i + 1], "eos"
+    return kept, ("length" if len(new_tokens) >= room else None)
