@@ -1,45 +1,47 @@
-"""The one place where domain errors become gRPC status codes (KServe style)."""
+"""The one place where exceptions become gRPC status codes (KServe style).
+
+A domain error (`eesd.errors`) aborts the call with the status its class names and its own message. Any
+other exception is a bug or a fault of the machine (a torch RuntimeError, an out-of-memory): the client
+gets INTERNAL with a generic message (raw text can leak internals), the log gets the traceback with the
+method and session, and eesd:grpc_server_handled_total counts it under code INTERNAL.
+"""
 
 import logging
 
 import grpc
 from grpc import aio
 
-from eesd.errors import (
-    AlreadyExists,
-    EesdError,
-    FailedPrecondition,
-    InvalidArgument,
-    NotFound,
-    ResourceExhausted,
-    Unauthenticated,
-    Unavailable,
-)
+from eesd.errors import ERRORS, AlreadyExists, EesdError, InvalidArgument, Unavailable
 from serving.metrics import rpc_metrics
 
 log = logging.getLogger(__name__)
 
-STATUS_OF = (  # most specific first: RollbackError is a FailedPrecondition, AlreadyExists an InvalidArgument
-    (AlreadyExists, grpc.StatusCode.ALREADY_EXISTS),
-    (InvalidArgument, grpc.StatusCode.INVALID_ARGUMENT),
-    (NotFound, grpc.StatusCode.NOT_FOUND),
-    (FailedPrecondition, grpc.StatusCode.FAILED_PRECONDITION),
-    (ResourceExhausted, grpc.StatusCode.RESOURCE_EXHAUSTED),
-    (Unavailable, grpc.StatusCode.UNAVAILABLE),
-    (Unauthenticated, grpc.StatusCode.UNAUTHENTICATED),
-)
+INTERNAL_MESSAGE = "internal error; the server logged the details"
+# Trailing metadata naming which peer was unavailable when a node relays its peer's failure (a drafter
+# that cannot reach its verifier), so the controller replaces the right node.
+UNAVAILABLE_PEER_KEY = "eesd-unavailable-peer"
+_LOGGED_ID_CHARS = 64  # a session id in a log line is client-chosen: quoted and truncated
 
 
 def status_of(error: EesdError) -> grpc.StatusCode:
-    for cls, code in STATUS_OF:
-        if isinstance(error, cls):
-            return code
-    return grpc.StatusCode.INTERNAL
+    return grpc.StatusCode[error.status]
+
+
+def error_of(code: grpc.StatusCode | int, message: str) -> EesdError:
+    """The domain error a peer's status stands for, so a relayed failure keeps its code."""
+    if isinstance(code, int):
+        code = next((c for c in grpc.StatusCode if c.value[0] == code), grpc.StatusCode.UNKNOWN)
+    if code in (grpc.StatusCode.INVALID_ARGUMENT, grpc.StatusCode.ALREADY_EXISTS):
+        field, _, detail = message.partition(": ")
+        return (AlreadyExists if code == grpc.StatusCode.ALREADY_EXISTS else InvalidArgument)(field, detail)
+    if code == grpc.StatusCode.DEADLINE_EXCEEDED:
+        return Unavailable(message)
+    return next((cls(message) for cls in ERRORS if cls.status == code.name), EesdError(message))
 
 
 class DomainErrorInterceptor(aio.ServerInterceptor):
-    """Wraps every handler so an EesdError aborts the call with its status code and message; counts every
-    status returned (eesd:grpc_server_handled_total)."""
+    """Wraps every handler so that any exception ends the call with a status; counts every status returned
+    (eesd:grpc_server_handled_total)."""
 
     async def intercept_service(self, continuation, handler_call_details):
         handler = await continuation(handler_call_details)
@@ -61,18 +63,19 @@ class DomainErrorInterceptor(aio.ServerInterceptor):
         return handler
 
 
-# Trailing metadata naming which peer was unavailable when a node relays its peer's failure (a drafter
-# that cannot reach its verifier), so the controller replaces the right node.
-UNAVAILABLE_PEER_KEY = "eesd-unavailable-peer"
-
-
-async def _abort(context: aio.ServicerContext, error: EesdError) -> None:
-    code = status_of(error)
+async def _abort(status: list, context: aio.ServicerContext, error: Exception, method: str, request) -> None:
+    """Records the status `error` maps to in `status[0]` and aborts the call with it."""
+    if isinstance(error, EesdError):
+        code, message = status_of(error), str(error)
+        if isinstance(error, Unavailable) and error.peer:
+            context.set_trailing_metadata(((UNAVAILABLE_PEER_KEY, error.peer),))
+    else:
+        code, message = grpc.StatusCode.INTERNAL, INTERNAL_MESSAGE
     if code == grpc.StatusCode.INTERNAL:
-        log.exception("unexpected domain error")
-    if isinstance(error, Unavailable) and error.peer:
-        context.set_trailing_metadata(((UNAVAILABLE_PEER_KEY, error.peer),))
-    await context.abort(code, str(error))
+        session_id = str(getattr(request, "session_id", ""))[:_LOGGED_ID_CHARS]
+        log.error("%s (session %r) failed", method, session_id, exc_info=error)
+    status[0] = code
+    await context.abort(code, message)
 
 
 def _wrap_unary(behavior, method: str):
@@ -82,9 +85,10 @@ def _wrap_unary(behavior, method: str):
                 response = await behavior(request, context)
                 status[0] = grpc.StatusCode.OK
                 return response
-            except EesdError as error:
-                status[0] = status_of(error)
-                await _abort(context, error)
+            except aio.AbortError:  # the handler chose its status itself
+                raise
+            except Exception as error:
+                await _abort(status, context, error, method, request)
 
     return wrapper
 
@@ -96,20 +100,9 @@ def _wrap_stream(behavior, method: str):
                 async for response in behavior(request, context):
                     yield response
                 status[0] = grpc.StatusCode.OK
-            except EesdError as error:
-                status[0] = status_of(error)
-                await _abort(context, error)
+            except aio.AbortError:
+                raise
+            except Exception as error:
+                await _abort(status, context, error, method, request)
 
     return wrapper
-
-
-def error_of(code: grpc.StatusCode | int, message: str) -> EesdError:
-    """The domain error a peer's status stands for, so a relayed failure keeps its code."""
-    if isinstance(code, int):
-        code = next((c for c in grpc.StatusCode if c.value[0] == code), grpc.StatusCode.UNKNOWN)
-    if code in (grpc.StatusCode.INVALID_ARGUMENT, grpc.StatusCode.ALREADY_EXISTS):
-        field, _, detail = message.partition(": ")
-        return (AlreadyExists if code == grpc.StatusCode.ALREADY_EXISTS else InvalidArgument)(field, detail)
-    if code == grpc.StatusCode.DEADLINE_EXCEEDED:
-        return Unavailable(message)
-    return next((cls(message) for cls, c in STATUS_OF if c == code), EesdError(message))
