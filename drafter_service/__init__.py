@@ -1,1 +1,4 @@
-"""The drafter service: first N layers + exit layer behind gRPC, streaming drafts to verifiers (DESIGN §4)."""
+"""The drafter service: first N layers + exit layer behind gRPC, streaming drafts to verifiers.
+
+Its part in a round: docs/architecture.md §5.
+"""

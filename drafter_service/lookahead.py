@@ -1,4 +1,4 @@
-"""Pipelined drafting on a drafter node (DESIGN §4): round r+1 is drafted while round r is verified.
+"""Pipelined drafting on a drafter node (docs/architecture.md §5.3): round r+1 is drafted while round r is verified.
 
 A lookahead starts as soon as a block has gone to the verifier, in up to three steps:
   1. feed the block's last draft and guess round r+1's request (model thread). Whenever the verifier

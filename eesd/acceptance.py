@@ -1,4 +1,4 @@
-"""Lossless acceptance rules (DESIGN §3.3): which drafts the verifier keeps and which token it adds.
+"""Lossless acceptance rules (docs/architecture.md §6): which drafts the verifier keeps and which token it adds.
 
 Greedy keeps the longest prefix equal to the target's argmax. Sampling is the rule of Leviathan et al.
 and Chen et al. (2023): keep d_i with probability min(1, p_i(d_i) / q_i(d_i)), at the first rejection

@@ -1,4 +1,4 @@
-"""Self-distillation of the early-exit layer (DESIGN §3.1).
+"""Self-distillation of the early-exit layer (docs/architecture.md §4).
 
 The frozen target generates continuations of a prompt corpus (greedy and sampled); the exit layer, fed
 the target's hidden states after layer N-1, learns KL(p_target || q_exit) at every position. Only the

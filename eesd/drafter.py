@@ -1,6 +1,6 @@
 """The drafter: embeddings, layers 0..N-1, the exit layer, final norm and head; it proposes draft blocks.
 
-Pipelined drafting (DESIGN §4): while round r is verified, `lookahead` feeds r's last draft and guesses
+Pipelined drafting (docs/architecture.md §5.3): while round r is verified, `lookahead` feeds r's last draft and guesses
 the request of round r+1 as it will be if the verifier accepts the whole block and its bonus token is
 the drafter's own top token; proposing that request ahead of time yields exactly the block a fresh
 round would draft, so a right guess only saves time and a wrong one is dropped.

@@ -2,7 +2,7 @@
 
 An exit-head directory holds `exit_layer.safetensors` (the layer's state dict) and `exit_layer.json`
 (N, the base model's config hash, provenance). An untrained exit layer is a copy of the model's last
-decoder layer (DESIGN §3.1); with N = L-1 it reproduces the full model exactly.
+decoder layer (docs/architecture.md §4); with N = L-1 it reproduces the full model exactly.
 """
 
 import hashlib

@@ -1,4 +1,4 @@
-"""Draft-length policies (DESIGN §3.2): how many tokens to draft each round.
+"""Draft-length policies (docs/architecture.md §7): how many tokens to draft each round.
 
 A policy decides in two steps, both on the drafter as it drafts: `begin_round` gives the most tokens
 this round may draft, `keep_drafting` is asked after every drafted token with the drafter's confidence

@@ -7,9 +7,10 @@ Hugging Face checkpoint directory that :class:`transformers.LlamaForCausalLM` an
 Size (hidden 256, 16 layers, 4 heads of 64, FFN 768, vocab 4096, context 512; ~15.7M parameters):
 
 - Deep and narrow, because on 2 CPU cores a decode step is dominated by a fixed per-layer cost
-  (~0.45 ms of Python per layer, DESIGN §7), not by width. A drafter of N=2 layers + 1 exit layer then
-  costs about 3/16 of the model's layers, against 3/12 for a 12-layer model: at a per-token acceptance
-  of 0.6 and k=4 that is roughly the difference between a ~1.15x and a ~1.05x speedup.
+  (~0.45 ms of Python per layer, measured here; docs/architecture.md §9), not by width. A drafter of
+  N=2 layers + 1 exit layer then costs about 3/16 of the model's layers, against 3/12 for a 12-layer
+  model: at a per-token acceptance of 0.6 and k=4 that is roughly the difference between a ~1.15x and a
+  ~1.05x speedup.
 - Width 256 is what the time budget allows: training is compute-bound (~1.9k tokens/s with bf16
   autocast on 2 cores, about 2x fp32), so the whole build must fit in well under 15 minutes and the
   model sees well under one epoch of its ~2.6M training tokens; a wider model would see fewer tokens.

@@ -1,4 +1,4 @@
-"""Typed contracts between the stages of a round (DESIGN §4), mirrored 1:1 by the internal protos.
+"""Typed contracts between the stages of a round (docs/architecture.md §5.2), mirrored 1:1 by the internal protos.
 
 Every message carries (session_id, round_index, base_length): the round number makes a retried message
 idempotent and the base length says which committed prefix the node's KV cache must cover.

@@ -1,1 +1,1 @@
-"""The verifier service: the full model behind gRPC (DESIGN §4)."""
+"""The verifier service: the full model behind gRPC (docs/architecture.md §5)."""

@@ -1,4 +1,4 @@
-"""Bad input gets the right gRPC status code and every service stays up (DESIGN.md §8).
+"""Bad input gets the right gRPC status code and every service stays up (docs/architecture.md §11).
 
 Controller checks call the raw generated stub, so the server's status code is what is asserted (the SDK
 validates some input itself). Internal messages are sent straight to a drafter and a verifier.
