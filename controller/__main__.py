@@ -38,6 +38,7 @@ async def main() -> None:
 
     async def stop() -> None:
         router.stop()
+        await loop.aclose()
         await nodes.close()
         await store.close()
 

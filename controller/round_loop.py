@@ -11,7 +11,7 @@ import logging
 import secrets
 import time
 import uuid
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Awaitable
 from dataclasses import asdict, dataclass
 
 from controller.nodes import Mismatch, NodeClients, RoundOutcome
@@ -70,6 +70,7 @@ class RoundLoop:
         self.eos_token_ids, self.vocab_size = eos_token_ids, vocab_size
         self.unavailable_wait_s = unavailable_wait_s
         self._cancelled: set[str] = set()
+        self._tasks: set[asyncio.Task] = set()
 
     def cancel_local(self, session_id: str) -> None:
         self._cancelled.add(session_id)
@@ -135,19 +136,45 @@ class RoundLoop:
                 session_id, "cancelled" if finish_reason == "cancelled" else "finished", finish_reason
             )
             yield Finished(session_id, finish_reason, len(prompt_ids), stats, transport_ms, controller_ms)
-        except EesdError:
-            await self.store.finish(session_id, "finished", "error")
-            raise
         except (asyncio.CancelledError, GeneratorExit):
-            # The client went away mid-stream: what was committed stays, the session ends as cancelled.
-            asyncio.ensure_future(self.store.finish(session_id, "cancelled", "cancelled"))
+            # The client went away mid-stream: what was committed stays, the session ends as cancelled. A
+            # closing generator cannot await, so the store write runs as a tracked task.
+            self._spawn(self.store.finish(session_id, "cancelled", "cancelled"))
+            raise
+        except Exception as error:
+            # What was committed stays; GetSession says FAILED with the status the client got.
+            domain = isinstance(error, EesdError)
+            code, message = (error.status, str(error)) if domain else ("INTERNAL", "internal error")
+            await self._record_failure(session_id, code, message)
             raise
         finally:
             self._cancelled.discard(session_id)
             self.router.release(pair.drafter or "", pair.verifier)
             for role, address in (("drafter", pair.drafter), ("verifier", pair.verifier)):
                 if address:
-                    asyncio.ensure_future(self.nodes.close_session(role, address, session_id))
+                    self._spawn(self.nodes.close_session(role, address, session_id))
+
+    def _spawn(self, work: Awaitable[None]) -> None:
+        """Runs best-effort cleanup in the background, holding the task until it is done (the event loop
+        keeps only weak references) and logging its failure; `aclose` waits for what is still running."""
+        task = asyncio.ensure_future(work)
+        self._tasks.add(task)
+        task.add_done_callback(self._reap)
+
+    def _reap(self, task: asyncio.Task) -> None:
+        self._tasks.discard(task)
+        if not task.cancelled() and task.exception() is not None:
+            log.warning("background cleanup failed: %r", task.exception())
+
+    async def aclose(self) -> None:
+        """Waits for the background cleanup still in flight (at shutdown, before the store closes)."""
+        await asyncio.gather(*self._tasks, return_exceptions=True)
+
+    async def _record_failure(self, session_id: str, code: str, message: str) -> None:
+        try:
+            await self.store.fail(session_id, code, message)
+        except EesdError as store_error:  # the store is down too: the client still gets the first error
+            log.warning("session %r: could not record its failure (%s): %s", session_id[:64], code, store_error)
 
     async def _create_session(
         self,

@@ -23,6 +23,7 @@ SESSION_STATES = {
     "active": controller_pb2.SESSION_STATE_ACTIVE,
     "finished": controller_pb2.SESSION_STATE_FINISHED,
     "cancelled": controller_pb2.SESSION_STATE_CANCELLED,
+    "failed": controller_pb2.SESSION_STATE_FAILED,
 }
 RECENT_STATS = 4096  # speculation stats of recent sessions kept for GetSession
 
@@ -140,5 +141,6 @@ class ControllerServicer(controller_pb2_grpc.ControllerServiceServicer):
                 drafter_id=record.drafter,
                 verifier_id=record.verifier,
                 committed_token_ids=record.committed if request.include_token_ids else [],
+                error=convert.session_error_to_proto(record.error_code, record.error_message),
             )
         )

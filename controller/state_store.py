@@ -13,7 +13,8 @@ Redis layout, every key under `prefix` (default ``eesd:``):
 
 - ``session:<id>``   hash, one per session, expires after `session_ttl_s` without a write. Fields:
   ``prompt_length``, ``next_round``, ``policy`` and ``params`` (JSON), ``drafter``, ``verifier``,
-  ``status``, ``finish_reason``, ``created_at``, ``updated_at`` (unix seconds), and the retry tokens
+  ``status``, ``finish_reason``, ``error_code`` and ``error_message`` (a failed session's gRPC status name
+  and message), ``created_at``, ``updated_at`` (unix seconds), and the retry tokens
   ``create_token`` and ``end_token`` that make create and cancel safe to retry.
 - ``committed:<id>``  string, the committed tokens packed as little-endian uint32; a commit
   APPENDs to it (O(new tokens); rewriting a hash field instead costs O(context): measured 0.5 ms at 32k
@@ -51,8 +52,9 @@ from redis.exceptions import TimeoutError as RedisTimeoutError
 
 from eesd.errors import AlreadyExists, FailedPrecondition, InvalidArgument, NotFound, Unavailable
 
-ACTIVE, FINISHED, CANCELLED = "active", "finished", "cancelled"
-STATUSES = (ACTIVE, FINISHED, CANCELLED)
+ACTIVE, FINISHED, CANCELLED, FAILED = "active", "finished", "cancelled", "failed"
+STATUSES = (ACTIVE, FINISHED, CANCELLED, FAILED)
+ERROR_MESSAGE_CHARS = 1024  # a failed session's stored message is cut here: messages can echo client input
 DEFAULT_SESSION_TTL_S = 3600.0
 DEFAULT_PREFIX = "eesd:"
 REDIS_SCHEMES = ("redis://", "rediss://", "unix://")
@@ -72,8 +74,10 @@ class SessionRecord:
     params: dict  # JSON-able request params, opaque to the store
     drafter: str = ""  # address of the pinned drafter ("" = none)
     verifier: str = ""
-    status: str = ACTIVE  # active | finished | cancelled
+    status: str = ACTIVE  # active | finished | cancelled | failed
     finish_reason: str = ""
+    error_code: str = ""  # failed sessions: the grpc.StatusCode name the session stopped with
+    error_message: str = ""
     created_at: float = 0.0  # unix seconds; the store fills 0.0 in at creation
     updated_at: float = 0.0
 
@@ -97,6 +101,7 @@ class StateStore(Protocol):
     ) -> CommitResult: ...
     async def set_route(self, session_id: str, drafter: str, verifier: str) -> None: ...
     async def finish(self, session_id: str, status: str, finish_reason: str) -> None: ...
+    async def fail(self, session_id: str, code: str, message: str) -> None: ...
     async def cancel(self, session_id: str) -> bool: ...
     async def delete_session(self, session_id: str) -> None: ...
     async def count_routes(self) -> dict[str, int]: ...
@@ -262,12 +267,13 @@ class MemoryStateStore:
             rec.drafter, rec.verifier = drafter, verifier
             self._touch(rec)
 
-    def _end(self, session_id: str, status: str, finish_reason: str) -> bool:
+    def _end(self, session_id: str, status: str, finish_reason: str, code: str = "", message: str = "") -> bool:
         with self._lock:
             rec = self._live(session_id)
             if rec.status != ACTIVE:
                 return False
             rec.status, rec.finish_reason = status, finish_reason
+            rec.error_code, rec.error_message = code, message[:ERROR_MESSAGE_CHARS]
             self._touch(rec)
             return True
 
@@ -275,6 +281,10 @@ class MemoryStateStore:
         _check_session_id(session_id)
         _check_end_status(status)
         self._end(session_id, status, finish_reason)
+
+    async def fail(self, session_id: str, code: str, message: str) -> None:
+        _check_session_id(session_id)
+        self._end(session_id, FAILED, "error", code, message)
 
     async def cancel(self, session_id: str) -> bool:
         _check_session_id(session_id)
@@ -394,7 +404,7 @@ if v[1] == 'active' then index_routes(ARGV[5], ARGV[6], ARGV[1], ARGV[2], expiry
 return 1
 """
 
-# ARGV: status, reason, ttl ms, updated_at, prefix, sid, end token.
+# ARGV: status, reason, ttl ms, updated_at, prefix, sid, end token, error code, error message.
 # -> 1 ended now (or by this same call, retried), 0 had already ended, -1 missing.
 _END = """
 local key = KEYS[1]
@@ -404,7 +414,8 @@ if v[1] ~= 'active' then
   if v[4] == ARGV[7] then return 1 end
   return 0
 end
-redis.call('HSET', key, 'status', ARGV[1], 'finish_reason', ARGV[2], 'updated_at', ARGV[4], 'end_token', ARGV[7])
+redis.call('HSET', key, 'status', ARGV[1], 'finish_reason', ARGV[2], 'updated_at', ARGV[4], 'end_token', ARGV[7],
+  'error_code', ARGV[8], 'error_message', ARGV[9])
 redis.call('PEXPIRE', key, ARGV[3])
 redis.call('PEXPIRE', KEYS[2], ARGV[3])
 unindex_routes(ARGV[5], ARGV[6], v[2], v[3])
@@ -526,6 +537,8 @@ class RedisStateStore:
             "verifier": rec.verifier,
             "status": rec.status,
             "finish_reason": rec.finish_reason,
+            "error_code": rec.error_code,
+            "error_message": rec.error_message,
             "created_at": repr(rec.created_at or now),
             "updated_at": repr(now),
         }
@@ -552,6 +565,8 @@ class RedisStateStore:
             verifier=s["verifier"].decode(),
             status=s["status"].decode(),
             finish_reason=s["finish_reason"].decode(),
+            error_code=s.get("error_code", b"").decode(),
+            error_message=s.get("error_message", b"").decode(),
             created_at=float(s["created_at"]),
             updated_at=float(s["updated_at"]),
         )
@@ -579,8 +594,11 @@ class RedisStateStore:
         if await self._call(self._set_route, self._keys(session_id), args) == -1:
             raise NotFound(f"session {session_id!r} not found")
 
-    async def _end_session(self, session_id: str, status: str, finish_reason: str) -> bool:
+    async def _end_session(
+        self, session_id: str, status: str, finish_reason: str, code: str = "", message: str = ""
+    ) -> bool:
         args = [status, finish_reason, self._ttl_ms, repr(time.time()), self.prefix, session_id, uuid.uuid4().hex]
+        args += [code, message[:ERROR_MESSAGE_CHARS]]
         code = await self._call(self._end, self._keys(session_id), args)
         if code == -1:
             raise NotFound(f"session {session_id!r} not found")
@@ -590,6 +608,10 @@ class RedisStateStore:
         _check_session_id(session_id)
         _check_end_status(status)
         await self._end_session(session_id, status, finish_reason)
+
+    async def fail(self, session_id: str, code: str, message: str) -> None:
+        _check_session_id(session_id)
+        await self._end_session(session_id, FAILED, "error", code, message)
 
     async def cancel(self, session_id: str) -> bool:
         _check_session_id(session_id)

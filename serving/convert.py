@@ -1,9 +1,11 @@
 """Proto messages <-> core dataclasses, 1:1. Servicers call these and the core, nothing else."""
 
+import grpc
+
 from eesd.identity import ModelIdentity
 from eesd.params import PolicyParams, SamplingParams
 from eesd.rounds import DraftBlock, DraftRequest, RoundStats, Verdict, VerifyRequest
-from eesd_proto.eesd.v1 import common_pb2, drafter_pb2, verifier_pb2
+from eesd_proto.eesd.v1 import common_pb2, controller_pb2, drafter_pb2, verifier_pb2
 
 DEFAULT_K_MAX = 8
 
@@ -160,3 +162,10 @@ def cache_mismatch(
         node_id=node_id,
         session_open=cache_length > 0,
     )
+
+
+def session_error_to_proto(code: str, message: str) -> controller_pb2.SessionError | None:
+    """A failed session's stored status (a grpc.StatusCode name and message); None for other sessions."""
+    if not code:
+        return None
+    return controller_pb2.SessionError(code=grpc.StatusCode[code].value[0], message=message)

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import grpc
+
 from eesd_client._stubs import common_pb2, controller_pb2
 from eesd_client.errors import ProtocolError
 from eesd_client.types import (
@@ -12,6 +14,7 @@ from eesd_client.types import (
     GenerationResult,
     Policy,
     RoundStats,
+    SessionError,
     SessionInfo,
     SessionState,
     SpeculationStats,
@@ -109,7 +112,13 @@ def session_from_proto(message: controller_pb2.Session) -> SessionInfo:
         drafter_id=message.drafter_id,
         verifier_id=message.verifier_id,
         committed_token_ids=tuple(message.committed_token_ids),
+        error=session_error_from_proto(message.error) if message.HasField("error") else None,
     )
+
+
+def session_error_from_proto(message: controller_pb2.SessionError) -> SessionError:
+    code = next((c for c in grpc.StatusCode if c.value[0] == message.code), grpc.StatusCode.UNKNOWN)
+    return SessionError(code=code, message=message.message)
 
 
 def session_state_from_proto(value: int) -> SessionState:

@@ -7,6 +7,8 @@ from dataclasses import dataclass, field
 from enum import Enum, StrEnum
 from typing import TypedDict
 
+import grpc
+
 from eesd_client.errors import InvalidArgumentError
 
 
@@ -185,6 +187,14 @@ class GenerationResult:
 
 
 @dataclass(frozen=True)
+class SessionError:
+    """The status a failed session's stream ended with (SessionError)."""
+
+    code: grpc.StatusCode
+    message: str
+
+
+@dataclass(frozen=True)
 class SessionInfo:
     """State and statistics of a session (Session)."""
 
@@ -197,3 +207,5 @@ class SessionInfo:
     verifier_id: str
     # Prompt + generated tokens; empty unless requested.
     committed_token_ids: tuple[int, ...]
+    # Set only when state is FAILED.
+    error: SessionError | None = None

@@ -18,6 +18,7 @@ from eesd_client import (
     ProtocolError,
     ResourceExhaustedError,
     RetryPolicy,
+    SessionError,
     SessionState,
     UnauthenticatedError,
     UnavailableError,
@@ -197,6 +198,16 @@ def test_cancel_and_get_session(controller: Server) -> None:
         assert info.committed_token_ids == ()
         full = client.get_session("done", include_token_ids=True)
         assert full.committed_token_ids == (*PROMPT_IDS, 100, 101, 102)
+        assert info.error is None
+
+        controller.fake.sessions["broken"] = controller_pb2.Session(
+            session_id="broken",
+            state=controller_pb2.SESSION_STATE_FAILED,
+            error=controller_pb2.SessionError(code=grpc.StatusCode.UNAVAILABLE.value[0], message="no verifier"),
+        )
+        failed = client.get_session("broken")
+        assert failed.state is SessionState.FAILED
+        assert failed.error == SessionError(grpc.StatusCode.UNAVAILABLE, "no verifier")
 
         with pytest.raises(NotFoundError, match="nope"):
             client.cancel("nope")

@@ -166,6 +166,24 @@ async def test_commit_on_ended_session_is_refused(backend: Backend, end: str) ->
 
 
 @aio
+async def test_failed_session_keeps_its_status_and_message(backend: Backend) -> None:
+    async with backend.open() as store:
+        await store.create_session(record())
+        await store.commit_round("s1", 0, [10], {})
+        await store.fail("s1", "RESOURCE_EXHAUSTED", "context full " + "x" * 5000)
+        await store.finish("s1", "finished", "eos")  # the first end wins
+        got = await store.get_session("s1")
+        assert (got.status, got.finish_reason, got.error_code) == ("failed", "error", "RESOURCE_EXHAUSTED")
+        assert got.error_message == ("context full " + "x" * 5000)[:1024]  # client text is bounded
+        assert got.committed == PROMPT + [10]  # what was committed stays
+        with pytest.raises(FailedPrecondition):
+            await store.commit_round("s1", 1, [11], {})
+        await store.create_session(record(session_id="s2"))
+        await store.finish("s2", "finished", "eos")
+        assert ((await store.get_session("s2")).error_code, (await store.get_session("s2")).error_message) == ("", "")
+
+
+@aio
 async def test_session_expires_after_idle_ttl_and_writes_refresh_it(backend: Backend) -> None:
     async with backend.open(session_ttl_s=1.0) as store:
         await store.create_session(record(drafter="d0:1", verifier="v0:1"))
