@@ -3,7 +3,7 @@
 import json
 from pathlib import Path
 
-from tokenizers import Tokenizer
+from tokenizers import Tokenizer, decoders
 
 
 class TextCodec:
@@ -18,20 +18,18 @@ class TextCodec:
 
 
 class TextStream:
-    """Text deltas of a growing token sequence; holds back a trailing partial UTF-8 character."""
+    """Text deltas of a growing token sequence, decoded incrementally: each push costs O(new tokens), not
+    O(sequence). `tokenizers`' DecodeStream keeps the few previous tokens it needs for context (byte-level
+    BPE, leading spaces) and holds back an incomplete multi-byte character until its last byte arrives."""
 
     def __init__(self, codec: TextCodec | None):
-        self.codec, self.ids, self.sent = codec, [], ""
+        self.codec = codec
+        self._stream = decoders.DecodeStream(skip_special_tokens=True)
 
     def push(self, ids: list[int]) -> str:
-        if self.codec is None:
+        if self.codec is None or not ids:
             return ""
-        self.ids += ids
-        text = self.codec.decode(self.ids)
-        if text.endswith("\ufffd"):
-            return ""
-        delta, self.sent = text[len(self.sent) :], text
-        return delta
+        return self._stream.step(self.codec.tokenizer, ids) or ""
 
 
 def model_facts(model_dir: str) -> tuple[TextCodec | None, frozenset[int], int | None]:

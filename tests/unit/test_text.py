@@ -1,0 +1,57 @@
+"""controller.text.TextStream: streamed text deltas add up to the decoded sequence, with work linear in
+the number of tokens, for a byte-level BPE tokenizer and multi-byte characters split across tokens."""
+
+import random
+
+import pytest
+from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
+
+from controller.text import TextCodec, TextStream
+
+TEXT = "héllo wörld, 日本語のテキスト 🙂🚀 naïve café; ünïcödé ½ — “quotes” 𝔘𝔫𝔦"
+
+
+class CountingCodec(TextCodec):
+    """A real codec that counts how many token ids it was asked to decode in all."""
+
+    def __init__(self, tokenizer: Tokenizer):
+        self.tokenizer, self.decoded_ids = tokenizer, 0
+
+    def decode(self, ids: list[int]) -> str:
+        self.decoded_ids += len(ids)
+        return super().decode(ids)
+
+
+@pytest.fixture(scope="module")
+def tokenizer() -> Tokenizer:
+    tok = Tokenizer(models.BPE())  # the reference model's tokenizer kind
+    tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    tok.decoder = decoders.ByteLevel()
+    trainer = trainers.BpeTrainer(
+        vocab_size=320, initial_alphabet=pre_tokenizers.ByteLevel.alphabet(), special_tokens=["<eos>"]
+    )
+    tok.train_from_iterator([TEXT] * 8, trainer)
+    return tok
+
+
+@pytest.mark.parametrize("seed", range(5))
+def test_deltas_add_up_to_the_decoded_text(tokenizer, seed):
+    ids = tokenizer.encode(TEXT).ids
+    assert any(len(tokenizer.decode([i])) == 0 or "\ufffd" in tokenizer.decode([i]) for i in ids)  # split chars
+    rng, codec = random.Random(seed), CountingCodec(tokenizer)
+    stream, deltas, start = TextStream(codec), [], 0
+    while start < len(ids):  # rounds of 1..5 tokens, as speculative rounds commit them
+        end = start + rng.randint(1, 5)
+        deltas.append(stream.push(ids[start:end]))
+        start = end
+    assert "".join(deltas) == TEXT == codec.decode(ids)
+    assert all("\ufffd" not in d for d in deltas)  # a split character is held back, never sent broken
+    assert codec.decoded_ids == len(ids)  # only the check above decoded: pushes never re-decode the sequence
+
+
+def test_special_tokens_are_skipped_and_no_codec_means_no_text(tokenizer):
+    eos = tokenizer.token_to_id("<eos>")
+    stream = TextStream(CountingCodec(tokenizer))
+    assert stream.push(tokenizer.encode("café").ids + [eos]) == "café"
+    assert TextStream(None).push([1, 2, 3]) == ""
+    assert TextStream(None).push([]) == ""
