@@ -5,24 +5,60 @@ BIN    := $(VENV)/bin
 STAMP  := $(VENV)/.installed
 CLIENT_STAMP := $(VENV)/.client-installed
 PYTEST_ARGS ?=
+# Every Python package of the venv, exact versions and sha256 hashes (pip-tools; `make lock` writes it).
+LOCK   := requirements.lock
+# This machine's CPU build of torch lies here as a wheel; PyPI's torch for Linux is the CUDA build.
+TORCH_WHEELS ?= /opt/wheels
 
-.PHONY: setup test test-slow lint demo run clean deploy-tools manifests
+.PHONY: setup test test-slow lint demo run clean deploy-tools manifests lock check-lock
 
 setup: $(STAMP) proto $(CLIENT_STAMP)
 
-# torch first and pinned: the CPU wheel lies on the machine; a dependency asking for torch later must
-# find it installed, or pip pulls a multi-GB CUDA build.
-$(STAMP): pyproject.toml
+# The venv is exactly requirements.lock: pip itself first, then every locked package at its pinned version,
+# hashes checked, no resolver (--no-deps); pip-sync removes whatever the lock no longer lists. The projects
+# install without dependencies and without build isolation, so their build backend (setuptools) is the
+# locked one too. Redone when the lock or pyproject.toml changed, a no-op otherwise.
+$(STAMP): $(LOCK) pyproject.toml
 	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
-	$(BIN)/pip install -q --upgrade pip
-	$(BIN)/pip install -q torch==2.13.0
-	$(BIN)/pip install -q -e '.[dev]'
+	$(BIN)/python -c 'import sys; sys.exit(sys.version_info[:2] != (3, 11) and "requirements.lock is for Python 3.11")'
+	awk '/^pip==/ { p = 1 } p { print } p && !/\\$$/ { exit }' $(LOCK) > $(VENV)/pip.lock
+	$(BIN)/python -m pip install -q --require-hashes --no-deps -r $(VENV)/pip.lock
+	$(BIN)/python -m pip install -q --require-hashes --no-deps -r $(LOCK)
+	$(BIN)/pip-sync -q $(LOCK)
+	$(BIN)/python -m pip install -q --no-deps --no-build-isolation -e .
 	touch $@
 
-# The client SDK installs from client/ (its own package, no torch) once its stubs are generated.
+# The client SDK installs from client/ (its own package, no torch) once its stubs are generated. Its
+# dependencies (grpcio, protobuf) are the lock's; `make check-lock` runs pip check over both.
 $(CLIENT_STAMP): $(STAMP) eesd_proto/.generated client/pyproject.toml
-	$(BIN)/pip install -q -e ./client
+	$(BIN)/python -m pip install -q --no-deps --no-build-isolation -e ./client
 	touch $@
+
+# Fails on any difference between the venv and requirements.lock (tests/test_lock.py; `make test` runs it too).
+check-lock: setup
+	$(BIN)/python -m pytest -q tests/test_lock.py
+
+# Refreshes the locks on purpose (nothing else writes them); `make setup` then installs the result.
+# requirements.lock: pyproject.toml with every extra, client/pyproject.toml and requirements.in, compiled
+# for this machine (Python 3.11, torch's CPU wheel from $(TORCH_WHEELS)). Pins already there are kept while
+# they still fit: LOCK_ARGS=--upgrade moves everything to the newest releases, LOCK_ARGS="--upgrade-package
+# transformers" one package. Then the images' per-role locks (deploy/docker/lock/) are compiled from their
+# .in files with requirements.lock as constraints, so the images get the same versions and hashes.
+PIP_COMPILE = CUSTOM_COMPILE_COMMAND="make lock" $(BIN)/pip-compile -q --generate-hashes --strip-extras \
+	--no-build-isolation --find-links $(TORCH_WHEELS) --no-emit-index-url
+DOCKER_LOCKS := deploy/docker/lock
+lock: $(STAMP)
+	$(PIP_COMPILE) --allow-unsafe --all-extras $(LOCK_ARGS) -o $(LOCK) pyproject.toml client/pyproject.toml requirements.in
+	for role in protos controller; do \
+	  rm -f $(DOCKER_LOCKS)/$$role.txt; \
+	  $(PIP_COMPILE) --allow-unsafe --no-emit-find-links -c $(LOCK) -o $(DOCKER_LOCKS)/$$role.txt $(DOCKER_LOCKS)/$$role.in \
+	    || exit 1; \
+	done
+	rm -f $(DOCKER_LOCKS)/model.txt
+	$(PIP_COMPILE) --unsafe-package torch --no-emit-find-links -c $(LOCK) -o $(DOCKER_LOCKS)/model.txt $(DOCKER_LOCKS)/model.in
+	{ echo "# Written by make lock: requirements.lock's torch without its local label (+cpu). The image's"; \
+	  echo "# torch stage takes this version from the PyTorch index of the build it wants (cpu, cu128, ...)."; \
+	  sed -n 's/^torch==\([^+ ]*\).*/torch==\1/p' $(LOCK); } > $(DOCKER_LOCKS)/torch.txt
 
 # Fast suite (well under 15 minutes on 2 cores). pytest exit 5 means nothing was collected: fail loudly.
 test: setup deploy-tools proto-tools redis
@@ -72,13 +108,9 @@ clean:
 	rm -rf $(VENV) .pytest_cache .ruff_cache
 
 # Deployment checks need the real Helm engine (helm-python-sdk bundles Helm v4 as a shared library, no
-# binary download) and Kubernetes JSON schemas (kubernetes-validate). Neither pulls torch.
-DEPLOY_STAMP := $(VENV)/.deploy-tools
-deploy-tools: $(DEPLOY_STAMP)
-
-$(DEPLOY_STAMP): $(STAMP)
-	$(BIN)/pip install -q helm-python-sdk==0.2.2 kubernetes-validate==1.37.0
-	touch $@
+# binary download) and Kubernetes JSON schemas (kubernetes-validate). Both are the `deploy` extra, so
+# requirements.lock holds them and `make setup` installs them; the name stays for the targets that use it.
+deploy-tools: $(STAMP)
 
 # Plain kubectl manifests under deploy/k8s/, rendered from the Helm chart (the single source of truth).
 manifests: deploy-tools

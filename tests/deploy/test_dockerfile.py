@@ -1,4 +1,5 @@
-"""deploy/docker/Dockerfile agrees with the chart: user, ports, entry modules, torch-free controller.
+"""deploy/docker/Dockerfile agrees with the chart: user, ports, entry modules, torch-free controller,
+and installs only from the locks under deploy/docker/lock/ (`make lock`).
 
 No Docker engine runs here, so these read the Dockerfile as text; what they check is what the chart
 assumes about the images it runs.
@@ -8,12 +9,16 @@ from __future__ import annotations
 
 import fnmatch
 import re
+import shlex
 
 import pytest
 from deploy_helpers import ROLES, ROOT, release_for
 
 DOCKERFILE = ROOT / "deploy" / "docker" / "Dockerfile"
 DOCKERIGNORE = ROOT / "deploy" / "docker" / "Dockerfile.dockerignore"
+LOCKS = "deploy/docker/lock/"
+# The one install by version only: torch's wheel differs by build (cpu, cu128, ...), see the Dockerfile.
+TORCH_LOCK = LOCKS + "torch.txt"
 
 
 def stages() -> dict[str, dict]:
@@ -77,15 +82,71 @@ def test_role_image_matches_the_chart(role):
     assert any(c.startswith("--from=protos ") for c in copies)
 
 
+def pip_installs(stage_names: list[str], all_stages: dict[str, dict]) -> list[tuple[list[str], list[str]]]:
+    """(options, lock files in the repository) of every `pip install` in these stages."""
+    out = []
+    for name in stage_names:
+        copied = {}  # path in the image -> path in the repository
+        for copy in instruction(all_stages[name], "COPY"):
+            if not copy.startswith("--from"):
+                *sources, dest = copy.split()
+                for source in sources:
+                    copied[dest + source.rsplit("/", 1)[-1] if dest.endswith("/") else dest] = source
+        for run in instruction(all_stages[name], "RUN"):
+            words = shlex.split(run)
+            if words[:2] != ["pip", "install"]:
+                assert "pip install" not in run, run
+                continue
+            options, files, rest = [], [], words[2:]
+            while rest:
+                word = rest.pop(0)
+                if word in ("-r", "--requirement"):
+                    files.append(copied.get(rest.pop(0), "(not copied from the repository)"))
+                elif word in ("--index-url", "--extra-index-url", "-i"):
+                    options.append(f"{word} {rest.pop(0)}")
+                else:
+                    # A requirement named here rather than in a lock would be a name: every word is an option.
+                    assert word.startswith("-"), f"{name}: pip install {word!r} names a package outside a lock"
+                    options.append(word)
+            out.append((options, files))
+    return out
+
+
+def locked_names(stage_names: list[str], all_stages: dict[str, dict]) -> set[str]:
+    names = set()
+    for _, files in pip_installs(stage_names, all_stages):
+        for lock in files:
+            for line in (ROOT / lock).read_text().splitlines():
+                match = re.match(r"([A-Za-z0-9][A-Za-z0-9._-]*)==", line)
+                if match:
+                    names.add(match.group(1).lower().replace("_", "-"))
+    return names
+
+
+def test_every_pip_install_takes_a_lock():
+    all_stages = stages()
+    installs = pip_installs(list(all_stages), all_stages)
+    assert len(installs) >= 4
+    for options, files in installs:
+        assert files and all(f.startswith(LOCKS) and (ROOT / f).is_file() for f in files), files
+        if files != [TORCH_LOCK]:
+            # Exact versions and hashes, and nothing pip would resolve beyond them.
+            assert "--require-hashes" in options and "--no-deps" in options, (options, files)
+    # The torch install: the lock's version from the PyTorch index of the build.
+    torch_installs = [options for options, files in installs if files == [TORCH_LOCK]]
+    assert len(torch_installs) == 2
+    assert all(any(o.startswith("--index-url https://download.pytorch.org/whl/") for o in t) for t in torch_installs)
+
+
 def test_controller_image_has_no_torch_and_model_images_no_redis():
     all_stages = stages()
-    controller_runs = " ".join(r for s in ancestry("controller", all_stages) for r in instruction(all_stages[s], "RUN"))
-    assert "torch" not in controller_runs
-    assert "kubernetes" in controller_runs and "redis" in controller_runs
+    controller = locked_names(ancestry("controller", all_stages), all_stages)
+    assert "torch" not in controller and "transformers" not in controller
+    assert {"kubernetes", "redis", "grpcio", "tokenizers"} <= controller
     for role in ("drafter", "verifier"):
-        runs = " ".join(r for s in ancestry(role, all_stages) for r in instruction(all_stages[s], "RUN"))
-        assert "torch==" in runs and "transformers" in runs
-        assert "redis" not in runs and "kubernetes" not in runs
+        model = locked_names(ancestry(role, all_stages), all_stages)
+        assert {"torch", "transformers", "safetensors", "grpcio"} <= model
+        assert "redis" not in model and "kubernetes" not in model
 
 
 def _ignored(path: str, patterns: list[str]) -> bool:
@@ -117,5 +178,7 @@ def test_dockerignore_admits_exactly_what_the_images_copy():
         ".venv/bin/python",
         "deploy/k8s/gpu.yaml",
         "eesd/__pycache__/x.pyc",
+        "deploy/docker/lock/model.in",
+        "requirements.lock",
     ):
         assert _ignored(private, patterns), private
