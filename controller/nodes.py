@@ -5,7 +5,7 @@ from dataclasses import dataclass
 import grpc
 
 from eesd.errors import Unavailable
-from eesd.rounds import DraftBlock, DraftRequest, RoundStats, Verdict, VerifyRequest
+from eesd.rounds import DraftBlock, DraftRequest, Verdict, VerifyRequest
 from eesd_proto.eesd.v1 import drafter_pb2, drafter_pb2_grpc, verifier_pb2, verifier_pb2_grpc
 from serving import convert
 from serving.errors import UNAVAILABLE_PEER_KEY, error_of
@@ -20,17 +20,6 @@ class RoundOutcome:
     draft_ms: float
     verify_ms: float
     transport_ms: float
-
-    def stats(self, round_index: int, committed: int) -> RoundStats:
-        return RoundStats(
-            round_index,
-            self.draft.budget,
-            len(self.draft.tokens),
-            self.verdict.accepted,
-            committed,
-            self.draft_ms / 1e3,
-            self.verify_ms / 1e3,
-        )
 
 
 @dataclass(frozen=True)

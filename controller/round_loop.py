@@ -18,10 +18,10 @@ from controller.nodes import Mismatch, NodeClients, RoundOutcome
 from controller.routing import Router
 from controller.state_store import SessionRecord, StateStore
 from eesd.errors import EesdError, FailedPrecondition, InvalidArgument, Unavailable
-from eesd.generation import GenerationStats, finish
+from eesd.generation import GenerationStats
 from eesd.params import GenerationParams, validate_prompt
-from eesd.policies import make_policy
-from eesd.rounds import DraftBlock, DraftRequest, RoundStats, VerifyRequest
+from eesd.rounds import RoundStats
+from eesd.session import Session
 
 log = logging.getLogger(__name__)
 
@@ -48,12 +48,10 @@ class Finished:
 
 @dataclass
 class _Pair:
-    """The session's nodes and how many committed tokens each one's cache covers."""
+    """The session's nodes (the session says how many committed tokens each one's cache covers)."""
 
     drafter: str | None
     verifier: str
-    drafter_length: int = 0
-    verifier_length: int = 0
 
 
 class RoundLoop:
@@ -84,58 +82,52 @@ class RoundLoop:
         elif not prompt_ids:
             raise InvalidArgument("prompt_ids", "prompt is empty")
         seed = params.sampling.seed if params.sampling.seed is not None else secrets.randbits(63)
-        session_id = session_id or uuid.uuid4().hex
-        policy = make_policy(params.policy)
+        session = Session.start(session_id or uuid.uuid4().hex, prompt_ids, params, seed, self.eos_token_ids)
+        session_id = session.session_id
         verifier = self.router.pick_verifier()
         if verifier is None:
             raise Unavailable("no verifier is ready")
-        speculate = params.policy.name != "off" and params.policy.k_max > 0
-        pair = _Pair(self.router.pick_drafter() if speculate else None, verifier)
-        await self._create_session(session_id, prompt_ids, params, seed, policy.state(), pair)
-        committed, stats = list(prompt_ids), GenerationStats()
+        pair = _Pair(self.router.pick_drafter() if session.speculates else None, verifier)
+        await self._create_session(session, pair)
         transport_ms = controller_ms = 0.0
         start = time.perf_counter()
         try:
-            finish_reason = None
-            while finish_reason is None:
+            while session.finish_reason is None:
                 if session_id in self._cancelled:
-                    finish_reason = "cancelled"
+                    session.finish_reason = "cancelled"
                     break
                 round_start = time.perf_counter()
-                if speculate and pair.drafter is None and (drafter := self.router.pick_drafter()):
-                    pair.drafter, pair.drafter_length = drafter, 0  # a drafter is back: speculate again
+                if session.speculates and pair.drafter is None and (drafter := self.router.pick_drafter()):
+                    pair.drafter, session.drafter_length = drafter, 0  # a drafter is back: speculate again
                     self.router.acquire(drafter)
-                room = params.max_new_tokens - stats.generated - 1
-                outcome = await self._run_round(
-                    session_id, stats.rounds, committed, params, seed, policy, pair, room if speculate else 0
-                )
+                    await self.store.set_route(session_id, drafter, pair.verifier)
+                outcome = await self._run_round(session, pair)
                 call_done = time.perf_counter()
-                tokens, finish_reason = finish(
-                    outcome.verdict.committed_tokens(outcome.draft), stats.generated, params, self.eos_token_ids
+                result = session.settle(
+                    outcome.draft,
+                    outcome.verdict,
+                    outcome.drafter_cache_length,
+                    outcome.draft_ms / 1e3,
+                    outcome.verify_ms / 1e3,
                 )
-                if outcome.draft.tokens:
-                    policy.update(outcome.draft.confidences, outcome.verdict.accepted)
                 try:
-                    await self.store.commit_round(session_id, stats.rounds, tokens, policy.state())
+                    await self.store.commit_round(session_id, session.round_index, result.tokens, result.policy_state)
                 except FailedPrecondition:  # cancelled through another controller
-                    finish_reason = "cancelled"
+                    session.finish_reason = "cancelled"
                     break
-                committed += tokens
-                pair.verifier_length = outcome.verdict.cache_length
-                if outcome.draft.tokens:
-                    pair.drafter_length = outcome.drafter_cache_length
-                round_stats = outcome.stats(stats.rounds, len(tokens))
-                stats.add(round_stats)
+                session.apply(result)
                 own_ms = (time.perf_counter() - call_done) * 1e3
                 wire_ms = max(0.0, (call_done - round_start) * 1e3 - outcome.draft_ms - outcome.verify_ms)
                 transport_ms += wire_ms
                 controller_ms += own_ms
-                yield RoundEvent(session_id, round_stats.round_index, tokens, round_stats, wire_ms, own_ms)
+                yield RoundEvent(session_id, result.stats.round_index, result.tokens, result.stats, wire_ms, own_ms)
+            stats = session.stats
             stats.elapsed_s = time.perf_counter() - start
+            finish_reason = session.finish_reason
             await self.store.finish(
                 session_id, "cancelled" if finish_reason == "cancelled" else "finished", finish_reason
             )
-            yield Finished(session_id, finish_reason, len(prompt_ids), stats, transport_ms, controller_ms)
+            yield Finished(session_id, finish_reason, session.prompt_length, stats, transport_ms, controller_ms)
         except (asyncio.CancelledError, GeneratorExit):
             # The client went away mid-stream: what was committed stays, the session ends as cancelled. A
             # closing generator cannot await, so the store write runs as a tracked task.
@@ -176,27 +168,27 @@ class RoundLoop:
         except EesdError as store_error:  # the store is down too: the client still gets the first error
             log.warning("session %r: could not record its failure (%s): %s", session_id[:64], code, store_error)
 
-    async def _create_session(
-        self,
-        session_id: str,
-        prompt_ids: list[int],
-        params: GenerationParams,
-        seed: int,
-        policy_state: dict[str, float],
-        pair: _Pair,
-    ) -> None:
+    async def _create_session(self, session: Session, pair: _Pair) -> None:
         # Load is taken before the first await: sessions arriving together must see each other's load, or
         # a burst of them all picks the same least-loaded pair while create_session waits on Redis.
         self.router.acquire(pair.drafter or "", pair.verifier)
+        params = session.params
         request = {
             "max_new_tokens": params.max_new_tokens,
             "sampling": asdict(params.sampling),
-            "seed": seed,
+            "seed": session.seed,
             "policy": asdict(params.policy),
             "stop_on_eos": params.stop_on_eos,
         }
         record = SessionRecord(
-            session_id, list(prompt_ids), len(prompt_ids), 0, policy_state, request, pair.drafter or "", pair.verifier
+            session.session_id,
+            list(session.committed),
+            session.prompt_length,
+            0,
+            session.policy_state,
+            request,
+            pair.drafter or "",
+            pair.verifier,
         )
         try:
             await self.store.create_session(record)
@@ -204,94 +196,61 @@ class RoundLoop:
             self.router.release(pair.drafter or "", pair.verifier)
             raise
 
-    async def _run_round(
-        self,
-        session_id: str,
-        round_index: int,
-        committed: list[int],
-        params: GenerationParams,
-        seed: int,
-        policy,
-        pair: _Pair,
-        room: int,
-    ) -> RoundOutcome:
-        """Runs round `round_index` until it has a verdict, repairing caches and replacing nodes as needed."""
+    async def _run_round(self, session: Session, pair: _Pair) -> RoundOutcome:
+        """Runs the session's next round until it has a verdict, repairing caches and replacing nodes."""
         deadline = time.monotonic() + self.unavailable_wait_s
         while True:
             try:
-                if pair.drafter is not None and room > 0:
-                    await self._catch_up(session_id, round_index, committed, pair)
-                    base = min(pair.drafter_length, pair.verifier_length)
-                    outcome = await self.nodes.draft(
-                        pair.drafter,
-                        DraftRequest(
-                            session_id,
-                            round_index,
-                            base,
-                            committed[base:],
-                            room,
-                            seed,
-                            params.sampling,
-                            params.policy,
-                            policy.state(),
-                        ),
-                        pair.verifier,
-                    )
+                if pair.drafter is not None and session.draft_room > 0:
+                    await self._catch_up(session, pair)
+                    base = min(session.drafter_length, session.verifier_length)
+                    outcome = await self.nodes.draft(pair.drafter, session.draft_request(base), pair.verifier)
                 else:
-                    outcome = await self.nodes.verify(
-                        pair.verifier,
-                        VerifyRequest(
-                            session_id,
-                            round_index,
-                            pair.verifier_length,
-                            committed[pair.verifier_length :],
-                            DraftBlock([], []),
-                            seed,
-                            params.sampling,
-                        ),
-                    )
+                    request = session.verify_request(session.verifier_length)
+                    outcome = await self.nodes.verify(pair.verifier, request)
             except Unavailable as error:
                 if time.monotonic() > deadline:
                     raise
-                await self._replace(session_id, pair, error)
+                await self._replace(session, pair, error)
                 continue
             if isinstance(outcome, Mismatch):
                 log.info(
                     "session %s round %d: %s cache holds %d tokens; resending from there",
-                    session_id,
-                    round_index,
+                    session.session_id,
+                    session.round_index,
                     outcome.role,
                     outcome.cache_length,
                 )
-                setattr(pair, f"{outcome.role}_length", outcome.cache_length)
+                setattr(session, f"{outcome.role}_length", outcome.cache_length)
                 continue
             return outcome
 
-    async def _catch_up(self, session_id: str, round_index: int, committed: list[int], pair: _Pair) -> None:
+    async def _catch_up(self, session: Session, pair: _Pair) -> None:
         """Prefills whichever node lags by more than a token, so the shared base does not drag the other
         node back (a fresh drafter must not make the verifier recompute the whole context)."""
-        target = len(committed) - 1
+        committed, target = session.committed, len(session.committed) - 1
         for role, address in (("drafter", pair.drafter), ("verifier", pair.verifier)):
             # A mismatch answer reports a shorter cache, so this loop ends at the latest at length 0.
-            while target - (length := getattr(pair, f"{role}_length")) > 1:
+            while target - (length := getattr(session, f"{role}_length")) > 1:
                 reply = await self.nodes.prefill(
-                    role, address, session_id, round_index, length, committed[length:target]
+                    role, address, session.session_id, session.round_index, length, committed[length:target]
                 )
-                setattr(pair, f"{role}_length", reply.cache_length if isinstance(reply, Mismatch) else reply)
+                setattr(session, f"{role}_length", reply.cache_length if isinstance(reply, Mismatch) else reply)
 
-    async def _replace(self, session_id: str, pair: _Pair, error: Unavailable) -> None:
+    async def _replace(self, session: Session, pair: _Pair, error: Unavailable) -> None:
         """Routes around an unavailable node; with no drafter left the session decodes verifier-only."""
+        session_id = session.session_id
         failed = pair.verifier if error.peer == "verifier" else pair.drafter
         log.warning("session %s: %s unavailable (%s)", session_id, error.peer or "node", error)
         self.router.mark_down(failed)
         self.router.release(failed)
         if error.peer == "verifier":
             replacement = self.router.pick_verifier(exclude=failed)
-            pair.verifier, pair.verifier_length = replacement or failed, 0
+            pair.verifier, session.verifier_length = replacement or failed, 0
             if replacement is None:
                 await asyncio.sleep(0.2)  # the only verifier may be restarting: retry it after a pause
         else:
-            pair.drafter, pair.drafter_length = self.router.pick_drafter(exclude=failed), 0
+            pair.drafter, session.drafter_length = self.router.pick_drafter(exclude=failed), 0
         # Only the replacement takes the released load; the node that did not fail already holds it.
         self.router.acquire(pair.verifier if error.peer == "verifier" else pair.drafter or "")
         await self.store.set_route(session_id, pair.drafter or "", pair.verifier)

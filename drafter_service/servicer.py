@@ -9,7 +9,8 @@ from grpc import aio
 from drafter_service.lookahead import Lookaheads
 from drafter_service.verifier_link import VerifierLink, VerifierLinks
 from eesd.kv_cache import CacheBehind
-from eesd.rounds import DraftBlock, DraftRequest, RoundStats, VerifyRequest
+from eesd.rounds import DraftBlock, DraftRequest, RoundStats
+from eesd.session import drafter_cache_after
 from eesd_proto.eesd.v1 import common_pb2, drafter_pb2, drafter_pb2_grpc, verifier_pb2
 from serving import convert
 from serving.node import ModelNode
@@ -54,12 +55,12 @@ class DrafterServicer(SessionRpcs, drafter_pb2_grpc.DrafterServiceServicer):
         if answer.WhichOneof("kind") == "cache_mismatch":
             return drafter_pb2.DraftResponse(**common, cache_mismatch=answer.cache_mismatch)
         verdict = answer.verdict
-        # The committed part of the cache: the accepted drafts, the last one only if it was fed.
-        valid = request.base_length + len(request.pending_token_ids) + verdict.accepted
         covers_block = await self.lookaheads.settle(
             draft_request, verdict.accepted == len(block.tokens), verdict.next_token
         )
-        cache_length = valid if covers_block else min(block.cache_length, valid)
+        fed = request.base_length + len(request.pending_token_ids)
+        # A lookahead that fed the last draft makes the cache cover the whole (accepted) block.
+        cache_length = fed + verdict.accepted if covers_block else drafter_cache_after(block, fed, verdict.accepted)
         self.node.metrics.rollback(cropped + block.cache_length - cache_length)
         round_trip_ms = (time.perf_counter() - drafted) * 1e3
         stats = RoundStats(
@@ -86,16 +87,7 @@ class DrafterServicer(SessionRpcs, drafter_pb2_grpc.DrafterServiceServicer):
         link: VerifierLink, request: DraftRequest, block: DraftBlock
     ) -> verifier_pb2.VerifyStreamResponse:
         """Streams one round's block to the verifier and waits for its answer."""
-        verify_request = VerifyRequest(
-            request.session_id,
-            request.round_index,
-            request.base_length,
-            request.pending,
-            block,
-            request.seed,
-            request.sampling,
-        )
-        return await link.verify(convert.verify_request_to_proto(verify_request))
+        return await link.verify(convert.verify_request_to_proto(request.verify_request(block)))
 
     async def Prefill(self, request, context: aio.ServicerContext):
         await self.lookaheads.drop(request.session_id)

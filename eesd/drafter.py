@@ -8,7 +8,6 @@ round would draft, so a right guess only saves time and a wrong one is dropped.
 
 import random
 from collections.abc import Callable
-from dataclasses import replace
 from pathlib import Path
 
 from eesd.checkpoint import CheckpointReader, config_hash, load_config, resolve_dtype, tokenizer_hash
@@ -21,6 +20,7 @@ from eesd.params import check_token_ids
 from eesd.policies import make_policy
 from eesd.rounds import DraftBlock, DraftRequest
 from eesd.sampling import round_generator, round_seed, sample, sparse_top, target_probs
+from eesd.session import next_draft_request
 
 
 class Drafter:
@@ -112,28 +112,8 @@ class Drafter:
         logits = self.stack(block.tokens[-1:], cache)[-1]  # (vocab,)
         # The verifier's bonus token is its top token (greedy) or a draw from p: the drafter's top token
         # is the likeliest match either way.
-        return next_round(request, block, int(logits.argmax()))
+        return next_draft_request(request, block, int(logits.argmax()))
 
 
 class DraftStopped(Exception):
     """Drafting ahead was stopped (the guess it rested on failed, or other work wants the node)."""
-
-
-def next_round(request: DraftRequest, block: DraftBlock, bonus: int) -> DraftRequest | None:
-    """The request of round r+1 when round r accepts all of `block` and commits `bonus` after it, or
-    None when round r+1 will not draft (no room left). Mirrors the controller's round loop: the policy
-    learns from a fully accepted block, the room shrinks by the k + 1 committed tokens, and both nodes'
-    caches cover everything but the bonus token."""
-    room = request.max_tokens - len(block.tokens) - 1
-    if room <= 0:
-        return None
-    policy = make_policy(request.policy, request.policy_state)
-    policy.update(block.confidences, len(block.tokens))
-    return replace(
-        request,
-        round_index=request.round_index + 1,
-        base_length=block.cache_length + 1,
-        pending=[bonus],
-        max_tokens=room,
-        policy_state=policy.state(),
-    )

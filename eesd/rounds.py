@@ -21,6 +21,12 @@ class DraftRequest:
     policy: PolicyParams = field(default_factory=PolicyParams)
     policy_state: dict[str, float] = field(default_factory=dict)
 
+    def verify_request(self, block: "DraftBlock") -> "VerifyRequest":
+        """The same round's request to the verifier, carrying the drafted block (the drafter relays it)."""
+        return VerifyRequest(
+            self.session_id, self.round_index, self.base_length, self.pending, block, self.seed, self.sampling
+        )
+
 
 @dataclass(frozen=True)
 class DraftBlock:
