@@ -15,7 +15,6 @@ from eesd.decoder_stack import build_stack
 from eesd.errors import InvalidArgument
 from eesd.exit_layer import load_exit_head, state_hash, untrained_exit_layer, validate_exit_layer
 from eesd.identity import ModelIdentity
-from eesd.kv_cache import SessionCaches
 from eesd.params import check_token_ids
 from eesd.policies import make_policy
 from eesd.rounds import DraftBlock, DraftRequest
@@ -54,7 +53,7 @@ class Drafter:
             state_hash(exit_state),
         )
         self.stack = build_stack(self.config, reader, list(range(exit_layer)), torch_dtype, device, [exit_state])
-        self.sessions = SessionCaches(self.stack.new_cache, max_sessions)
+        self.sessions = self.stack.new_pool(max_sessions=max_sessions)
         self.draft_top_k = draft_top_k
         self.device = device
 

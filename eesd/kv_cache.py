@@ -1,11 +1,22 @@
-"""Preallocated KV caches with rollback by position, and the per-session cache table of a node.
+"""A node's KV memory: one preallocated pool of key/value slots that sessions reserve and release.
 
-gpt-fast style: keys and values live in buffers sized for the context; `length` says how many
-positions are valid. Appending writes in place; rollback moves the pointer, so it is exact and O(1).
+The pool holds keys and values of shape (layers, kv_heads, kv_tokens, head_dim), cut into blocks of
+`block_size` token slots. A session reserves, when it opens, the blocks for every position it may
+write (prompt + max new tokens, bounded by the model's context): a pool that cannot hold the
+reservation refuses it with ResourceExhausted, and an admitted session never runs out of memory
+mid-stream. Nothing is reallocated or moved afterwards. `length` says how many of a session's
+positions are valid; a forward pass writes its new positions in place, and rollback moves `length`
+back, which is exact and O(1).
+
+Blocks rather than one region per session, so fragmentation never refuses a reservation and data
+never moves (sessions may open and close on another thread than the one running passes). The
+allocator hands out consecutive blocks when it can: such a session's keys are a view of the pool that
+attention reads in place, while scattered blocks are gathered on every read. Measured with 1 thread,
+attention of one token over 300 cached positions: 12.7 us as a view vs 26.5 us gathered (64 wide,
+2 kv heads), 29 vs 113 us (512 wide, 4 kv heads).
 """
 
-from collections.abc import Callable
-from dataclasses import dataclass
+import math
 
 import torch
 
@@ -13,51 +24,54 @@ from eesd.errors import FailedPrecondition, InvalidArgument, NotFound, ResourceE
 
 
 class KVCache:
-    """Implements the `update(key, value, layer_idx)` call that transformers attention layers make."""
+    """A session's share of a pool. Implements the `update(key, value, layer_idx)` call that
+    transformers attention layers make."""
 
-    def __init__(
-        self,
-        num_layers: int,
-        num_kv_heads: int,
-        head_dim: int,
-        dtype: torch.dtype,
-        device: torch.device | str = "cpu",
-        capacity: int = 256,
-        max_capacity: int = 1 << 20,
-    ):
-        self.max_capacity = max_capacity
-        shape = (num_layers, 1, num_kv_heads, min(capacity, max_capacity), head_dim)
-        self.keys = torch.zeros(shape, dtype=dtype, device=device)
-        self.values = torch.zeros(shape, dtype=dtype, device=device)
+    def __init__(self, pool: "KVPool", blocks: list[int]):
+        self.pool = pool
+        self.blocks = blocks
+        size = pool.block_size
+        # Pool slot of each position the session reserved.
+        self.table = (torch.tensor(blocks)[:, None] * size + torch.arange(size)).flatten().to(pool.keys.device)
+        self.capacity = min(len(blocks) * size, pool.max_context)  # positions it may hold
+        consecutive = blocks == list(range(blocks[0], blocks[0] + len(blocks)))
+        self._first_slot = blocks[0] * size if consecutive else None
         self.length = 0  # positions valid in every layer
         self._step = 0  # positions written by the forward pass in progress
 
-    @property
-    def capacity(self) -> int:
-        return self.keys.shape[3]
+    def slots(self, start: int, end: int) -> slice | torch.Tensor:
+        """Pool slots of positions [start, end): a slice when the blocks are consecutive, so that
+        indexing the pool with it gives a view instead of a gather."""
+        if self._first_slot is None:
+            return self.table[start:end]
+        return slice(self._first_slot + start, self._first_slot + end)
 
     def begin(self, num_tokens: int) -> None:
         """Called before a forward pass over `num_tokens` new positions."""
         end = self.length + num_tokens
-        if end > self.max_capacity:
-            raise ResourceExhausted(f"context of {end} tokens exceeds the model's {self.max_capacity}")
         if end > self.capacity:
-            self._grow(min(max(end, 2 * self.capacity), self.max_capacity))
+            raise ResourceExhausted(
+                f"a context of {end} tokens exceeds the session's reservation of {self.capacity} "
+                f"(the model's context is {self.pool.max_context})"
+            )
         self._step = num_tokens
 
     def update(
         self, key: torch.Tensor, value: torch.Tensor, layer_idx: int, *_args, **_kwargs
     ) -> tuple[torch.Tensor, torch.Tensor]:
-        """key, value: (1, kv_heads, q, head_dim) for the new positions; returns all valid positions.
+        """key, value: (1, kv_heads, q, head_dim) for the new positions; returns all valid positions,
+        (1, kv_heads, length + q, head_dim) each.
 
         The signature is transformers' `Cache.update(key, value, layer_idx, ...)`: releases pass extra
         arguments that a position-pointer cache does not need (`cache_kwargs` up to 5.23, `kwargs` since
         5.24), so anything after `layer_idx` is accepted and ignored.
         """
         end = self.length + key.shape[2]
-        self.keys[layer_idx, :, :, self.length : end] = key
-        self.values[layer_idx, :, :, self.length : end] = value
-        return self.keys[layer_idx, :, :, :end], self.values[layer_idx, :, :, :end]
+        keys, values = self.pool.layer_keys[layer_idx], self.pool.layer_values[layer_idx]
+        keys[:, self.slots(self.length, end)] = key[0]
+        values[:, self.slots(self.length, end)] = value[0]
+        valid = self.slots(0, end)
+        return keys[None, :, valid], values[None, :, valid]
 
     def commit(self) -> None:
         """Called after every layer has written the forward pass's positions."""
@@ -69,13 +83,6 @@ class KVCache:
         if not 0 <= length <= self.length:
             raise RollbackError(f"cannot crop a cache of length {self.length} to {length}")
         self.length = length
-
-    def _grow(self, capacity: int) -> None:
-        for name in ("keys", "values"):
-            old = getattr(self, name)
-            new = old.new_zeros((*old.shape[:3], capacity, old.shape[4]))
-            new[:, :, :, : self.length] = old[:, :, :, : self.length]
-            setattr(self, name, new)
 
 
 class CacheBehind(FailedPrecondition):
@@ -89,30 +96,75 @@ class CacheBehind(FailedPrecondition):
         self.cache_length = cache_length
 
 
-@dataclass
-class SessionCaches:
-    """The KV caches a node keeps per session: soft state, rebuilt from committed tokens when lost."""
+class KVPool:
+    """The KV caches a node keeps per session, in one pool: soft state, rebuilt from committed tokens
+    when lost."""
 
-    new_cache: Callable[[], KVCache]
-    max_sessions: int = 256
-
-    def __post_init__(self) -> None:
+    def __init__(
+        self,
+        num_layers: int,
+        num_kv_heads: int,
+        head_dim: int,
+        kv_tokens: int,
+        max_context: int,
+        max_sessions: int = 256,
+        dtype: torch.dtype = torch.float32,
+        device: torch.device | str = "cpu",
+        block_size: int = 16,
+    ):
+        if kv_tokens < 1 or block_size < 1:
+            raise InvalidArgument("kv_tokens", f"pool of {kv_tokens} tokens in blocks of {block_size}")
+        num_blocks = math.ceil(kv_tokens / block_size)
+        shape = (num_layers, num_kv_heads, num_blocks * block_size, head_dim)
+        # Uninitialised: a position is read only after a pass wrote it, and on a CPU the pages are
+        # committed as they are first written.
+        self.keys = torch.empty(shape, dtype=dtype, device=device)
+        self.values = torch.empty(shape, dtype=dtype, device=device)
+        self.layer_keys, self.layer_values = self.keys.unbind(0), self.values.unbind(0)  # per layer, no op
+        self.block_size = block_size
+        self.max_context = max_context
+        self.max_sessions = max_sessions
+        self._free = list(range(num_blocks))  # sorted
         self._caches: dict[str, KVCache] = {}
 
     def __len__(self) -> int:
         return len(self._caches)
 
-    def open(self, session_id: str) -> KVCache:
-        """Opens (or resets) a session's cache."""
+    @property
+    def total_tokens(self) -> int:
+        return self.keys.shape[2]
+
+    @property
+    def reserved_tokens(self) -> int:
+        return self.total_tokens - len(self._free) * self.block_size
+
+    def usage(self) -> float:
+        """Fraction of the pool reserved by sessions (vLLM's kv_cache_usage_perc)."""
+        return self.reserved_tokens / self.total_tokens
+
+    def open(self, session_id: str, tokens: int | None = None) -> KVCache:
+        """Opens (or resets) a session's cache, reserving `tokens` positions (default and at most the
+        model's context)."""
         if not session_id:
             raise InvalidArgument("session_id", "must be non-empty")
-        if session_id not in self._caches and len(self._caches) >= self.max_sessions:
+        if tokens is not None and tokens < 1:
+            raise InvalidArgument("tokens", f"must be >= 1, got {tokens}")
+        self.close(session_id)
+        if len(self._caches) >= self.max_sessions:
             raise ResourceExhausted(f"node holds its maximum of {self.max_sessions} sessions")
-        self._caches[session_id] = self.new_cache()
+        needed = math.ceil(min(self.max_context if tokens is None else tokens, self.max_context) / self.block_size)
+        if needed > len(self._free):
+            raise ResourceExhausted(
+                f"KV pool has {len(self._free) * self.block_size} of {self.total_tokens} tokens free; "
+                f"session {session_id!r} needs {needed * self.block_size}"
+            )
+        self._caches[session_id] = KVCache(self, self._take(needed))
         return self._caches[session_id]
 
     def close(self, session_id: str) -> None:
-        self._caches.pop(session_id, None)
+        cache = self._caches.pop(session_id, None)
+        if cache is not None:
+            self._free = sorted(self._free + cache.blocks)
 
     def get(self, session_id: str) -> KVCache:
         if session_id not in self._caches:
@@ -133,3 +185,12 @@ class SessionCaches:
             raise CacheBehind(session_id, cache.length, base_length)
         cache.crop(base_length)
         return cache
+
+    def _take(self, count: int) -> list[int]:
+        """The first run of `count` consecutive free blocks, else the `count` lowest free blocks."""
+        free = self._free
+        runs = (free[i : i + count] for i in range(len(free) - count + 1) if free[i + count - 1] - free[i] == count - 1)
+        taken = next(runs, free[:count])
+        kept = set(free) - set(taken)
+        self._free = [b for b in free if b in kept]
+        return taken

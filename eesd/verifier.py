@@ -14,7 +14,6 @@ from eesd.checkpoint import CheckpointReader, config_hash, load_config, resolve_
 from eesd.decoder_stack import build_stack
 from eesd.errors import InvalidArgument
 from eesd.identity import ModelIdentity
-from eesd.kv_cache import SessionCaches
 from eesd.params import check_token_ids
 from eesd.rounds import DraftBlock, Verdict, VerifyRequest
 from eesd.sampling import densify, round_generator, target_probs
@@ -49,7 +48,7 @@ class Verifier:
             str(torch_dtype).removeprefix("torch."),
         )
         self.stack = build_stack(self.config, reader, list(range(self.config.num_hidden_layers)), torch_dtype, device)
-        self.sessions = SessionCaches(self.stack.new_cache, max_sessions)
+        self.sessions = self.stack.new_pool(max_sessions=max_sessions)
         self.device = device
 
     def verify(self, request: VerifyRequest) -> Verdict:

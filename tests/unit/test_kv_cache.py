@@ -5,7 +5,7 @@ import torch
 
 from eesd.drafter import Drafter
 from eesd.errors import RollbackError
-from eesd.kv_cache import CacheBehind, KVCache
+from eesd.kv_cache import CacheBehind, KVPool
 from eesd.verifier import Verifier
 
 
@@ -17,7 +17,7 @@ def test_rollback_equals_fresh_prefill(tiny_models, arch):
     drafts = [50, 51, 52, 53, 54]
     for stack in (verifier.stack, drafter.stack):
         for accepted in range(len(drafts) + 1):
-            cache = stack.new_cache(capacity=8)  # small, so appends also exercise growth
+            cache = stack.new_cache()
             stack(prompt, cache)
             stack(drafts, cache)
             cache.crop(len(prompt) + accepted)
@@ -25,14 +25,15 @@ def test_rollback_equals_fresh_prefill(tiny_models, arch):
             stack(prompt + drafts[:accepted], fresh)
             n = fresh.length
             assert cache.length == n
-            torch.testing.assert_close(cache.keys[:, :, :, :n], fresh.keys[:, :, :, :n], atol=1e-5, rtol=1e-4)
-            torch.testing.assert_close(cache.values[:, :, :, :n], fresh.values[:, :, :, :n], atol=1e-5, rtol=1e-4)
+            for name in ("keys", "values"):
+                cached, expected = (getattr(c.pool, name)[:, :, c.slots(0, n)] for c in (cache, fresh))
+                torch.testing.assert_close(cached, expected, atol=1e-5, rtol=1e-4)
             # and it keeps decoding as the fresh cache does
             torch.testing.assert_close(stack([7], cache), stack([7], fresh), atol=1e-4, rtol=1e-4)
 
 
 def test_crop_refuses_lengths_it_does_not_hold():
-    cache = KVCache(2, 1, 4, torch.float32, capacity=4)
+    cache = KVPool(2, 1, 4, kv_tokens=4, max_context=4, block_size=4).open("s")
     cache.begin(3)
     cache.commit()
     with pytest.raises(RollbackError):
