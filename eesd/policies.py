@@ -110,9 +110,11 @@ def expected_committed(theta: float, k: int) -> float:
     return float(k + 1) if theta >= 1.0 else (1.0 - theta ** (k + 1)) / (1.0 - theta)
 
 
-def best_block(theta: float, draft_cost: float, k_max: int) -> int:
-    """The k in 1..k_max maximising expected tokens per unit of time, tau(theta, k) / (1 + draft_cost * k)."""
-    return max(range(1, k_max + 1), key=lambda k: expected_committed(theta, k) / (1.0 + draft_cost * k)) if k_max else 0
+def best_block(theta: float, draft_cost: float, k_max: int, smallest: int = 1) -> int:
+    """The k in smallest..k_max maximising expected tokens per unit of cost, tau(theta, k) / (1 + draft_cost * k);
+    with smallest = 0, no speculation is a choice too (it wins whenever theta <= draft_cost)."""
+    ks = range(smallest, k_max + 1)
+    return max(ks, key=lambda k: expected_committed(theta, k) / (1.0 + draft_cost * k)) if k_max else 0
 
 
 @dataclass
@@ -126,19 +128,29 @@ class BetaTS(DraftPolicy):
     # > 0: cost-aware instead of the Bernoulli stopping rule: the round drafts the k that maximises
     # tau(theta, k) / (1 + draft_cost * k) for the sampled theta (draft_cost: one draft step / one verify pass).
     draft_cost: float = 0.0
+    # 1: the same rule with the cost the nodes measure now (eesd.load.draft_cost_ratio), k = 0 included, so
+    # speculation backs off as the batch fills; until a measurement exists, the configured rule applies.
+    load_aware: float = 0.0
+    measured_cost: float | None = None  # set by the drafter from its measurements, never by a request
     name = "beta-ts"
 
     def __post_init__(self) -> None:
         self._theta = 0.0
 
+    @property
+    def _sized_by_cost(self) -> bool:
+        return self.draft_cost > 0 or bool(self.load_aware and self.measured_cost is not None)
+
     def begin_round(self, rng: random.Random) -> int:
         self._theta = rng.betavariate(self.alpha, self.beta)
+        if self.load_aware and self.measured_cost is not None:
+            return best_block(self._theta, self.measured_cost, self.k_max, smallest=0)
         if self.draft_cost > 0:
             return best_block(self._theta, self.draft_cost, self.k_max)
         return self.k_max
 
     def keep_drafting(self, drafted: int, confidence: float, rng: random.Random) -> bool:
-        if self.draft_cost > 0:
+        if self._sized_by_cost:
             return True  # begin_round bounded the block
         theta = rng.betavariate(self.alpha, self.beta) if self.per_token else self._theta
         return rng.random() < theta
@@ -213,15 +225,20 @@ POLICIES: dict[str, type[DraftPolicy]] = {
 }
 
 
-def make_policy(params: PolicyParams, state: dict[str, float] | None = None) -> DraftPolicy:
-    """Builds the named policy with its options (dataclass fields) and optional saved state."""
+def make_policy(
+    params: PolicyParams, state: dict[str, float] | None = None, measured_cost: float | None = None
+) -> DraftPolicy:
+    """Builds the named policy with its options (dataclass fields) and optional saved state; `measured_cost`
+    is the draft cost ratio the node measures now, for policies that ask for it (`load_aware`)."""
     params.validate()
     cls = POLICIES[params.name]
-    allowed = {f.name for f in fields(cls) if f.name not in ("k_max", "alphas", "betas")}
+    allowed = {f.name for f in fields(cls) if f.name not in ("k_max", "alphas", "betas", "measured_cost")}
     unknown = set(params.options) - allowed
     if unknown:
         raise InvalidArgument("policy_options", f"{params.name} takes {sorted(allowed)}, not {sorted(unknown)}")
     policy = cls(k_max=params.k_max, **params.options)
+    if measured_cost is not None and hasattr(policy, "measured_cost"):
+        policy.measured_cost = measured_cost
     if state:
         policy.load_state(state)
     return policy

@@ -109,3 +109,22 @@ def test_cost_aware_calibration_ts_stops_when_the_prefix_is_unlikely():
     policy.begin_round(rng)
     assert all(policy.keep_drafting(i, 0.9, rng) for i in range(1, 6))
     assert not policy.keep_drafting(6, 0.1, rng)
+
+
+def test_load_aware_beta_ts_backs_off_as_the_draft_cost_grows():
+    """k > 0 pays only while theta > rho; at rho >= 1 (a full verifier) no block beats k = 0."""
+    from eesd.policies import best_block
+
+    assert best_block(0.6, 0.7, 8, smallest=0) == 0 and best_block(0.8, 0.7, 8, smallest=0) >= 1
+    assert all(best_block(0.99, rho, 8, smallest=0) == 0 for rho in (1.0, 1.5, 4.0))
+    options = {"alpha": 80.0, "beta": 20.0, "load_aware": 1.0}
+    mean_k = {}
+    for rho in (0.05, 0.3, 0.6, 1.2):
+        policy = make_policy(PolicyParams("beta-ts", k_max=8, options=options), measured_cost=rho)
+        rng = random.Random(1)
+        mean_k[rho] = sum(policy.begin_round(rng) for _ in range(200)) / 200
+    assert mean_k[0.05] > mean_k[0.3] > mean_k[0.6] > mean_k[1.2] == 0
+    unmeasured = make_policy(PolicyParams("beta-ts", k_max=8, options=options))
+    assert unmeasured.begin_round(random.Random(1)) == 8  # no measurement yet: the configured rule
+    with pytest.raises(InvalidArgument, match="policy_options"):  # a request cannot claim a cost
+        make_policy(PolicyParams("beta-ts", options={"measured_cost": 0.0}))
