@@ -137,6 +137,7 @@ class PackedPass:
 
 
 def pack(rows: list[Row]) -> PackedPass:
+    """The layout of a pass over `rows`, which must be distinct sessions of one pool."""
     caches = [row.cache for row in rows]
     pool = caches[0].pool
     if any(cache.pool is not pool for cache in caches) or len({id(c) for c in caches}) < len(caches):
