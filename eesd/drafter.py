@@ -10,8 +10,9 @@ import random
 from collections.abc import Callable
 from pathlib import Path
 
+from eesd.batch import Job, run_job
 from eesd.checkpoint import CheckpointReader, config_hash, load_config, resolve_dtype, tokenizer_hash
-from eesd.decoder_stack import build_stack
+from eesd.decoder_stack import Row, build_stack
 from eesd.errors import InvalidArgument
 from eesd.exit_layer import load_exit_head, state_hash, untrained_exit_layer, validate_exit_layer
 from eesd.identity import ModelIdentity
@@ -58,19 +59,24 @@ class Drafter:
         self.device = device
 
     def propose(self, request: DraftRequest, stop: Callable[[], bool] = lambda: False) -> DraftBlock:
-        """Feeds the pending tokens, then drafts token by token while the policy says so.
+        """`propose_job` alone."""
+        return run_job(self.stack, self.propose_job(request, stop))
 
-        `stop` is asked between drafts; when it says so, drafting ends with DraftStopped.
-        """
+    def propose_job(
+        self, request: DraftRequest, stop: Callable[[], bool] = lambda: False, measured_cost: float | None = None
+    ) -> Job[DraftBlock]:
+        """Feeds the pending tokens, then drafts token by token while the policy says so: one row per step,
+        so sessions batched together stop at their own k. `stop` is asked between drafts; when it says so,
+        drafting ends with DraftStopped. `measured_cost` is the draft cost ratio for load-aware policies."""
         check_token_ids("pending_tokens", request.pending, self.config.vocab_size)
-        policy = make_policy(request.policy, request.policy_state)
+        policy = make_policy(request.policy, request.policy_state, measured_cost)
         rng = random.Random(round_seed(request.seed, request.round_index, "policy"))
         generator = round_generator(request.seed, request.round_index, "draft", self.device)
         cache = self.sessions.at_base(request.session_id, request.base_length, request.pending)
         budget = min(policy.begin_round(rng), request.max_tokens)
         if budget <= 0:
             return DraftBlock([], [], budget=0, cache_length=cache.length)
-        logits = self.stack(request.pending, cache, logits_from=len(request.pending) - 1)[-1]  # (vocab,)
+        logits = (yield Row(request.pending, cache, len(request.pending) - 1))[-1]  # (vocab,)
         sampling = request.sampling
         tokens, confidences, q_ids, q_probs = [], [], [], []
         while True:
@@ -90,7 +96,7 @@ class Drafter:
                 break
             if stop():
                 raise DraftStopped(request.session_id)
-            logits = self.stack([token], cache)[-1]
+            logits = (yield Row([token], cache))[-1]
         return DraftBlock(
             tokens,
             confidences,
@@ -103,12 +109,18 @@ class Drafter:
     def lookahead(
         self, request: DraftRequest, block: DraftBlock, stop: Callable[[], bool] = lambda: False
     ) -> DraftRequest | None:
+        """`lookahead_job` alone."""
+        return run_job(self.stack, self.lookahead_job(request, block, stop))
+
+    def lookahead_job(
+        self, request: DraftRequest, block: DraftBlock, stop: Callable[[], bool] = lambda: False
+    ) -> Job[DraftRequest | None]:
         """Feeds the block's last draft (so the cache covers the whole block) and guesses round r+1's
         request; None when round r+1 will not draft. The cache must still end where `block` left it."""
         cache = self.sessions.get(request.session_id)
         if stop() or cache.length != block.cache_length:
             raise DraftStopped(request.session_id)
-        logits = self.stack(block.tokens[-1:], cache)[-1]  # (vocab,)
+        logits = (yield Row(block.tokens[-1:], cache))[-1]  # (vocab,)
         # The verifier's bonus token is its top token (greedy) or a draw from p: the drafter's top token
         # is the likeliest match either way.
         return next_draft_request(request, block, int(logits.argmax()))

@@ -1,53 +1,137 @@
-"""The in-process engine: draft -> verify -> commit rounds on one drafter and one verifier.
+"""The in-process engine: draft -> verify -> commit rounds on one drafter and one verifier, for one prompt
+or many at once (vLLM's `LLM.generate` for users who need no server).
 
-The distributed controller runs the same round over gRPC; both keep only the committed tokens and the
-policy state as hard state, and tell each node which committed prefix its cache must cover.
+Many prompts run as sessions batched together: each step drafts for every session that has room (one
+forward pass per draft step, sessions stopping at their own k) and then verifies every session's block in
+one pass; a session that finishes leaves and the next prompt takes its place (continuous batching, at
+most `max_batch` sessions at once, and only as many as the KV pools can hold). Each session's round is
+`eesd.session.Session`'s, the same as the distributed controller's, so batching changes no output.
 """
 
 import secrets
 import time
 import uuid
-from collections.abc import Callable
+from collections import deque
+from collections.abc import Callable, Sequence
 
+from eesd.batch import Finished, run_jobs
 from eesd.drafter import Drafter
+from eesd.errors import ResourceExhausted
 from eesd.generation import GenerationResult
 from eesd.params import GenerationParams, validate_prompt
+from eesd.rounds import DraftBlock
 from eesd.session import NO_DRAFT, Session, drafter_cache_after
 from eesd.verifier import Verifier
 
+OnTokens = Callable[[int, list[int]], None]  # (prompt index, tokens committed this round)
+
+
+def _results(finished: list[Finished]) -> list:
+    for done in finished:
+        if done.error is not None:
+            raise done.error
+    return [done.result for done in finished]
+
 
 class SpeculativeEngine:
-    def __init__(self, drafter: Drafter | None, verifier: Verifier, eos_token_ids: frozenset[int] = frozenset()):
+    def __init__(
+        self,
+        drafter: Drafter | None,
+        verifier: Verifier,
+        eos_token_ids: frozenset[int] = frozenset(),
+        max_batch: int = 64,
+    ):
         if drafter is not None:
             drafter.identity.check_pairs_with(verifier.identity)
         self.drafter, self.verifier = drafter, verifier
         self.eos_token_ids = frozenset(eos_token_ids)
+        self.max_batch = max_batch
 
     def generate(
         self, prompt_ids: list[int], params: GenerationParams, on_tokens: Callable[[list[int]], None] | None = None
     ) -> GenerationResult:
-        params.validate()
-        validate_prompt(prompt_ids, self.verifier.config.vocab_size)
-        seed = params.sampling.seed if params.sampling.seed is not None else secrets.randbits(63)
-        session = Session.start(uuid.uuid4().hex, prompt_ids, params, seed, self.eos_token_ids)
-        start = time.perf_counter()
+        """One prompt."""
+        stream = None if on_tokens is None else lambda _, tokens: on_tokens(tokens)
+        return self.generate_batch([prompt_ids], params, stream)[0]
+
+    def generate_batch(
+        self,
+        prompts: Sequence[list[int]],
+        params: GenerationParams | Sequence[GenerationParams],
+        on_tokens: OnTokens | None = None,
+    ) -> list[GenerationResult]:
+        """Every prompt (with its own params, or all with the same), batched; results in prompt order."""
+        per_prompt = [params] * len(prompts) if isinstance(params, GenerationParams) else list(params)
+        if len(per_prompt) != len(prompts):
+            raise ValueError(f"{len(prompts)} prompts but {len(per_prompt)} params")
+        for prompt, p in zip(prompts, per_prompt, strict=True):
+            p.validate()
+            validate_prompt(prompt, self.verifier.config.vocab_size)
+        waiting = deque(enumerate(zip(prompts, per_prompt, strict=True)))
+        active: dict[int, Session] = {}
+        results: dict[int, GenerationResult] = {}
+        started: dict[int, float] = {}
         try:
-            while session.finish_reason is None:
-                t0 = time.perf_counter()
-                block = NO_DRAFT
-                if self.drafter is not None and session.draft_room > 0:
-                    block = self.drafter.propose(session.draft_request(session.drafter_length))
-                t1 = time.perf_counter()
-                verdict = self.verifier.verify(session.verify_request(session.verifier_length, block))
-                t2 = time.perf_counter()
-                drafter_length = drafter_cache_after(block, len(session.committed), verdict.accepted)
-                result = session.settle(block, verdict, drafter_length, t1 - t0, t2 - t1)
-                session.apply(result)
-                if on_tokens is not None:
-                    on_tokens(result.tokens)
+            while waiting or active:
+                while waiting and len(active) < self.max_batch and self._admit(waiting[0], active, started):
+                    waiting.popleft()
+                for index, tokens in self._round(active):
+                    if on_tokens is not None:
+                        on_tokens(index, tokens)
+                for index in [i for i, s in active.items() if s.finish_reason is not None]:
+                    session = active.pop(index)
+                    self._close(session)
+                    session.stats.elapsed_s = time.perf_counter() - started[index]
+                    results[index] = GenerationResult(
+                        session.generated, session.finish_reason, session.seed, session.stats
+                    )
         finally:
-            for node in (self.drafter, self.verifier):
-                if node is not None:
-                    node.sessions.close(session.session_id)
-        session.stats.elapsed_s = time.perf_counter() - start
-        return GenerationResult(session.generated, session.finish_reason, seed, session.stats)
+            for session in active.values():
+                self._close(session)
+        return [results[i] for i in range(len(prompts))]
+
+    def _admit(self, item, active: dict[int, Session], started: dict[int, float]) -> bool:
+        """Opens the next prompt's session when the pools can hold its whole length (so it never runs out
+        mid-way); False while they cannot and other sessions will free space."""
+        index, (prompt, params) = item
+        seed = params.sampling.seed if params.sampling.seed is not None else secrets.randbits(63)
+        session = Session.start(uuid.uuid4().hex, prompt, params, seed, self.eos_token_ids)
+        length = len(prompt) + params.max_new_tokens
+        try:
+            for node in self._nodes(session):
+                node.sessions.open(session.session_id, length)
+        except ResourceExhausted:
+            self._close(session)
+            if not active:
+                raise
+            return False
+        active[index], started[index] = session, time.perf_counter()
+        return True
+
+    def _round(self, active: dict[int, Session]) -> list[tuple[int, list[int]]]:
+        """One round of every active session: drafts in shared passes, then one verify pass."""
+        t0 = time.perf_counter()
+        drafting = [i for i, s in active.items() if self.drafter is not None and s.draft_room > 0]
+        jobs = [self.drafter.propose_job(active[i].draft_request(active[i].drafter_length)) for i in drafting]
+        drafted = _results(run_jobs(self.drafter.stack, jobs)) if jobs else []
+        blocks: dict[int, DraftBlock] = dict(zip(drafting, drafted, strict=True))
+        t1 = time.perf_counter()
+        requests = [s.verify_request(s.verifier_length, blocks.get(i, NO_DRAFT)) for i, s in active.items()]
+        verdicts = _results(run_jobs(self.verifier.stack, [self.verifier.verify_job(r) for r in requests]))
+        t2 = time.perf_counter()
+        committed = []
+        for (index, session), verdict in zip(active.items(), verdicts, strict=True):
+            block = blocks.get(index, NO_DRAFT)
+            drafter_length = drafter_cache_after(block, len(session.committed), verdict.accepted)
+            result = session.settle(block, verdict, drafter_length, t1 - t0, t2 - t1)
+            session.apply(result)
+            committed.append((index, result.tokens))
+        return committed
+
+    def _nodes(self, session: Session) -> list[Drafter | Verifier]:
+        return [self.verifier] if self.drafter is None or not session.speculates else [self.drafter, self.verifier]
+
+    def _close(self, session: Session) -> None:
+        for node in (self.drafter, self.verifier):
+            if node is not None:
+                node.sessions.close(session.session_id)

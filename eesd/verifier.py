@@ -1,8 +1,8 @@
 """The verifier: the full model; scores a draft block in one forward pass and applies the acceptance rule.
 
-Batch size is 1 per call today; `verify` takes one request per session so a batched scorer can later
-take a list of them, and a handoff mode (drafter ships layer-N hidden states) can add a field to the
-request without changing the contract.
+`verify_job` is one session's part of a pass, which the node batches with other sessions' (eesd.batch);
+a handoff mode (drafter ships layer-N hidden states) can add a field to the request without changing the
+contract.
 """
 
 from pathlib import Path
@@ -10,8 +10,9 @@ from pathlib import Path
 import torch
 
 from eesd.acceptance import accept_greedy, accept_stochastic
+from eesd.batch import Job, run_job
 from eesd.checkpoint import CheckpointReader, config_hash, load_config, resolve_dtype, tokenizer_hash
-from eesd.decoder_stack import build_stack
+from eesd.decoder_stack import Row, build_stack
 from eesd.errors import InvalidArgument
 from eesd.identity import ModelIdentity
 from eesd.params import check_token_ids
@@ -52,13 +53,17 @@ class Verifier:
         self.device = device
 
     def verify(self, request: VerifyRequest) -> Verdict:
-        """Feeds pending + drafts in one pass, keeps the accepted prefix, crops the rest of the cache."""
+        """`verify_job` alone."""
+        return run_job(self.stack, self.verify_job(request))
+
+    def verify_job(self, request: VerifyRequest) -> Job[Verdict]:
+        """Feeds pending + drafts in one row, keeps the accepted prefix, crops the rest of the cache."""
         draft, sampling = request.draft, request.sampling
         check_token_ids("pending_tokens", request.pending, self.config.vocab_size)
         check_draft(draft, sampling.greedy, self.config.vocab_size)
         cache = self.sessions.at_base(request.session_id, request.base_length, request.pending)
         # Row i of the logits predicts draft i; the last row predicts the bonus token.
-        logits = self.stack(request.pending + draft.tokens, cache, logits_from=len(request.pending) - 1)
+        logits = yield Row(request.pending + draft.tokens, cache, len(request.pending) - 1)  # (k + 1, vocab)
         tokens = torch.tensor(draft.tokens, dtype=torch.long)
         if sampling.greedy:
             result = accept_greedy(logits, tokens)
