@@ -4,6 +4,7 @@ import argparse
 import json
 import logging
 import sys
+import time
 from pathlib import Path
 
 from eesd.errors import EesdError, InvalidArgument
@@ -38,27 +39,80 @@ def eos_ids(model_dir: str) -> frozenset[int]:
     return frozenset([] if eos is None else [eos] if isinstance(eos, int) else eos)
 
 
+def _request_params(args: argparse.Namespace, line: dict | None = None) -> GenerationParams:
+    """The command's params, with a prompts-file line's own fields (same names as the flags) on top."""
+    line = line or {}
+    known = {"prompt", "prompt_ids", "max_new_tokens", "temperature", "top_p", "top_k", "seed"}
+    if unknown := set(line) - known:
+        raise InvalidArgument("prompts_file", f"unknown fields {sorted(unknown)}; expected {sorted(known)}")
+    get = lambda name: line.get(name, getattr(args, name))  # noqa: E731
+    params = GenerationParams(
+        max_new_tokens=get("max_new_tokens"),
+        sampling=SamplingParams(get("temperature"), get("top_k"), get("top_p"), get("seed")),
+        policy=PolicyParams(args.policy, args.k_max),
+    )
+    params.validate()
+    return params
+
+
+def _prompts_file(path: str, args: argparse.Namespace, tokenizer) -> list[tuple[list[int], GenerationParams]]:
+    """JSONL, one request per line: {"prompt": text} or {"prompt_ids": [...]}, optional per-line params."""
+    requests = []
+    for number, text in enumerate(Path(path).read_text().splitlines(), start=1):
+        if not text.strip():
+            continue
+        try:
+            line = json.loads(text)
+            if not isinstance(line, dict):
+                raise ValueError("not a JSON object")
+            if "prompt" in line:
+                if tokenizer is None:
+                    raise ValueError("the model has no tokenizer: give prompt_ids")
+                ids = tokenizer(line["prompt"])["input_ids"]
+            else:
+                ids = [int(t) for t in line["prompt_ids"]]
+            requests.append((ids, _request_params(args, line)))
+        except (ValueError, KeyError, TypeError, InvalidArgument) as error:
+            raise InvalidArgument("prompts_file", f"{path} line {number}: {error}") from error
+    return requests
+
+
+def _result_json(result, tokenizer, **extra) -> str:
+    return json.dumps(
+        {
+            **extra,
+            "token_ids": result.token_ids,
+            "text": tokenizer.decode(result.token_ids) if tokenizer else "",
+            "finish_reason": result.finish_reason,
+            "seed": result.seed,
+            "stats": result.stats.summary(),
+        }
+    )
+
+
 def cmd_generate(args: argparse.Namespace) -> int:
     from eesd.drafter import Drafter
     from eesd.engine import SpeculativeEngine
     from eesd.verifier import Verifier
 
-    params = GenerationParams(
-        max_new_tokens=args.max_new_tokens,
-        sampling=SamplingParams(args.temperature, args.top_k, args.top_p, args.seed),
-        policy=PolicyParams(args.policy, args.k_max),
-    )
-    params.validate()
+    if args.max_new_tokens is None and args.prompts_file is None:
+        raise InvalidArgument("max_new_tokens", "required unless every prompts-file line gives it")
+    tokenizer = load_tokenizer(args.model)
+    if args.prompts_file is not None:
+        requests = _prompts_file(args.prompts_file, args, tokenizer)
+    else:
+        params = _request_params(args)
+        if args.prompt is not None:
+            if tokenizer is None:
+                raise InvalidArgument("prompt", f"{args.model} has no tokenizer; pass --prompt-ids")
+            requests = [(tokenizer(args.prompt)["input_ids"], params)]
+        else:
+            requests = [(parse_ids(args.prompt_ids), params)]
     verifier = Verifier(args.model, dtype=args.dtype)
     drafter = Drafter(args.model, args.exit_layer, args.exit_head, dtype=args.dtype)
-    tokenizer = load_tokenizer(args.model)
-    if args.prompt is not None:
-        if tokenizer is None:
-            raise InvalidArgument("prompt", f"{args.model} has no tokenizer; pass --prompt-ids")
-        prompt_ids = tokenizer(args.prompt)["input_ids"]
-    else:
-        prompt_ids = parse_ids(args.prompt_ids)
-    engine = SpeculativeEngine(drafter, verifier, eos_ids(args.model))
+    engine = SpeculativeEngine(drafter, verifier, eos_ids(args.model), max_batch=args.max_batch)
+    if args.prompts_file is not None:
+        return _generate_file(engine, requests, tokenizer, args.output)
 
     def stream(tokens: list[int]) -> None:
         if not args.json:
@@ -68,20 +122,9 @@ def cmd_generate(args: argparse.Namespace) -> int:
                 flush=True,
             )
 
-    result = engine.generate(prompt_ids, params, on_tokens=stream)
-    text = tokenizer.decode(result.token_ids) if tokenizer else ""
+    result = engine.generate(*requests[0], on_tokens=stream)
     if args.json:
-        print(
-            json.dumps(
-                {
-                    "token_ids": result.token_ids,
-                    "text": text,
-                    "finish_reason": result.finish_reason,
-                    "seed": result.seed,
-                    "stats": result.stats.summary(),
-                }
-            )
-        )
+        print(_result_json(result, tokenizer))
     else:
         s = result.stats
         print(
@@ -89,6 +132,25 @@ def cmd_generate(args: argparse.Namespace) -> int:
             f"{s.tokens_per_second:.1f} tok/s, finish: {result.finish_reason}]",
             file=sys.stderr,
         )
+    return 0
+
+
+def _generate_file(engine, requests, tokenizer, output: str | None) -> int:
+    """Offline batch generation: every request batched on the engine, one JSON line each, in input order."""
+    start = time.perf_counter()
+    results = engine.generate_batch([ids for ids, _ in requests], [params for _, params in requests])
+    elapsed = time.perf_counter() - start
+    lines = [_result_json(result, tokenizer, index=i) for i, result in enumerate(results)]
+    if output:
+        Path(output).write_text("".join(line + "\n" for line in lines))
+    else:
+        print("\n".join(lines))
+    tokens = sum(len(r.token_ids) for r in results)
+    print(
+        f"[{len(results)} prompts, {tokens} tokens in {elapsed:.1f} s: {tokens / elapsed:.1f} tok/s, "
+        f"batches of up to {engine.max_batch}]",
+        file=sys.stderr,
+    )
     return 0
 
 
@@ -320,7 +382,14 @@ def build_parser() -> argparse.ArgumentParser:
     prompt = gen.add_mutually_exclusive_group(required=True)
     prompt.add_argument("--prompt", help="prompt text (needs the checkpoint's tokenizer)")
     prompt.add_argument("--prompt-ids", help="comma-separated prompt token ids")
-    gen.add_argument("--max-new-tokens", type=int, required=True)
+    prompt.add_argument(
+        "--prompts-file",
+        help='JSONL of requests, batched: {"prompt": text} or {"prompt_ids": [...]}, optionally with '
+        "max_new_tokens, temperature, top_p, top_k, seed; writes one JSON result per line",
+    )
+    gen.add_argument("--output", help="with --prompts-file: write the JSONL results here (default: stdout)")
+    gen.add_argument("--max-batch", type=int, default=64, help="sessions generated at once (continuous batching)")
+    gen.add_argument("--max-new-tokens", type=int)
     gen.add_argument("--temperature", type=float, default=0.0, help="0: greedy")
     gen.add_argument("--top-p", type=float, default=1.0)
     gen.add_argument("--top-k", type=int, default=0)

@@ -77,3 +77,32 @@ def test_cli_bad_input(tiny_models, capsys, args, message):
         == 2
     )
     assert message in capsys.readouterr().err
+
+
+def test_cli_prompts_file_generates_every_request_batched(tiny_models, tmp_path, capsys):
+    """Offline batch generation: one JSON line per request, in input order, each equal to HF greedy; lines
+    may carry their own max_new_tokens."""
+    model_dir = tiny_models["llama"]
+    requests = [{"prompt_ids": [5, 6, 7]}, {"prompt_ids": [9], "max_new_tokens": 7}, {"prompt_ids": [3, 4, 8, 11]}]
+    prompts = tmp_path / "prompts.jsonl"
+    prompts.write_text("\n".join(json.dumps(r) for r in requests) + "\n\n")
+    output = tmp_path / "out.jsonl"
+    argv = ["generate", "--model", str(model_dir), "--exit-layer", "2", "--prompts-file", str(prompts)]
+    assert main([*argv, "--max-new-tokens", "16", "--max-batch", "2", "--output", str(output)]) == 0
+    lines = [json.loads(line) for line in output.read_text().splitlines()]
+    assert [line["index"] for line in lines] == [0, 1, 2]
+    for request, line in zip(requests, lines, strict=True):
+        assert line["token_ids"] == hf_greedy(model_dir, request["prompt_ids"], request.get("max_new_tokens", 16))
+    assert "3 prompts" in capsys.readouterr().err
+
+
+@pytest.mark.parametrize(
+    ("line", "message"),
+    [('{"prompt_ids": [1, "x"]}', "line 1"), ('{"prompt_ids": [1], "temp": 1}', "unknown fields"), ("[1]", "line 1")],
+)
+def test_cli_prompts_file_bad_lines_name_the_line(tiny_models, tmp_path, capsys, line, message):
+    prompts = tmp_path / "prompts.jsonl"
+    prompts.write_text(line + "\n")
+    argv = ["generate", "--model", str(tiny_models["llama"]), "--exit-layer", "1", "--prompts-file", str(prompts)]
+    assert main([*argv, "--max-new-tokens", "4"]) == 2
+    assert message in capsys.readouterr().err
