@@ -103,9 +103,11 @@ def run_job(stack: DecoderStack, job: Job[T]) -> T:
     return done.result
 
 
-def run_jobs(stack: DecoderStack, jobs: list[Job]) -> list[Finished]:
+def run_jobs(
+    stack: DecoderStack, jobs: list[Job], on_pass: Callable[[PassStats], None] = lambda stats: None
+) -> list[Finished]:
     """All jobs together until each has finished, in the order given (in-process batching)."""
-    batch, finished = Batch(stack), {}
+    batch, finished = Batch(stack, on_pass), {}
     for key, job in enumerate(jobs):
         if (done := batch.add(key, job)) is not None:
             finished[key] = done

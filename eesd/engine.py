@@ -14,10 +14,11 @@ import uuid
 from collections import deque
 from collections.abc import Callable, Sequence
 
-from eesd.batch import Finished, run_jobs
+from eesd.batch import Finished, PassStats, run_jobs
 from eesd.drafter import Drafter
 from eesd.errors import ResourceExhausted
 from eesd.generation import GenerationResult
+from eesd.load import PassTimer, draft_cost_ratio
 from eesd.params import GenerationParams, validate_prompt
 from eesd.rounds import DraftBlock
 from eesd.session import NO_DRAFT, Session, drafter_cache_after
@@ -46,6 +47,13 @@ class SpeculativeEngine:
         self.drafter, self.verifier = drafter, verifier
         self.eos_token_ids = frozenset(eos_token_ids)
         self.max_batch = max_batch
+        # Each node's recent passes: the draft cost ratio that load-aware policies size their blocks by.
+        self.timers = {"drafter": PassTimer(), "verifier": PassTimer()}
+
+    def measured_cost(self) -> float | None:
+        """The marginal cost ratio of a draft token now (eesd.load), None until both nodes measured it."""
+        verifier, drafter = self.timers["verifier"].load(), self.timers["drafter"].load()
+        return None if verifier is None or drafter is None else draft_cost_ratio(verifier, drafter)
 
     def generate(
         self, prompt_ids: list[int], params: GenerationParams, on_tokens: Callable[[list[int]], None] | None = None
@@ -112,12 +120,17 @@ class SpeculativeEngine:
         """One round of every active session: drafts in shared passes, then one verify pass."""
         t0 = time.perf_counter()
         drafting = [i for i, s in active.items() if self.drafter is not None and s.draft_room > 0]
-        jobs = [self.drafter.propose_job(active[i].draft_request(active[i].drafter_length)) for i in drafting]
-        drafted = _results(run_jobs(self.drafter.stack, jobs)) if jobs else []
+        cost = self.measured_cost()
+        jobs = [
+            self.drafter.propose_job(active[i].draft_request(active[i].drafter_length), measured_cost=cost)
+            for i in drafting
+        ]
+        drafted = _results(run_jobs(self.drafter.stack, jobs, self._record("drafter"))) if jobs else []
         blocks: dict[int, DraftBlock] = dict(zip(drafting, drafted, strict=True))
         t1 = time.perf_counter()
         requests = [s.verify_request(s.verifier_length, blocks.get(i, NO_DRAFT)) for i, s in active.items()]
-        verdicts = _results(run_jobs(self.verifier.stack, [self.verifier.verify_job(r) for r in requests]))
+        jobs = [self.verifier.verify_job(r) for r in requests]
+        verdicts = _results(run_jobs(self.verifier.stack, jobs, self._record("verifier")))
         t2 = time.perf_counter()
         committed = []
         for (index, session), verdict in zip(active.items(), verdicts, strict=True):
@@ -127,6 +140,10 @@ class SpeculativeEngine:
             session.apply(result)
             committed.append((index, result.tokens))
         return committed
+
+    def _record(self, role: str) -> Callable[[PassStats], None]:
+        timer = self.timers[role]
+        return lambda stats: timer.record(stats.tokens, stats.rows, stats.seconds)
 
     def _nodes(self, session: Session) -> list[Drafter | Verifier]:
         return [self.verifier] if self.drafter is None or not session.speculates else [self.drafter, self.verifier]
