@@ -14,7 +14,9 @@ from serving.server import serve
 
 async def main() -> None:
     config = load_config(DrafterConfig)
-    node = ModelNode(config.node_id or f"{config.host}:{config.port}", "drafter")
+    node = ModelNode(
+        config.node_id or f"{config.host}:{config.port}", "drafter", config.max_batch, config.max_pass_tokens
+    )
     servicer = DrafterServicer(node, config.verify_timeout_s, config.pipeline)
 
     async def load() -> None:
@@ -26,6 +28,7 @@ async def main() -> None:
                 config.dtype,
                 config.device,
                 config.max_sessions,
+                config.kv_tokens,
                 config.draft_top_k,
             )
         )

@@ -57,12 +57,30 @@ class Ahead:
 
 
 class Lookaheads:
-    def __init__(self, node: ModelNode, enabled: bool = True):
-        self.node, self.enabled = node, enabled
+    def __init__(
+        self, node: ModelNode, enabled: bool = True, cost: Callable[[str], float | None] = lambda verifier: None
+    ):
+        self.node, self.enabled, self.cost = node, enabled, cost
         self._sessions: dict[str, dict[int, _Lookahead]] = {}  # session -> round drafted ahead -> lookahead
         # Blocks whose step 1 waits for the verdict (the node was busy), then for the next round if due.
         self._unfed: dict[str, tuple[DraftRequest, DraftBlock]] = {}
         self._owed: dict[str, tuple[DraftRequest, DraftBlock]] = {}
+
+    def propose(
+        self,
+        request: DraftRequest,
+        verifier_address: str,
+        stop: Callable[[], bool] = lambda: False,
+        op: str = "propose",
+    ) -> Awaitable[DraftBlock]:
+        """Drafts `request` in the node's passes, sized by the draft cost measured now with this verifier."""
+        job = self.node.model.propose_job(request, stop, self.cost(verifier_address))
+        return self.node.run_job(job, op, len(request.pending))
+
+    def _lookahead(
+        self, request: DraftRequest, block: DraftBlock, stop: Callable[[], bool] = lambda: False
+    ) -> Awaitable[DraftRequest | None]:
+        return self.node.run_job(self.node.model.lookahead_job(request, block, stop), "lookahead")
 
     def start(self, request: DraftRequest, block: DraftBlock, verifier_address: str, send: Send) -> None:
         """Begins drafting round r+1 of `request`'s session; `block` is round r's, just sent to the verifier."""
@@ -72,19 +90,21 @@ class Lookaheads:
             self._unfed[request.session_id] = (request, block)
             return
         stopped = threading.Event()  # a verdict that already rejected a draft spares even step 1
-        guess = asyncio.ensure_future(self.node.run(self.node.model.lookahead, request, block, stopped.is_set))
-        ahead = asyncio.create_task(self._propose_ahead(guess, stopped))
+        guess = asyncio.ensure_future(self._lookahead(request, block, stopped.is_set))
+        ahead = asyncio.create_task(self._propose_ahead(guess, stopped, verifier_address))
         lookahead = _Lookahead(verifier_address, send, guess, ahead, stopped)
         self._sessions.setdefault(request.session_id, {})[request.round_index + 1] = lookahead
 
-    async def _propose_ahead(self, guess: asyncio.Future, stopped: threading.Event) -> DraftBlock | None:
+    async def _propose_ahead(
+        self, guess: asyncio.Future, stopped: threading.Event, verifier_address: str
+    ) -> DraftBlock | None:
         try:
             request = await guess
             if request is None or stopped.is_set() or self.node.queued:
                 return None
             # Stop between drafts once the guess failed or another call waits: other sessions go first.
             busy = lambda: stopped.is_set() or self.node.queued > 1  # noqa: E731
-            return await self.node.run(self.node.model.propose, request, busy, op="propose_ahead")
+            return await self.propose(request, verifier_address, busy, op="propose_ahead")
         except (DraftStopped, EesdError) as error:  # the session moved on or closed: nothing to keep
             log.debug("lookahead dropped: %r", error)
             return None
@@ -129,7 +149,7 @@ class Lookaheads:
         if (owed := self._owed.pop(request.session_id, None)) is not None:  # step 1 of a busy round, now
             self.node.metrics.lookahead("skipped")
             try:
-                await self.node.run(self.node.model.lookahead, *owed)
+                await self._lookahead(*owed)
             except (DraftStopped, EesdError) as error:  # the cache moved on: the request will say so
                 log.debug("owed lookahead step dropped: %r", error)
         lookaheads = self._sessions.get(request.session_id, {})

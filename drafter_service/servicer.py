@@ -9,6 +9,7 @@ from grpc import aio
 from drafter_service.lookahead import Lookaheads
 from drafter_service.verifier_link import VerifierLink, VerifierLinks
 from eesd.kv_cache import CacheBehind
+from eesd.load import NodeLoad, draft_cost_ratio
 from eesd.rounds import DraftBlock, DraftRequest, RoundStats
 from eesd.session import drafter_cache_after
 from eesd_proto.eesd.v1 import common_pb2, drafter_pb2, drafter_pb2_grpc, verifier_pb2
@@ -23,7 +24,8 @@ class DrafterServicer(SessionRpcs, drafter_pb2_grpc.DrafterServiceServicer):
     def __init__(self, node: ModelNode, verify_timeout_s: float, pipeline: bool = True):
         self.node = node
         self.verify_timeout_s = verify_timeout_s
-        self.lookaheads = Lookaheads(node, pipeline)
+        self.lookaheads = Lookaheads(node, pipeline, self.draft_cost)
+        self._verifier_loads: dict[str, NodeLoad] = {}  # verifier address -> its load in its last verdict
         self._links: VerifierLinks | None = None
 
     def links(self) -> VerifierLinks:
@@ -42,7 +44,7 @@ class DrafterServicer(SessionRpcs, drafter_pb2_grpc.DrafterServiceServicer):
         # Drafting afresh crops whatever the cache holds past the base (a dropped lookahead included).
         cropped = 0 if ahead else max(0, self.node.cache_length(request.session_id) - request.base_length)
         try:
-            block = ahead.block if ahead else await self.node.run(self.node.model.propose, draft_request)
+            block = ahead.block if ahead else await self.lookaheads.propose(draft_request, request.verifier_address)
         except CacheBehind as behind:
             return drafter_pb2.DraftResponse(**common, cache_mismatch=self._mismatch(request, behind))
         drafted = time.perf_counter()
@@ -55,6 +57,8 @@ class DrafterServicer(SessionRpcs, drafter_pb2_grpc.DrafterServiceServicer):
         if answer.WhichOneof("kind") == "cache_mismatch":
             return drafter_pb2.DraftResponse(**common, cache_mismatch=answer.cache_mismatch)
         verdict = answer.verdict
+        if verdict.HasField("load"):
+            self._verifier_loads[request.verifier_address] = convert.load_from_proto(verdict.load)
         covers_block = await self.lookaheads.settle(
             draft_request, verdict.accepted == len(block.tokens), verdict.next_token
         )
@@ -81,6 +85,12 @@ class DrafterServicer(SessionRpcs, drafter_pb2_grpc.DrafterServiceServicer):
                 stats=convert.round_stats_to_proto(stats, transport_ms=max(0.0, round_trip_ms - verdict.verify_ms)),
             ),
         )
+
+    def draft_cost(self, verifier_address: str) -> float | None:
+        """The marginal cost ratio of a draft token for a round verified by `verifier_address` (eesd.load),
+        None until both this node and that verifier have measured their passes."""
+        verifier, own = self._verifier_loads.get(verifier_address), self.node.load_now()
+        return None if verifier is None or own is None else draft_cost_ratio(verifier, own)
 
     @staticmethod
     async def _verify(

@@ -17,6 +17,7 @@ from typing import Any, TypeVar
 import torch
 
 from eesd.decoder_stack import DecoderStack, Row
+from eesd.kv_cache import KVPool
 
 T = TypeVar("T")
 Job = Generator[Row, torch.Tensor, T]  # yields rows to feed, is sent their logits, returns its result
@@ -90,6 +91,14 @@ class Batch:
         except Exception as error:  # one job's failure is its own: the batch goes on
             return Finished(key, error=error)
         return None
+
+
+def prefill_job(sessions: KVPool, session_id: str, base_length: int, token_ids: list[int]) -> Job[int]:
+    """Brings a session's cache to base_length + len(token_ids) (a new session, or one that lags); returns
+    the length its cache then covers."""
+    cache = sessions.at_base(session_id, base_length, token_ids)
+    yield Row(token_ids, cache, len(token_ids) - 1)
+    return cache.length
 
 
 def run_job(stack: DecoderStack, job: Job[T]) -> T:

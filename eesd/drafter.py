@@ -32,6 +32,7 @@ class Drafter:
         dtype: str = "float32",
         device: str = "cpu",
         max_sessions: int = 256,
+        kv_tokens: int = 0,
         draft_top_k: int = 32,
     ):
         self.config = load_config(model_dir)
@@ -54,7 +55,7 @@ class Drafter:
             state_hash(exit_state),
         )
         self.stack = build_stack(self.config, reader, list(range(exit_layer)), torch_dtype, device, [exit_state])
-        self.sessions = self.stack.new_pool(max_sessions=max_sessions)
+        self.sessions = self.stack.new_pool(kv_tokens or None, max_sessions)
         self.draft_top_k = draft_top_k
         self.device = device
 

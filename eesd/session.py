@@ -23,6 +23,17 @@ def speculates(policy: PolicyParams) -> bool:
     return policy.name != "off" and policy.k_max > 0
 
 
+def reproducible(params: GenerationParams) -> GenerationParams:
+    """`params` without load awareness when a client seed asks for a reproducible sampled run: the k of a
+    load-aware policy depends on the load, and a sampled round's draws on its k, so a seeded run would
+    depend on what it was batched with. Greedy runs do not depend on k (lossless), so they keep it."""
+    policy = params.policy
+    if params.sampling.greedy or params.sampling.seed is None or not policy.options.get("load_aware"):
+        return params
+    options = {name: value for name, value in policy.options.items() if name != "load_aware"}
+    return replace(params, policy=replace(policy, options=options))
+
+
 def policy_after(policy: PolicyParams, state: dict[str, float], block: DraftBlock, accepted: int) -> dict[str, float]:
     """The policy's state once it learned that `accepted` of `block`'s drafts were kept."""
     if not block.tokens:
@@ -68,6 +79,7 @@ class Session:
     def start(
         cls, session_id: str, prompt_ids: list[int], params: GenerationParams, seed: int, eos_token_ids=frozenset()
     ) -> "Session":
+        params = reproducible(params)
         state = make_policy(params.policy).state()
         return cls(session_id, list(prompt_ids), len(prompt_ids), params, seed, state, frozenset(eos_token_ids))
 

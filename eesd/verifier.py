@@ -38,7 +38,14 @@ def check_draft(draft: DraftBlock, greedy: bool, vocab_size: int) -> None:
 
 
 class Verifier:
-    def __init__(self, model_dir: str | Path, dtype: str = "float32", device: str = "cpu", max_sessions: int = 256):
+    def __init__(
+        self,
+        model_dir: str | Path,
+        dtype: str = "float32",
+        device: str = "cpu",
+        max_sessions: int = 256,
+        kv_tokens: int = 0,
+    ):
         self.config = load_config(model_dir)
         torch_dtype = resolve_dtype(dtype, self.config)
         reader = CheckpointReader.open(model_dir)
@@ -49,7 +56,7 @@ class Verifier:
             str(torch_dtype).removeprefix("torch."),
         )
         self.stack = build_stack(self.config, reader, list(range(self.config.num_hidden_layers)), torch_dtype, device)
-        self.sessions = self.stack.new_pool(max_sessions=max_sessions)
+        self.sessions = self.stack.new_pool(kv_tokens or None, max_sessions)
         self.device = device
 
     def verify(self, request: VerifyRequest) -> Verdict:

@@ -60,3 +60,30 @@ def load_config(cls: type[C], argv: Sequence[str] | None = None, env: Mapping[st
 
 def field(default, help: str):  # noqa: A002 - mirrors argparse's name
     return dataclasses.field(default=default, metadata={"help": help})
+
+
+@dataclasses.dataclass(frozen=True)
+class ModelNodeConfig:
+    """What a drafter and a verifier are both configured with: one model, its KV pool, its batching."""
+
+    host: str = field("0.0.0.0", "address to listen on")
+    port: int = field(50061, "gRPC port")
+    metrics_port: int = field(9101, "Prometheus /metrics port (0: off)")
+    model_dir: str = field("", "Hugging Face checkpoint directory")
+    dtype: str = field("float32", "float32, bfloat16, float16 or auto")
+    device: str = field("cpu", "cpu or cuda")
+    max_sessions: int = field(256, "KV caches kept at once; more is RESOURCE_EXHAUSTED")
+    kv_tokens: int = field(0, "KV pool size in token positions, preallocated (0: a full context per max_sessions)")
+    max_batch: int = field(64, "sessions batched in one forward pass (1: one session per pass)")
+    max_pass_tokens: int = field(2048, "new tokens a forward pass takes at most, summed over its sessions")
+    node_id: str = field("", "name in handshakes and metrics (default host:port)")
+    grace_s: float = field(10.0, "seconds in-flight rounds get to finish on SIGTERM")
+
+    def validate(self) -> None:
+        if not self.model_dir:
+            raise InvalidArgument("model_dir", "is required (--model-dir or EESD_MODEL_DIR)")
+        for name in ("max_sessions", "max_batch", "max_pass_tokens"):
+            if getattr(self, name) < 1:
+                raise InvalidArgument(name, f"must be >= 1, got {getattr(self, name)}")
+        if self.kv_tokens < 0:
+            raise InvalidArgument("kv_tokens", f"must be >= 0, got {self.kv_tokens}")

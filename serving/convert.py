@@ -3,6 +3,7 @@
 import grpc
 
 from eesd.identity import ModelIdentity
+from eesd.load import NodeLoad, PassCost
 from eesd.params import PolicyParams, SamplingParams
 from eesd.rounds import DraftBlock, DraftRequest, RoundStats, Verdict, VerifyRequest
 from eesd_proto.eesd.v1 import common_pb2, controller_pb2, drafter_pb2, verifier_pb2
@@ -119,7 +120,9 @@ def verify_request_from_proto(msg: verifier_pb2.VerifyRequest) -> VerifyRequest:
     )
 
 
-def verdict_to_proto(verdict: Verdict, base_length: int, verify_ms: float) -> verifier_pb2.Verdict:
+def verdict_to_proto(
+    verdict: Verdict, base_length: int, verify_ms: float, load: NodeLoad | None = None
+) -> verifier_pb2.Verdict:
     return verifier_pb2.Verdict(
         session_id=verdict.session_id,
         round=verdict.round_index,
@@ -128,7 +131,18 @@ def verdict_to_proto(verdict: Verdict, base_length: int, verify_ms: float) -> ve
         next_token=verdict.next_token,
         cache_length=verdict.cache_length,
         verify_ms=verify_ms,
+        load=None if load is None else load_to_proto(load),
     )
+
+
+def load_to_proto(load: NodeLoad) -> common_pb2.NodeLoad:
+    return common_pb2.NodeLoad(
+        fixed_ms=load.cost.fixed_s * 1e3, per_token_ms=load.cost.per_token_s * 1e3, rows_per_pass=load.rows_per_pass
+    )
+
+
+def load_from_proto(msg: common_pb2.NodeLoad) -> NodeLoad:
+    return NodeLoad(PassCost(msg.fixed_ms / 1e3, msg.per_token_ms / 1e3), msg.rows_per_pass)
 
 
 def verdict_from_proto(msg: verifier_pb2.Verdict) -> Verdict:

@@ -146,21 +146,55 @@ class _NodeFamilies:
         role = ("role",)
         self.forward = Histogram(
             PREFIX + "node_forward_seconds",
-            "Model calls on the node's compute thread by op (propose, verify, prefill, lookahead, propose_ahead).",
+            "Model work on the node's compute thread by op (propose, verify, prefill, lookahead, propose_ahead, "
+            "load, open, close): from joining a pass, or starting a call, to its result.",
             (*role, "op"),
             buckets=TIME_BUCKETS,
             registry=registry,
         )
         self.queue_wait = Histogram(
             PREFIX + "node_queue_wait_seconds",
-            "Time a model call waited for the compute thread.",
+            "Time model work waited to join a pass (or, for a call, for the compute thread).",
             role,
             buckets=TIME_BUCKETS,
             registry=registry,
         )
         self.queue_depth = Gauge(
             PREFIX + "node_queue_depth",
-            "Model calls waiting for or running on the compute thread.",
+            "Model work submitted and not finished: waiting or in the running batch.",
+            role,
+            registry=registry,
+        )
+        self.waiting = Gauge(
+            PREFIX + "node_requests_waiting",
+            "Model work waiting to join a pass (the batch or its token cap is full).",
+            role,
+            registry=registry,
+        )
+        self.pass_seconds = Histogram(
+            PREFIX + "node_pass_seconds",
+            "Forward passes of the node's batch.",
+            role,
+            buckets=TIME_BUCKETS,
+            registry=registry,
+        )
+        self.batch_size = Histogram(
+            PREFIX + "node_batch_size",
+            "Sessions (rows) in a forward pass.",
+            role,
+            buckets=(1, 2, 4, 8, 16, 32, 64, 128, 256),
+            registry=registry,
+        )
+        self.pass_tokens = Histogram(
+            PREFIX + "node_pass_tokens",
+            "New tokens fed in a forward pass, summed over its sessions.",
+            role,
+            buckets=(1, 2, 4, 8, 16, 32, 64, 128, 256, 512, 1024, 2048, 4096),
+            registry=registry,
+        )
+        self.kv_usage = Gauge(
+            PREFIX + "kv_cache_usage_perc",
+            "Fraction of the node's KV pool reserved by sessions (vLLM's kv_cache_usage_perc, 0..1).",
             role,
             registry=registry,
         )
@@ -195,9 +229,6 @@ class _NodeFamilies:
         )
 
 
-OP_NAMES = {"DecoderStack": "prefill", "<lambda>": "load"}  # a bare stack call is a prefill
-
-
 class NodeMetrics:
     """A drafter's or verifier's metrics, labelled by role."""
 
@@ -205,6 +236,9 @@ class NodeMetrics:
         self.role = role
         self._f = families
         self._queue_wait = families.queue_wait.labels(role)
+        self._pass_seconds = families.pass_seconds.labels(role)
+        self._batch_size = families.batch_size.labels(role)
+        self._pass_tokens = families.pass_tokens.labels(role)
 
     def watch_sessions(self, count: Callable[[], int]) -> None:
         self._f.sessions.labels(self.role).set_function(count)
@@ -212,27 +246,24 @@ class NodeMetrics:
     def watch_queue(self, depth: Callable[[], int]) -> None:
         self._f.queue_depth.labels(self.role).set_function(depth)
 
-    def timed(self, fn: Callable[..., T], op: str = "") -> Callable[..., T]:
-        """`fn` wrapped for the compute thread: records its wait for the thread and its run time under `op`
-        (default: the function's name)."""
-        submitted = time.perf_counter()
-        name = op or getattr(fn, "__name__", type(fn).__name__)
-        forward = self._f.forward.labels(self.role, OP_NAMES.get(name, name))
-        mismatches = self._f.cache_mismatches.labels(self.role)
+    def watch_waiting(self, count: Callable[[], int]) -> None:
+        self._f.waiting.labels(self.role).set_function(count)
 
-        def call(*args) -> T:
-            started = time.perf_counter()
-            self._queue_wait.observe(started - submitted)
-            try:
-                return fn(*args)
-            except Exception as error:
-                if getattr(error, "cache_length", None) is not None:  # eesd.kv_cache.CacheBehind (torch-free here)
-                    mismatches.inc()
-                raise
-            finally:
-                forward.observe(time.perf_counter() - started)
+    def watch_kv_usage(self, usage: Callable[[], float]) -> None:
+        self._f.kv_usage.labels(self.role).set_function(usage)
 
-        return call
+    def queue_wait(self, seconds: float) -> None:
+        self._queue_wait.observe(seconds)
+
+    def work_done(self, op: str, seconds: float, error: BaseException | None = None) -> None:
+        self._f.forward.labels(self.role, op).observe(seconds)
+        if getattr(error, "cache_length", None) is not None:  # eesd.kv_cache.CacheBehind (torch-free here)
+            self._f.cache_mismatches.labels(self.role).inc()
+
+    def forward_pass(self, rows: int, tokens: int, seconds: float) -> None:
+        self._pass_seconds.observe(seconds)
+        self._batch_size.observe(rows)
+        self._pass_tokens.observe(tokens)
 
     def rollback(self, dropped_tokens: int) -> None:
         if dropped_tokens > 0:

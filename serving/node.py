@@ -1,53 +1,110 @@
-"""What the drafter and verifier services share: one model, one compute thread, per-session caches.
+"""What the drafter and verifier services share: one model, one compute thread, continuous batching.
 
-Model calls run on a single worker thread so the event loop keeps answering health checks and stream
-messages while a forward pass runs, and passes on one model never overlap.
+Model work is a job (eesd.batch): the compute thread keeps a `Batch` of running jobs and steps it, one
+forward pass over every running session per step. Jobs submitted while a pass runs join the next one
+(up to `max_batch` sessions and `max_pass_tokens` new tokens per pass); a lone job runs at once, with no
+fixed wait. Plain calls (loading the model, closing a session: anything that touches the KV pool outside
+a job) run on the same thread between passes, so the pool never changes under a running pass. The event
+loop only submits and awaits, so it keeps answering health checks and stream messages meanwhile.
 """
 
 import asyncio
+import queue
+import threading
+import time
+from collections import deque
 from collections.abc import Callable
-from concurrent.futures import ThreadPoolExecutor
-from typing import TypeVar
+from dataclasses import dataclass, field
+from typing import Any, TypeVar
 
+from eesd.batch import Batch, Finished, Job, PassStats, prefill_job
 from eesd.drafter import Drafter
 from eesd.errors import Unavailable
+from eesd.load import NodeLoad, PassTimer
 from eesd.params import check_token_ids
 from eesd.verifier import Verifier
 from serving.metrics import node_metrics
 
 T = TypeVar("T")
+Model = Drafter | Verifier
+
+
+@dataclass
+class _Work:
+    """A job to join a pass, or a call to run between passes; resolves `future` on the event loop."""
+
+    loop: asyncio.AbstractEventLoop
+    future: asyncio.Future
+    op: str
+    job: Job | None = None
+    call: Callable[[], Any] | None = None
+    tokens: int = 0  # new tokens of the job's first row, for the per-pass token cap
+    submitted: float = field(default_factory=time.perf_counter)
+    started: float = 0.0
+
+    def resolve(self, result: Any = None, error: BaseException | None = None) -> None:
+        def settle() -> None:
+            if self.future.done():  # the caller went away
+                return
+            if error is not None:
+                self.future.set_exception(error)
+            else:
+                self.future.set_result(result)
+
+        self.loop.call_soon_threadsafe(settle)
 
 
 class ModelNode:
     """Created before the model loads, so the server can answer health checks (NOT_SERVING) meanwhile."""
 
-    def __init__(self, node_id: str, role: str = "model"):
-        self.node_id = node_id
-        self._model: Drafter | Verifier | None = None
-        self._executor = ThreadPoolExecutor(max_workers=1, thread_name_prefix="model")
-        self.queued = 0  # model calls waiting for or running on the compute thread
+    def __init__(self, node_id: str, role: str = "model", max_batch: int = 64, max_pass_tokens: int = 2048):
+        self.node_id, self.max_batch, self.max_pass_tokens = node_id, max_batch, max_pass_tokens
+        self._model: Model | None = None
+        self._inbox: queue.SimpleQueue[_Work | None] = queue.SimpleQueue()
+        self._waiting: deque[_Work] = deque()  # jobs not admitted yet (batch or token cap reached)
+        self._running: dict[int, _Work] = {}
+        self.queued = 0  # jobs and calls submitted and not finished
+        self.passes = PassTimer()
         self.metrics = node_metrics(role)
         self.metrics.watch_sessions(lambda: len(self._model.sessions) if self._model is not None else 0)
         self.metrics.watch_queue(lambda: self.queued)
+        self.metrics.watch_waiting(lambda: len(self._waiting))
+        self.metrics.watch_kv_usage(lambda: self._model.sessions.usage() if self._model is not None else 0.0)
+        self._thread = threading.Thread(target=self._serve, name=f"model-{role}", daemon=True)
+        self._thread.start()
 
     @property
-    def model(self) -> Drafter | Verifier:
+    def model(self) -> Model:
         if self._model is None:
             raise Unavailable(f"{self.node_id} is still loading its model")
         return self._model
 
-    async def load(self, factory: Callable[[], Drafter | Verifier]) -> None:
+    def load_now(self) -> NodeLoad | None:
+        """This node's pass cost and rows per pass, fitted on its recent passes (eesd.load)."""
+        return self.passes.load()
+
+    async def load(self, factory: Callable[[], Model]) -> None:
         """Loads the model off the event loop, then runs one real forward pass: the node reports SERVING
         only once the model computes."""
-        model = await self.run(factory)
-        await self.run(lambda: model.stack([0, 1], model.stack.new_cache(capacity=4)))
+        model = await self.run(factory, op="load")
+        await self.run(lambda: model.stack([0, 1], model.stack.new_cache(capacity=4)), op="load")
         self._model = model
 
     async def run(self, fn: Callable[..., T], *args, op: str = "") -> T:
-        """Runs `fn(*args)` on the compute thread; `op` names it in metrics (default: its name)."""
+        """Runs `fn(*args)` on the compute thread between passes; `op` names it in metrics."""
+        work = _Work(asyncio.get_running_loop(), _future(), op or fn.__name__, call=lambda: fn(*args))
+        return await self._submit(work)
+
+    async def run_job(self, job: Job[T], op: str, tokens: int = 1) -> T:
+        """Runs `job` in the node's passes, batched with other sessions' jobs; `tokens` is the size of its
+        first row (for the per-pass token cap)."""
+        return await self._submit(_Work(asyncio.get_running_loop(), _future(), op, job=job, tokens=tokens))
+
+    async def _submit(self, work: _Work) -> Any:
         self.queued += 1
         try:
-            return await asyncio.get_running_loop().run_in_executor(self._executor, self.metrics.timed(fn, op), *args)
+            self._inbox.put(work)
+            return await work.future
         finally:
             self.queued -= 1
 
@@ -58,22 +115,97 @@ class ModelNode:
         except LookupError:
             return 0
 
-    def open_session(self, session_id: str) -> int:
+    async def open_session(self, session_id: str) -> int:
         """Idempotent: an open session keeps its cache."""
-        try:
-            return self.model.sessions.get(session_id).length
-        except LookupError:
-            return self.model.sessions.open(session_id).length
+
+        def open_or_keep() -> int:
+            sessions = self.model.sessions
+            try:
+                return sessions.get(session_id).length
+            except LookupError:
+                return sessions.open(session_id).length
+
+        return await self.run(open_or_keep, op="open")
 
     async def prefill(self, session_id: str, base_length: int, token_ids: list[int]) -> int:
         check_token_ids("token_ids", token_ids, self.model.config.vocab_size)
         self.metrics.prefill(len(token_ids))
-        cache = self.model.sessions.at_base(session_id, base_length, token_ids)
-        await self.run(self.model.stack, token_ids, cache, len(token_ids) - 1)
-        return cache.length
+        job = prefill_job(self.model.sessions, session_id, base_length, token_ids)
+        return await self.run_job(job, "prefill", len(token_ids))
 
-    def close_session(self, session_id: str) -> None:
-        self.model.sessions.close(session_id)
+    async def close_session(self, session_id: str) -> None:
+        await self.run(self.model.sessions.close, session_id, op="close")
 
     def shutdown(self) -> None:
-        self._executor.shutdown(wait=False, cancel_futures=True)
+        self._inbox.put(None)
+
+    # -- the compute thread ----------------------------------------------------------------------------
+
+    def _serve(self) -> None:
+        batch: Batch | None = None
+        while True:
+            if not self._take(block=not self._waiting and (batch is None or not len(batch))):
+                return
+            if self._model is None:
+                continue  # only calls (the load) run before there is a model
+            if batch is None:
+                batch = Batch(self._model.stack, self._on_pass)
+            self._admit(batch)
+            for done in batch.step():
+                self._finish(done)
+
+    def _take(self, block: bool) -> bool:
+        """Moves submitted work to the waiting jobs and runs submitted calls; False once shut down."""
+        while True:
+            try:
+                work = self._inbox.get(block=block)
+            except queue.Empty:
+                return True
+            block = False
+            if work is None:
+                return False
+            if work.call is not None:
+                self._call(work)
+            else:
+                self._waiting.append(work)
+
+    def _call(self, work: _Work) -> None:
+        work.started = time.perf_counter()
+        self.metrics.queue_wait(work.started - work.submitted)
+        try:
+            result = work.call()
+        except Exception as error:  # the caller gets it
+            self.metrics.work_done(work.op, time.perf_counter() - work.started, error)
+            work.resolve(error=error)
+            return
+        self.metrics.work_done(work.op, time.perf_counter() - work.started)
+        work.resolve(result)
+
+    def _admit(self, batch: Batch) -> None:
+        """Waiting jobs join in order while the pass has room (a lone job always fits)."""
+        tokens = batch.tokens
+        while self._waiting and len(batch) < self.max_batch:
+            work = self._waiting[0]
+            if len(batch) and tokens + work.tokens > self.max_pass_tokens:
+                return
+            self._waiting.popleft()
+            work.started = time.perf_counter()
+            self.metrics.queue_wait(work.started - work.submitted)
+            key = id(work)
+            self._running[key] = work
+            tokens += work.tokens
+            if (done := batch.add(key, work.job)) is not None:
+                self._finish(done)
+
+    def _finish(self, done: Finished) -> None:
+        work = self._running.pop(done.key)
+        self.metrics.work_done(work.op, time.perf_counter() - work.started, done.error)
+        work.resolve(done.result, done.error)
+
+    def _on_pass(self, stats: PassStats) -> None:
+        self.passes.record(stats.tokens, stats.rows, stats.seconds)
+        self.metrics.forward_pass(stats.rows, stats.tokens, stats.seconds)
+
+
+def _future() -> asyncio.Future:
+    return asyncio.get_running_loop().create_future()

@@ -39,7 +39,7 @@ class SessionRpcs:
             # The node's identity must satisfy what the controller expects, as a drafter must its verifier.
             self.node.model.identity.check_pairs_with(convert.identity_from_proto(request.expected_identity))
         return self._message("OpenSessionResponse")(
-            session_id=request.session_id, cache_length=self.node.open_session(request.session_id)
+            session_id=request.session_id, cache_length=await self.node.open_session(request.session_id)
         )
 
     async def Prefill(self, request, context: aio.ServicerContext):
@@ -56,5 +56,5 @@ class SessionRpcs:
         return reply(**common, cache_length=length)
 
     async def CloseSession(self, request, context: aio.ServicerContext):
-        self.node.close_session(request.session_id)
+        await self.node.close_session(request.session_id)
         return self._message("CloseSessionResponse")(session_id=request.session_id)

@@ -14,11 +14,15 @@ from verifier_service.servicer import VerifierServicer
 
 async def main() -> None:
     config = load_config(VerifierConfig)
-    node = ModelNode(config.node_id or f"{config.host}:{config.port}", "verifier")
+    node = ModelNode(
+        config.node_id or f"{config.host}:{config.port}", "verifier", config.max_batch, config.max_pass_tokens
+    )
     servicer = VerifierServicer(node)
 
     async def load() -> None:
-        await node.load(lambda: Verifier(config.model_dir, config.dtype, config.device, config.max_sessions))
+        await node.load(
+            lambda: Verifier(config.model_dir, config.dtype, config.device, config.max_sessions, config.kv_tokens)
+        )
 
     def register(server) -> list[str]:
         verifier_pb2_grpc.add_VerifierServiceServicer_to_server(servicer, server)

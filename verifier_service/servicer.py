@@ -1,5 +1,6 @@
 """VerifierService: converts messages and calls eesd.verifier.Verifier; nothing else."""
 
+import asyncio
 import time
 
 from grpc import aio
@@ -23,7 +24,9 @@ class VerifierServicer(SessionRpcs, verifier_pb2_grpc.VerifierServiceServicer):
         return verifier_pb2.VerifyResponse(**await self._verify(request))
 
     async def VerifyStream(self, request_iterator, context: aio.ServicerContext):
-        """One drafter's persistent stream: a hello each way, then one answer per round, in order."""
+        """One drafter's persistent stream: a hello each way, then one answer per round. Rounds are verified
+        concurrently, so the rounds of the drafter's sessions join the same passes; answers go out as they
+        are ready (the drafter matches them by session and round)."""
         first = await anext(aiter(request_iterator), None)
         if first is None or first.WhichOneof("kind") != "hello":
             raise InvalidArgument("hello", "the first message of a VerifyStream must be a hello")
@@ -35,12 +38,26 @@ class VerifierServicer(SessionRpcs, verifier_pb2_grpc.VerifierServiceServicer):
                 mode=verifier_pb2.VERIFY_MODE_RECOMPUTE,
             )
         )
-        async for message in request_iterator:
-            request = message.verify_request
+        answers: asyncio.Queue = asyncio.Queue()  # responses, then None (end) or an exception (stream failed)
+        reader = asyncio.create_task(self._answer_all(request_iterator, answers))
+        try:
+            while (answer := await answers.get()) is not None:
+                if isinstance(answer, BaseException):
+                    raise answer
+                yield answer
+        finally:
+            reader.cancel()
+            await asyncio.gather(reader, return_exceptions=True)
+
+    async def _answer_all(self, request_iterator, answers: asyncio.Queue) -> None:
+        """Verifies every round of the stream as it arrives; puts each answer, then the end."""
+        rounds: set[asyncio.Task] = set()
+
+        async def answer(request: verifier_pb2.VerifyRequest) -> None:
             try:
-                yield verifier_pb2.VerifyStreamResponse(**await self._verify(request))
+                response = verifier_pb2.VerifyStreamResponse(**await self._verify(request))
             except EesdError as error:  # one bad round must not end the stream other sessions share
-                yield verifier_pb2.VerifyStreamResponse(
+                response = verifier_pb2.VerifyStreamResponse(
                     round_error=verifier_pb2.RoundError(
                         session_id=request.session_id,
                         round=request.round,
@@ -49,15 +66,32 @@ class VerifierServicer(SessionRpcs, verifier_pb2_grpc.VerifierServiceServicer):
                         message=str(error),
                     )
                 )
+            except Exception as error:  # a bug or a fault of the machine: the stream ends, mapped to INTERNAL
+                response = error
+            answers.put_nowait(response)
+
+        try:
+            async for message in request_iterator:
+                task = asyncio.create_task(answer(message.verify_request))
+                rounds.add(task)
+                task.add_done_callback(rounds.discard)
+            await asyncio.gather(*rounds)
+            answers.put_nowait(None)
+        except Exception as error:
+            answers.put_nowait(error)
+        finally:
+            for task in rounds:
+                task.cancel()
 
     async def _verify(self, request: verifier_pb2.VerifyRequest) -> dict:
         """{'verdict': ...} or {'cache_mismatch': ...}, the oneof both response messages share."""
         start, cached = time.perf_counter(), self.node.cache_length(request.session_id)
+        verify_request = convert.verify_request_from_proto(request)
+        tokens = len(verify_request.pending) + len(verify_request.draft.tokens)
         try:
-            verdict = await self.node.run(self.node.model.verify, convert.verify_request_from_proto(request))
+            verdict = await self.node.run_job(self.node.model.verify_job(verify_request), "verify", tokens)
         except CacheBehind as behind:
             return {"cache_mismatch": self._mismatch(request, behind)}
         verify_ms = (time.perf_counter() - start) * 1e3
-        fed = len(request.pending_token_ids) + len(request.draft.token_ids)
-        self.node.metrics.rollback(cached + fed - verdict.cache_length)
-        return {"verdict": convert.verdict_to_proto(verdict, request.base_length, verify_ms)}
+        self.node.metrics.rollback(cached + tokens - verdict.cache_length)
+        return {"verdict": convert.verdict_to_proto(verdict, request.base_length, verify_ms, self.node.load_now())}

@@ -87,3 +87,13 @@ def test_no_next_draft_request_without_room():
     block = DraftBlock([5, 6, 7], [0.9, 0.8, 0.7], budget=3, cache_length=len(PROMPT) + 2)
     assert next_draft_request(session(max_new_tokens=5).draft_request(0), block, bonus=11) is None
     assert next_draft_request(session(max_new_tokens=6).draft_request(0), block, bonus=11).max_tokens == 1
+
+
+def test_a_seeded_sampled_session_is_not_load_aware():
+    """A load-aware k depends on the load and a sampled round's draws on its k: a client seed must give the
+    same tokens whatever the session is batched with, so it turns load awareness off; greedy keeps it."""
+    aware = PolicyParams("beta-ts", 4, {"load_aware": 1.0, "alpha": 2.0})
+    seeded = GenerationParams(8, SamplingParams(temperature=0.7, seed=3), aware)
+    assert Session.start("s", PROMPT, seeded, 3).params.policy.options == {"alpha": 2.0}
+    for kept in (GenerationParams(8, SamplingParams(), aware), GenerationParams(8, SamplingParams(0.7), aware)):
+        assert Session.start("s", PROMPT, kept, 3).params.policy == aware
