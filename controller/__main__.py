@@ -27,9 +27,9 @@ async def main() -> None:
     )
     nodes = NodeClients(config.round_timeout_s)
     codec, eos_ids, vocab_size = model_facts(config.model_dir)
-    loop = RoundLoop(store, router, nodes, eos_ids, vocab_size)
+    loop = RoundLoop(store, router, nodes, eos_ids, vocab_size, admission_wait_s=config.admission_wait_s)
     servicer = ControllerServicer(
-        loop, store, codec, config.default_policy, config.k_max, config.max_new_tokens_limit, config.auth_token
+        loop, store, codec, config.default_policy_params(), config.max_new_tokens_limit, config.auth_token
     )
 
     async def warmup() -> None:

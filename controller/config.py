@@ -2,7 +2,7 @@ from dataclasses import dataclass
 
 from controller.discovery import DISCOVERY_MODES
 from eesd.errors import InvalidArgument
-from eesd.params import POLICY_NAMES
+from eesd.params import POLICY_NAMES, PolicyParams
 from serving.config import field
 
 
@@ -22,18 +22,31 @@ class ControllerConfig:
     verifier_selector: str = field("", "label selector of the verifiers' EndpointSlices")
     session_ttl_s: int = field(3600, "idle seconds before a session's state expires")
     default_policy: str = field("beta-ts", "draft policy when a request names none")
+    load_aware: bool = field(
+        True, "the default beta-ts policy sizes its blocks by the nodes' measured load (k -> 0 as batches fill)"
+    )
     k_max: int = field(8, "default cap on drafts per round")
     max_new_tokens_limit: int = field(4096, "largest max_new_tokens a request may ask for")
     model_dir: str = field("", "checkpoint directory for the tokenizer, EOS ids and vocabulary (optional)")
     auth_token: str = field("", "bearer token clients must send (empty: no auth)")
     round_timeout_s: float = field(60.0, "deadline of one round's RPC")
+    admission_wait_s: float = field(
+        30.0, "how long a new session waits for room in a verifier's KV pool before RESOURCE_EXHAUSTED"
+    )
     node_down_s: float = field(5.0, "seconds a failed node is kept out of routing before it is retried")
     grace_s: float = field(30.0, "seconds in-flight generations get to finish on SIGTERM")
+
+    def default_policy_params(self) -> PolicyParams:
+        """The policy of a request that names none."""
+        options = {"load_aware": 1.0} if self.load_aware and self.default_policy == "beta-ts" else {}
+        return PolicyParams(self.default_policy, self.k_max, options)
 
     def validate(self) -> None:
         if self.discovery not in DISCOVERY_MODES:
             raise InvalidArgument("discovery", f"must be one of {DISCOVERY_MODES}")
         if self.default_policy not in POLICY_NAMES:
             raise InvalidArgument("default_policy", f"must be one of {POLICY_NAMES}")
+        if self.admission_wait_s < 0:
+            raise InvalidArgument("admission_wait_s", f"must be >= 0, got {self.admission_wait_s}")
         if self.discovery != "kubernetes" and not self.verifiers:
             raise InvalidArgument("verifiers", "at least one verifier address is required")

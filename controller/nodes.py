@@ -95,6 +95,16 @@ class NodeClients:
         )
         return stub_cls(self._channel(address)), lambda name, **fields: getattr(module, prefix + name)(**fields)
 
+    async def open_session(self, role: str, address: str, session_id: str, reserve_tokens: int) -> int:
+        """Opens the session on a node, reserving its whole length in the node's KV pool."""
+        stub, message = self._session_rpcs(role, address)
+        request = message("OpenSessionRequest", session_id=session_id, reserve_tokens=reserve_tokens)
+        try:
+            reply = await stub.OpenSession(request, timeout=self.timeout_s)
+        except grpc.aio.AioRpcError as err:
+            raise _error(err, role, address) from err
+        return reply.cache_length
+
     async def prefill(
         self, role: str, address: str, session_id: str, round_index: int, base_length: int, token_ids: list[int]
     ) -> int | Mismatch:

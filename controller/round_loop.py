@@ -17,7 +17,7 @@ from dataclasses import asdict, dataclass
 from controller.nodes import Mismatch, NodeClients, RoundOutcome
 from controller.routing import Router
 from controller.state_store import SessionRecord, StateStore
-from eesd.errors import EesdError, FailedPrecondition, InvalidArgument, Unavailable
+from eesd.errors import EesdError, FailedPrecondition, InvalidArgument, ResourceExhausted, Unavailable
 from eesd.generation import GenerationStats
 from eesd.params import GenerationParams, validate_prompt
 from eesd.rounds import RoundStats
@@ -63,10 +63,11 @@ class RoundLoop:
         eos_token_ids: frozenset[int],
         vocab_size: int | None,
         unavailable_wait_s: float = 30.0,
+        admission_wait_s: float = 30.0,
     ):
         self.store, self.router, self.nodes = store, router, nodes
         self.eos_token_ids, self.vocab_size = eos_token_ids, vocab_size
-        self.unavailable_wait_s = unavailable_wait_s
+        self.unavailable_wait_s, self.admission_wait_s = unavailable_wait_s, admission_wait_s
         self._cancelled: set[str] = set()
         self._tasks: set[asyncio.Task] = set()
 
@@ -84,10 +85,7 @@ class RoundLoop:
         seed = params.sampling.seed if params.sampling.seed is not None else secrets.randbits(63)
         session = Session.start(session_id or uuid.uuid4().hex, prompt_ids, params, seed, self.eos_token_ids)
         session_id = session.session_id
-        verifier = self.router.pick_verifier()
-        if verifier is None:
-            raise Unavailable("no verifier is ready")
-        pair = _Pair(self.router.pick_drafter() if session.speculates else None, verifier)
+        pair = await self._admit(session)
         await self._create_session(session, pair)
         transport_ms = controller_ms = 0.0
         start = time.perf_counter()
@@ -98,9 +96,9 @@ class RoundLoop:
                     break
                 round_start = time.perf_counter()
                 if session.speculates and pair.drafter is None and (drafter := self.router.pick_drafter()):
-                    pair.drafter, session.drafter_length = drafter, 0  # a drafter is back: speculate again
-                    self.router.acquire(drafter)
-                    await self.store.set_route(session_id, drafter, pair.verifier)
+                    if await self._open_drafter(session, drafter):  # a drafter is back: speculate again
+                        pair.drafter, session.drafter_length = drafter, 0
+                        await self.store.set_route(session_id, drafter, pair.verifier)
                 outcome = await self._run_round(session, pair)
                 call_done = time.perf_counter()
                 result = session.settle(
@@ -141,10 +139,7 @@ class RoundLoop:
             raise
         finally:
             self._cancelled.discard(session_id)
-            self.router.release(pair.drafter or "", pair.verifier)
-            for role, address in (("drafter", pair.drafter), ("verifier", pair.verifier)):
-                if address:
-                    self._spawn(self.nodes.close_session(role, address, session_id))
+            self._leave(session_id, pair)
 
     def _spawn(self, work: Awaitable[None]) -> None:
         """Runs best-effort cleanup in the background, holding the task until it is done (the event loop
@@ -169,9 +164,6 @@ class RoundLoop:
             log.warning("session %r: could not record its failure (%s): %s", session_id[:64], code, store_error)
 
     async def _create_session(self, session: Session, pair: _Pair) -> None:
-        # Load is taken before the first await: sessions arriving together must see each other's load, or
-        # a burst of them all picks the same least-loaded pair while create_session waits on Redis.
-        self.router.acquire(pair.drafter or "", pair.verifier)
         params = session.params
         request = {
             "max_new_tokens": params.max_new_tokens,
@@ -193,8 +185,65 @@ class RoundLoop:
         try:
             await self.store.create_session(record)
         except BaseException:
-            self.router.release(pair.drafter or "", pair.verifier)
+            self._leave(session.session_id, pair)
             raise
+
+    async def _admit(self, session: Session) -> _Pair:
+        """Picks the session's nodes and opens it on them, reserving its whole length in their KV pools so
+        that it never runs out mid-way. While no verifier can hold it, it waits (at most admission_wait_s,
+        then RESOURCE_EXHAUSTED); a drafter that cannot leaves the session verifier-only."""
+        length = len(session.committed) + session.params.max_new_tokens
+        deadline, pause = time.monotonic() + self.admission_wait_s, 0.05
+        while True:
+            verifier = self.router.pick_verifier()
+            if verifier is None:
+                raise Unavailable("no verifier is ready")
+            # Load is taken before the first await: sessions arriving together must see each other's load,
+            # or a burst of them all picks the same least-loaded verifier.
+            self.router.acquire(verifier)
+            try:
+                await self.nodes.open_session("verifier", verifier, session.session_id, length)
+                break
+            except ResourceExhausted as full:
+                self.router.release(verifier)
+                if time.monotonic() + pause > deadline:
+                    raise ResourceExhausted(
+                        f"no verifier could hold this session's {length} KV positions within "
+                        f"{self.admission_wait_s:g} s ({full}); retry later or ask for fewer tokens"
+                    ) from full
+                await asyncio.sleep(pause)
+                pause = min(2 * pause, 1.0)
+            except BaseException:
+                self.router.release(verifier)
+                raise
+        pair = _Pair(None, verifier)
+        drafter = self.router.pick_drafter() if session.speculates else None
+        if drafter is not None and await self._open_drafter(session, drafter):
+            pair.drafter = drafter
+        return pair
+
+    async def _open_drafter(self, session: Session, drafter: str) -> bool:
+        """Opens the session on `drafter` (taking its load); False when it cannot hold the session now."""
+        self.router.acquire(drafter)
+        length = len(session.committed) + session.params.max_new_tokens
+        try:
+            await self.nodes.open_session("drafter", drafter, session.session_id, length)
+            return True
+        except (ResourceExhausted, Unavailable) as error:
+            log.info(
+                "session %s: drafter %s cannot take it (%s); verifier-only for now", session.session_id, drafter, error
+            )
+            self.router.release(drafter)
+            if isinstance(error, Unavailable):  # keep it out of routing like a drafter lost mid-round
+                self.router.mark_down(drafter)
+            return False
+
+    def _leave(self, session_id: str, pair: _Pair) -> None:
+        """Gives the session's place on its nodes back: their load here, their caches there."""
+        self.router.release(pair.drafter or "", pair.verifier)
+        for role, address in (("drafter", pair.drafter), ("verifier", pair.verifier)):
+            if address:
+                self._spawn(self.nodes.close_session(role, address, session_id))
 
     async def _run_round(self, session: Session, pair: _Pair) -> RoundOutcome:
         """Runs the session's next round until it has a verdict, repairing caches and replacing nodes."""

@@ -9,7 +9,7 @@ from controller.state_store import StateStore
 from controller.text import TextCodec, TextStream
 from eesd.errors import InvalidArgument, Unauthenticated
 from eesd.generation import GenerationStats
-from eesd.params import GenerationParams
+from eesd.params import GenerationParams, PolicyParams
 from eesd_proto.eesd.v1 import controller_pb2, controller_pb2_grpc
 from serving import convert
 from serving.metrics import controller_metrics
@@ -45,13 +45,12 @@ class ControllerServicer(controller_pb2_grpc.ControllerServiceServicer):
         loop: RoundLoop,
         store: StateStore,
         codec: TextCodec | None,
-        default_policy: str,
-        default_k_max: int,
+        default_policy: PolicyParams,
         max_new_tokens_limit: int,
         auth_token: str = "",
     ):
         self.loop, self.store, self.codec = loop, store, codec
-        self.default_policy, self.default_k_max = default_policy, default_k_max
+        self.default_policy = default_policy
         self.max_new_tokens_limit, self.auth_token = max_new_tokens_limit, auth_token
         self._recent: OrderedDict[str, controller_pb2.SpeculationStats] = OrderedDict()
 
@@ -73,7 +72,7 @@ class ControllerServicer(controller_pb2_grpc.ControllerServiceServicer):
         self._authorize(context)
         if request.max_new_tokens > self.max_new_tokens_limit:
             raise InvalidArgument("max_new_tokens", f"must be <= {self.max_new_tokens_limit}")
-        policy = convert.policy_from_proto(request.policy, self.default_policy, self.default_k_max)
+        policy = convert.policy_from_proto(request.policy, self.default_policy)
         params = GenerationParams(
             request.max_new_tokens,
             convert.sampling_from_proto(request.sampling),

@@ -22,12 +22,12 @@ def sampling_to_proto(params: SamplingParams) -> common_pb2.SamplingParams:
     )
 
 
-def policy_from_proto(
-    msg: common_pb2.PolicyParams, default_name: str = "beta-ts", default_k_max: int = DEFAULT_K_MAX
-) -> PolicyParams:
-    return PolicyParams(
-        msg.name or default_name, msg.k_max if msg.HasField("k_max") else default_k_max, dict(msg.options)
-    )
+def policy_from_proto(msg: common_pb2.PolicyParams, default: PolicyParams | None = None) -> PolicyParams:
+    """The request's policy; fields it leaves unset come from `default` (a request that names no policy
+    gets the default's options too, under its own)."""
+    default = default or PolicyParams(k_max=DEFAULT_K_MAX)
+    options = dict(msg.options) if msg.name else {**default.options, **msg.options}
+    return PolicyParams(msg.name or default.name, msg.k_max if msg.HasField("k_max") else default.k_max, options)
 
 
 def policy_to_proto(params: PolicyParams) -> common_pb2.PolicyParams:

@@ -115,15 +115,16 @@ class ModelNode:
         except LookupError:
             return 0
 
-    async def open_session(self, session_id: str) -> int:
-        """Idempotent: an open session keeps its cache."""
+    async def open_session(self, session_id: str, reserve_tokens: int | None = None) -> int:
+        """Idempotent: an open session keeps its cache. A new one reserves `reserve_tokens` KV positions
+        (default: the model's context)."""
 
         def open_or_keep() -> int:
             sessions = self.model.sessions
             try:
                 return sessions.get(session_id).length
             except LookupError:
-                return sessions.open(session_id).length
+                return sessions.open(session_id, reserve_tokens).length
 
         return await self.run(open_or_keep, op="open")
 

@@ -39,7 +39,8 @@ class SessionRpcs:
             # The node's identity must satisfy what the controller expects, as a drafter must its verifier.
             self.node.model.identity.check_pairs_with(convert.identity_from_proto(request.expected_identity))
         return self._message("OpenSessionResponse")(
-            session_id=request.session_id, cache_length=await self.node.open_session(request.session_id)
+            session_id=request.session_id,
+            cache_length=await self.node.open_session(request.session_id, request.reserve_tokens or None),
         )
 
     async def Prefill(self, request, context: aio.ServicerContext):

@@ -41,8 +41,9 @@ Response = TypeVar("Response")
 class GenerationStream:
     """The chunks of one Generate call, as they arrive; `result()` drains the rest into a GenerationResult.
 
-    The call starts on the first iteration. UNAVAILABLE is retried with backoff until the first response
-    message arrives, never after, so no token is streamed twice.
+    The call starts on the first iteration. The retry policy's codes (UNAVAILABLE, RESOURCE_EXHAUSTED) are
+    retried with backoff until the first response message arrives, never after, so no token is streamed
+    twice.
     """
 
     def __init__(self, start: Callable[[float | None], grpc.Call], budget: CallBudget) -> None:

@@ -60,7 +60,11 @@ class RetryPolicy:
     multiplier: float = 2.0
     # Fraction of each backoff drawn at random, so clients that failed together do not retry together.
     jitter: float = 0.5
-    retryable_codes: frozenset[grpc.StatusCode] = frozenset({grpc.StatusCode.UNAVAILABLE})
+    # UNAVAILABLE: no controller or verifier reachable now; RESOURCE_EXHAUSTED: the server's KV memory or
+    # queue is full and refused the session before it started. Both may pass on their own.
+    retryable_codes: frozenset[grpc.StatusCode] = frozenset(
+        {grpc.StatusCode.UNAVAILABLE, grpc.StatusCode.RESOURCE_EXHAUSTED}
+    )
 
     def __post_init__(self) -> None:
         if self.max_attempts < 1:

@@ -32,8 +32,9 @@ def token_text(token: int) -> str:
 class Behaviour:
     """What the fake does on its next calls; tests set it before calling."""
 
-    # Generate attempts that fail with UNAVAILABLE before sending anything.
+    # Generate attempts that fail with `transient_code` before sending anything.
     unavailable_times: int = 0
+    transient_code: grpc.StatusCode = grpc.StatusCode.UNAVAILABLE
     # Every call fails with this code.
     fail_code: grpc.StatusCode | None = None
     # Generate fails with UNAVAILABLE after this many chunks.
@@ -77,7 +78,7 @@ class FakeController(controller_pb2_grpc.ControllerServiceServicer):
         self._check(context)
         b = self.behaviour
         if attempt <= b.unavailable_times:
-            context.abort(grpc.StatusCode.UNAVAILABLE, "controller warming up")
+            context.abort(b.transient_code, "controller warming up")
         session_id = request.session_id or f"session-{attempt}"
         prompt_tokens = len(request.prompt_ids.ids) if request.HasField("prompt_ids") else len(PROMPT_IDS)
         tokens = expected_tokens(request.max_new_tokens)

@@ -88,8 +88,10 @@ def test_generate_text_with_prompt_ids_and_defaults(controller: Server) -> None:
     assert request.policy.name == "" and not request.policy.HasField("k_max") and not request.ignore_eos
 
 
-def test_retries_unavailable_before_the_first_token(controller: Server) -> None:
+@pytest.mark.parametrize("code", [grpc.StatusCode.UNAVAILABLE, grpc.StatusCode.RESOURCE_EXHAUSTED])
+def test_retries_unavailable_before_the_first_token(controller: Server, code: grpc.StatusCode) -> None:
     controller.fake.behaviour.unavailable_times = 2
+    controller.fake.behaviour.transient_code = code
     with client_for(controller) as client:
         stream = client.generate("hi", max_new_tokens=4)
         result = stream.result()
@@ -97,10 +99,15 @@ def test_retries_unavailable_before_the_first_token(controller: Server) -> None:
     assert controller.fake.generate_attempts == 3 and stream.attempts == 3
 
 
-def test_gives_up_after_max_attempts(controller: Server) -> None:
+@pytest.mark.parametrize(
+    ("code", "error_type"),
+    [(grpc.StatusCode.UNAVAILABLE, UnavailableError), (grpc.StatusCode.RESOURCE_EXHAUSTED, ResourceExhaustedError)],
+)
+def test_gives_up_after_max_attempts(controller: Server, code: grpc.StatusCode, error_type: type) -> None:
     controller.fake.behaviour.unavailable_times = 100
+    controller.fake.behaviour.transient_code = code
     with client_for(controller, retry=RetryPolicy(max_attempts=3, initial_backoff_s=0.01)) as client:
-        with pytest.raises(UnavailableError, match="warming up"):
+        with pytest.raises(error_type, match="warming up"):
             client.generate_text("hi", max_new_tokens=4)
     assert controller.fake.generate_attempts == 3
 
@@ -131,7 +138,6 @@ def test_deadline_covers_the_whole_stream(controller: Server) -> None:
         (grpc.StatusCode.INVALID_ARGUMENT, InvalidArgumentError),
         (grpc.StatusCode.NOT_FOUND, NotFoundError),
         (grpc.StatusCode.ALREADY_EXISTS, AlreadyExistsError),
-        (grpc.StatusCode.RESOURCE_EXHAUSTED, ResourceExhaustedError),
         (grpc.StatusCode.DATA_LOSS, EesdError),
     ],
 )

@@ -14,7 +14,7 @@ from controller.routing import Router
 from controller.state_store import MemoryStateStore
 from eesd.drafter import Drafter
 from eesd.engine import SpeculativeEngine
-from eesd.errors import Unavailable
+from eesd.errors import NotFound, ResourceExhausted, Unavailable
 from eesd.kv_cache import CacheBehind
 from eesd.params import GenerationParams, PolicyParams
 from eesd.rounds import DraftRequest, VerifyRequest
@@ -63,6 +63,13 @@ class InProcessNodes:
         except CacheBehind as behind:
             return Mismatch("verifier", behind.cache_length)
         return RoundOutcome(request.draft, verdict, 0, 0.0, 0.0, 0.0)
+
+    async def open_session(self, role, address, session_id, reserve_tokens) -> int:
+        model = self._model(role, address)
+        try:
+            return model.sessions.get(session_id).length
+        except LookupError:
+            return model.sessions.open(session_id, reserve_tokens).length
 
     async def prefill(self, role, address, session_id, round_index, base_length, token_ids) -> int | Mismatch:
         model = self._model(role, address)
@@ -155,3 +162,63 @@ def test_node_that_lost_its_caches_is_prefilled(models, reference, address, capl
     assert tokens == reference
     assert f"round 3: {role} cache holds 0 tokens" in caplog.text
     assert set(nodes.calls) <= {("d1:1", "v1:1"), ("-", "v1:1")}  # repaired in place, no node replaced
+
+
+def admission_scene(models, verifier_tokens: int, drafter_tokens: int, admission_wait_s: float):
+    """Both nodes' pools resized; returns (loop, store, nodes). PARAMS reserve 7 + 40 -> 48 positions."""
+    models = dict(models)
+    for address, tokens in (("v1:1", verifier_tokens), ("d1:1", drafter_tokens)):
+        models[address].sessions = models[address].stack.new_pool(kv_tokens=tokens)
+    nodes, store = InProcessNodes(models, lambda r, n: None), MemoryStateStore()
+    router = Router(StaticDiscovery("d1:1"), StaticDiscovery("v1:1"))
+    loop = RoundLoop(store, router, nodes, frozenset(), 384, admission_wait_s=admission_wait_s)
+    return loop, store, nodes
+
+
+async def tokens_of(loop: RoundLoop, session_id: str) -> list[int]:
+    tokens = []
+    async for event in loop.generate(PROMPT, PARAMS, session_id):
+        if isinstance(event, RoundEvent):
+            tokens += event.tokens
+            await asyncio.sleep(0)  # let the other session's admission look in between rounds
+    return tokens
+
+
+@pytest.fixture
+def own_models(tiny_models):
+    """Models whose pools the admission tests may resize."""
+    path = tiny_models["llama"]
+    return {"d1:1": Drafter(path, 2), "v1:1": Verifier(path)}
+
+
+def test_a_session_waits_for_kv_room_then_runs(own_models, reference):
+    async def scenario():
+        loop, _, _ = admission_scene(own_models, 48, 96, admission_wait_s=60.0)
+        return await asyncio.gather(tokens_of(loop, "a"), tokens_of(loop, "b"))
+
+    first, second = asyncio.run(scenario())
+    assert first == second == reference  # the second waited for the first's positions, then ran whole
+
+
+def test_no_kv_room_within_the_wait_is_resource_exhausted_before_any_token(own_models, reference):
+    async def scenario():
+        loop, store, _ = admission_scene(own_models, 48, 96, admission_wait_s=0.2)
+        own_models["v1:1"].sessions.open("squatter", 48)  # the only room, held for longer than the wait
+        with pytest.raises(ResourceExhausted, match="no verifier could hold this session's 47 KV positions"):
+            await tokens_of(loop, "late")
+        with pytest.raises(NotFound):  # refused before anything was stored: a retry with the same id works
+            await store.get_session("late")
+        own_models["v1:1"].sessions.close("squatter")
+        return await tokens_of(loop, "late")
+
+    assert asyncio.run(scenario()) == reference
+
+
+def test_a_drafter_without_room_leaves_the_session_verifier_only(own_models, reference):
+    async def scenario():
+        loop, _, nodes = admission_scene(own_models, 96, 16, admission_wait_s=0.2)
+        return await tokens_of(loop, "s"), nodes
+
+    tokens, nodes = asyncio.run(scenario())
+    assert tokens == reference
+    assert {drafter for drafter, _ in nodes.calls} == {"-"}
