@@ -1,11 +1,13 @@
-"""Many concurrent sessions through one stack (asyncio client): each equals its own oracle, and the
-sessions spread over both drafters and both verifiers (GetSession names each session's nodes)."""
+"""Many concurrent sessions through one stack (asyncio client): each equals its own oracle, the sessions
+spread over both drafters and both verifiers (GetSession names each session's nodes), and the nodes
+batched them: passes held several sessions at once (continuous batching)."""
 
 import asyncio
 from collections import Counter
 
 from eesd_client import AsyncEesdClient, SessionState
 
+from loadtest.scrape import P, scrape
 from tests.e2e.helpers import POLICIES, oracle
 
 SESSIONS = 20
@@ -34,8 +36,16 @@ async def run_all(address: str) -> list:
     return list(zip(results, infos, strict=True))
 
 
+def batched_passes(main_stack, role: str) -> tuple[float, float]:
+    """(passes, passes with one session) of the role's nodes so far, from their node_batch_size histograms."""
+    samples = scrape([n.metrics_url for n in main_stack.by_role(role)])
+    count = samples.total(P + "node_batch_size_count", role=role)
+    return count, samples.total(P + "node_batch_size_bucket", role=role, le="1.0")
+
+
 def test_concurrent_sessions_are_all_correct_and_spread_over_nodes(main_stack, main_model):
     expected = [oracle(main_model, prompt_of(i), MAX_NEW) for i in range(SESSIONS)]
+    before = {role: batched_passes(main_stack, role) for role in ("drafter", "verifier")}
     outcomes = asyncio.run(run_all(main_stack.controller_address))
     assert len({result.session_id for result, _ in outcomes}) == SESSIONS
     for i, (result, info) in enumerate(outcomes):
@@ -50,3 +60,6 @@ def test_concurrent_sessions_are_all_correct_and_spread_over_nodes(main_stack, m
     for served, role in ((drafters, "drafter"), (verifiers, "verifier")):
         assert set(served) == {n.address for n in main_stack.by_role(role)}, served
         assert min(served.values()) >= served.total() / 4, served
+    for role in ("drafter", "verifier"):  # some passes held more than one session
+        passes, single = (now - then for now, then in zip(batched_passes(main_stack, role), before[role], strict=True))
+        assert passes > single, role

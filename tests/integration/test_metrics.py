@@ -32,6 +32,9 @@ def test_every_service_serves_metrics(stack):
         samples = scrape(urls(stack, role))
         assert samples.total(P + "node_queue_depth", role=role) == 0
         assert (P + "node_sessions", (("role", role),)) in samples.values
+        assert (P + "kv_cache_usage_perc", (("role", role),)) in samples.values
+        assert samples.total(P + "node_requests_waiting", role=role) == 0
+        assert (P + "node_batch_size_count", (("role", role),)) in samples.values
         assert (P + "rounds_total", ()) not in samples.values  # controller metrics live in the controller only
 
 
