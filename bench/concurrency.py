@@ -69,6 +69,7 @@ NODE_FLAGS = {"batched": "--max-batch {max_batch}", "single": "--max-batch 1"}
 COLORS = {"off": "#7f7f7f", "beta-ts": "#4c72b0", "load-aware": "#c44e52"}
 FIXED_COLORS = ["#dd8452", "#937860", "#da8bc3", "#8172b3", "#ccb974"]
 LINESTYLES = {"batched": "-", "single": "--"}
+BATCH_LABELS = {"batched": "batched", "single": "one at a time"}
 MARKERS = {"in-process": "o", "stack": "s"}
 
 
@@ -123,6 +124,7 @@ class Arm:
     tokens_per_second: list[float] = field(default_factory=list)
     requests: list[Request] = field(default_factory=list)
     differing: int = 0  # requests whose tokens differ from the reference arm's for the same prompt
+    diverged_at: list[int] = field(default_factory=list)  # the first differing position of each
 
     def summary(self, greedy: bool) -> dict:
         ttft = [r.ttft * 1e3 for r in self.requests]
@@ -145,7 +147,12 @@ class Arm:
             "acceptance_rate": sum(x[2] for x in rounds) / drafted if drafted else None,
             "tokens_per_round": sum(x[3] for x in rounds) / len(rounds) if rounds else 0.0,
             "differing_from_reference": self.differing if greedy else None,
+            "first_differing_positions": sorted(self.diverged_at) if greedy else None,
         }
+
+
+def first_difference(a: list[int], b: list[int]) -> int:
+    return next((i for i, (x, y) in enumerate(zip(a, b, strict=False)) if x != y), min(len(a), len(b)))
 
 
 def closed_loop_sent(start: float, finished: list[float], concurrency: int, count: int) -> list[float]:
@@ -360,7 +367,9 @@ def run(
                     key = f"{setting}/{batched}/{name}"
                     for prompt, request in zip(prompts, requests, strict=True):
                         ref = reference.setdefault(tuple(prompt), (key, request.token_ids))
-                        arm.differing += ref[1] != request.token_ids
+                        if ref[1] != request.token_ids:
+                            arm.differing += 1
+                            arm.diverged_at.append(first_difference(ref[1], request.token_ids))
                     progress(
                         f"rep {repetition + 1}/{repetitions} c={c:<3d} {key:32s} {tps:8.1f} tok/s, wall {wall:.1f} s"
                     )
@@ -398,7 +407,8 @@ def run(
             "e2e_ms": "last tokens - request sent",
             "k_histogram": "rounds per k the policy chose (0: no speculation that round)",
             "differing_from_reference": "requests whose greedy tokens differ from the first arm that served the "
-            "same prompt (reference_arms); null when sampling",
+            "same prompt (reference_arms), and where each first differs; null when sampling. In bf16 a "
+            "near-tie may resolve differently in passes of other shapes; in fp32 it is a bug",
         },
         "reference_arms": sorted({arm for arm, _ in reference.values()}),
         "levels": {
@@ -518,6 +528,7 @@ def plot(result: dict, path: Path) -> None:
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
+    from matplotlib.lines import Line2D
 
     settings = result["settings"]
     policies = list(result["policies"])
@@ -530,14 +541,13 @@ def plot(result: dict, path: Path) -> None:
                 arms = [result["levels"][str(c)][setting][mode][policy] for c in levels]
                 rates = [a["tokens_per_second"]["median"] for a in arms]
                 style = dict(color=arm_color(policy, policies), linestyle=LINESTYLES[mode], marker=MARKERS[setting])
-                ax.plot(levels, rates, label=f"{policy} ({mode})", **style)
+                ax.plot(levels, rates, **style)
                 latency.plot(rates, [a["tpot_ms"]["p50"] for a in arms], alpha=0.8, **style)
         ax.set_xscale("log", base=2)
         ax.set_xticks(levels, [str(c) for c in levels])
         ax.set_xlabel("sessions in flight")
         ax.set_ylabel("output tokens/s (median)")
         ax.set_title(f"{setting}: throughput (solid batched, dashed one at a time)", fontsize=9)
-        ax.legend(fontsize=7)
     latency.set_xlabel("output tokens/s (median)")
     latency.set_ylabel("TPOT p50 (ms)")
     latency.set_title(
@@ -552,7 +562,12 @@ def plot(result: dict, path: Path) -> None:
         f"{result['torch_threads']} torch thread(s)/process",
         fontsize=8,
     )
-    fig.tight_layout()
+    # One legend for all panels: a color per policy, a line style per batching, a marker per setting.
+    handles = [Line2D([], [], color=arm_color(p, policies), label=p) for p in policies]
+    handles += [Line2D([], [], color="black", linestyle=LINESTYLES[m], label=BATCH_LABELS[m]) for m in BATCHING]
+    handles += [Line2D([], [], color="black", marker=MARKERS[s], linestyle="", label=s) for s in settings]
+    fig.legend(handles=handles, loc="lower center", ncol=len(handles), fontsize=8, frameon=False)
+    fig.tight_layout(rect=(0, 0.06, 1, 1))
     fig.savefig(path, dpi=110)
     plt.close(fig)
 
