@@ -22,6 +22,7 @@ from eesd.generation import GenerationStats
 from eesd.params import GenerationParams, validate_prompt
 from eesd.rounds import RoundStats
 from eesd.session import Session
+from serving.metrics import controller_metrics
 
 log = logging.getLogger(__name__)
 
@@ -190,9 +191,18 @@ class RoundLoop:
 
     async def _admit(self, session: Session) -> _Pair:
         """Picks the session's nodes and opens it on them, reserving its whole length in their KV pools so
-        that it never runs out mid-way. While no verifier can hold it, it waits (at most admission_wait_s,
-        then RESOURCE_EXHAUSTED); a drafter that cannot leaves the session verifier-only."""
+        that it never runs out mid-way. A drafter that cannot hold it leaves the session verifier-only."""
         length = len(session.committed) + session.params.max_new_tokens
+        with controller_metrics().waiting.track_inprogress():
+            pair = _Pair(None, await self._reserve_verifier(session.session_id, length))
+        drafter = self.router.pick_drafter() if session.speculates else None
+        if drafter is not None and await self._open_drafter(session, drafter):
+            pair.drafter = drafter
+        return pair
+
+    async def _reserve_verifier(self, session_id: str, length: int) -> str:
+        """A verifier that opened the session with `length` KV positions reserved; while none has room it
+        waits, at most admission_wait_s, then RESOURCE_EXHAUSTED."""
         deadline, pause = time.monotonic() + self.admission_wait_s, 0.05
         while True:
             verifier = self.router.pick_verifier()
@@ -202,8 +212,8 @@ class RoundLoop:
             # or a burst of them all picks the same least-loaded verifier.
             self.router.acquire(verifier)
             try:
-                await self.nodes.open_session("verifier", verifier, session.session_id, length)
-                break
+                await self.nodes.open_session("verifier", verifier, session_id, length)
+                return verifier
             except ResourceExhausted as full:
                 self.router.release(verifier)
                 if time.monotonic() + pause > deadline:
@@ -216,11 +226,6 @@ class RoundLoop:
             except BaseException:
                 self.router.release(verifier)
                 raise
-        pair = _Pair(None, verifier)
-        drafter = self.router.pick_drafter() if session.speculates else None
-        if drafter is not None and await self._open_drafter(session, drafter):
-            pair.drafter = drafter
-        return pair
 
     async def _open_drafter(self, session: Session, drafter: str) -> bool:
         """Opens the session on `drafter` (taking its load); False when it cannot hold the session now."""

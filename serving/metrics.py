@@ -74,6 +74,11 @@ class ControllerMetrics:
             registry=registry,
         )
         self.running = Gauge(PREFIX + "num_requests_running", "Generate calls in progress.", registry=registry)
+        self.waiting = Gauge(
+            PREFIX + "num_requests_waiting",
+            "Generate calls waiting for KV room on a verifier before their first round (admission).",
+            registry=registry,
+        )
         self.store_seconds = Histogram(
             PREFIX + "state_store_request_duration_seconds",
             "State store (Redis) call latency by operation.",
