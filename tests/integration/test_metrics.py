@@ -28,7 +28,7 @@ def test_every_service_serves_metrics(stack):
     assert all(n.metrics_port for n in stack.nodes)
     controller = scrape(urls(stack, "controller"))
     assert (P + "num_requests_running", ()) in controller.values
-    assert controller.total(P + "num_requests_waiting") == 0
+    assert controller.values[(P + "num_requests_waiting", ())] == 0
     for role in ("drafter", "verifier"):
         samples = scrape(urls(stack, role))
         assert samples.total(P + "node_queue_depth", role=role) == 0
