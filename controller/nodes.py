@@ -16,7 +16,7 @@ from serving.server import channel
 class RoundOutcome:
     draft: DraftBlock
     verdict: Verdict
-    drafter_cache_length: int
+    drafter_cache_length: int | None  # None: a verifier-only round, no drafter took part
     draft_ms: float
     verify_ms: float
     transport_ms: float
@@ -83,7 +83,7 @@ class NodeClients:
         if reply.WhichOneof("outcome") == "cache_mismatch":
             return _mismatch(reply.cache_mismatch)
         return RoundOutcome(
-            request.draft, convert.verdict_from_proto(reply.verdict), 0, 0.0, reply.verdict.verify_ms, 0.0
+            request.draft, convert.verdict_from_proto(reply.verdict), None, 0.0, reply.verdict.verify_ms, 0.0
         )
 
     def _session_rpcs(self, role: str, address: str):

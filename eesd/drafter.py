@@ -75,9 +75,11 @@ class Drafter:
         generator = round_generator(request.seed, request.round_index, "draft", self.device)
         cache = self.sessions.at_base(request.session_id, request.base_length, request.pending)
         budget = min(policy.begin_round(rng), request.max_tokens)
-        if budget <= 0:
-            return DraftBlock([], [], budget=0, cache_length=cache.length)
         logits = (yield Row(request.pending, cache, len(request.pending) - 1))[-1]  # (vocab,)
+        if budget <= 0:
+            # No drafts this round, but the pending tokens are fed all the same: a drafter that fell behind
+            # would make the next drafting round's verifier recompute what it skipped.
+            return DraftBlock([], [], budget=0, cache_length=cache.length)
         sampling = request.sampling
         tokens, confidences, q_ids, q_probs = [], [], [], []
         while True:

@@ -135,7 +135,8 @@ class SpeculativeEngine:
         committed = []
         for (index, session), verdict in zip(active.items(), verdicts, strict=True):
             block = blocks.get(index, NO_DRAFT)
-            drafter_length = drafter_cache_after(block, len(session.committed), verdict.accepted)
+            drafted = index in blocks
+            drafter_length = drafter_cache_after(block, len(session.committed), verdict.accepted) if drafted else None
             result = session.settle(block, verdict, drafter_length, t1 - t0, t2 - t1)
             session.apply(result)
             committed.append((index, result.tokens))

@@ -121,10 +121,10 @@ class Session:
         )
 
     def settle(
-        self, block: DraftBlock, verdict: Verdict, drafter_length: int, draft_s: float, verify_s: float
+        self, block: DraftBlock, verdict: Verdict, drafter_length: int | None, draft_s: float, verify_s: float
     ) -> RoundResult:
         """The result of this round's verdict on `block`; `drafter_length` is what the drafter's cache covers
-        after it (ignored when nothing was drafted: that cache did not move)."""
+        after it, None when no drafter took part (a verifier-only round: that cache did not move)."""
         tokens, finish_reason = finish(
             verdict.committed_tokens(block), len(self.generated), self.params, self.eos_token_ids
         )
@@ -136,7 +136,7 @@ class Session:
             finish_reason,
             policy_after(self.params.policy, self.policy_state, block, verdict.accepted),
             verdict.cache_length,
-            drafter_length if block.tokens else self.drafter_length,
+            self.drafter_length if drafter_length is None else drafter_length,
             stats,
         )
 

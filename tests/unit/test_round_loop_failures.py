@@ -31,7 +31,7 @@ class FakeNodes:
             raise self.error
         length = request.base_length + len(request.pending)
         verdict = Verdict(request.session_id, request.round_index, 0, 7, length)
-        return RoundOutcome(request.draft, verdict, 0, 0.0, 1.0, 0.0)
+        return RoundOutcome(request.draft, verdict, None, 0.0, 1.0, 0.0)
 
     async def open_session(self, role, address, session_id, reserve_tokens):
         return 0

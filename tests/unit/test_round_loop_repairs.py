@@ -62,7 +62,7 @@ class InProcessNodes:
             verdict = self._model("verifier", verifier).verify(request)
         except CacheBehind as behind:
             return Mismatch("verifier", behind.cache_length)
-        return RoundOutcome(request.draft, verdict, 0, 0.0, 0.0, 0.0)
+        return RoundOutcome(request.draft, verdict, None, 0.0, 0.0, 0.0)
 
     async def open_session(self, role, address, session_id, reserve_tokens) -> int:
         model = self._model(role, address)

@@ -20,7 +20,8 @@ def session(policy: str = "beta-ts", k_max: int = 4, max_new_tokens: int = 41, s
 def settle_and_apply(s: Session, block: DraftBlock, accepted: int, next_token: int):
     fed = len(s.committed)
     verdict = Verdict("s", s.round_index, accepted, next_token, fed + accepted)
-    result = s.settle(block, verdict, drafter_cache_after(block, fed, accepted), 0.0, 0.0)
+    drafter_length = None if block is NO_DRAFT else drafter_cache_after(block, fed, accepted)
+    result = s.settle(block, verdict, drafter_length, 0.0, 0.0)
     s.apply(result)
     return result
 
@@ -97,3 +98,15 @@ def test_a_seeded_sampled_session_is_not_load_aware():
     assert Session.start("s", PROMPT, seeded, 3).params.policy.options == {"alpha": 2.0}
     for kept in (GenerationParams(8, SamplingParams(), aware), GenerationParams(8, SamplingParams(0.7), aware)):
         assert Session.start("s", PROMPT, kept, 3).params.policy == aware
+
+
+def test_a_drafter_round_without_drafts_still_moves_the_drafters_cache():
+    """A load-aware drafter that chooses k = 0 feeds the pending tokens anyway, so its cache keeps up; a
+    verifier-only round leaves the drafter's cache where it was."""
+    s = session()
+    fed = len(s.committed)
+    empty = DraftBlock([], [], budget=0, cache_length=fed)
+    settle_and_apply(s, empty, accepted=0, next_token=11)
+    assert (s.drafter_length, s.verifier_length) == (fed, fed)
+    settle_and_apply(s, NO_DRAFT, accepted=0, next_token=12)
+    assert (s.drafter_length, s.verifier_length) == (fed, fed + 1)
