@@ -93,7 +93,7 @@ model: setup
 EXIT_LAYER ?= 2
 REFERENCE  := .cache/reference-model
 EXIT_HEAD  := $(REFERENCE)-exit-head-n$(EXIT_LAYER)
-.PHONY: exit-head bench
+.PHONY: exit-head bench bench-concurrency
 exit-head: setup
 	$(BIN)/python -m eesd.cli model --skip-build --out $(REFERENCE) --exit-layer $(EXIT_LAYER)
 
@@ -103,6 +103,12 @@ BENCH_ARGS ?= --num-prompts 4 --max-new-tokens 96 --repetitions 3 --policies "he
 bench: model
 	$(BIN)/python -m eesd.cli bench --model $(REFERENCE) --exit-layer $(EXIT_LAYER) --exit-head $(EXIT_HEAD) \
 	  --prompts $(REFERENCE)/heldout_prompts.jsonl --name reference $(BENCH_ARGS) | tee bench/results/reference.md
+
+# The concurrency sweep (1..32 sessions; off, fixed k, Beta-TS, load-aware; batched vs one session per pass;
+# in-process and through the stack): bench/results/concurrency.json + .png, quoted in docs/benchmarks.md.
+CONCURRENCY_ARGS ?=
+bench-concurrency: model redis
+	$(BIN)/python -m bench.concurrency $(CONCURRENCY_ARGS)
 
 clean:
 	rm -rf $(VENV) .pytest_cache .ruff_cache
