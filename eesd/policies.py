@@ -6,12 +6,31 @@ q(d) in it. `update` learns from the verdict. State is a flat map of floats (a R
 Randomness comes from the caller's `random.Random`, so a seeded round decides the same everywhere.
 """
 
+import math
 import random
 from collections.abc import Sequence
 from dataclasses import dataclass, field, fields
 
 from eesd.errors import InvalidArgument
 from eesd.params import PolicyParams
+
+
+def bounded(default: float, low: float, high: float, integer: bool = False):
+    """A policy knob with the range a request (option) or a stored state may set it to: anything else is
+    INVALID_ARGUMENT, so no NaN, infinity or absurd size ever reaches the policy's math (a NaN Beta
+    parameter would make `random.betavariate` loop forever)."""
+    return field(default=default, metadata={"bounds": (low, high, integer)})
+
+
+def check_bounded(name: str, value: float, bounds: tuple[float, float, bool]) -> None:
+    low, high, integer = bounds
+    if not isinstance(value, int | float) or not math.isfinite(value) or not low <= value <= high:
+        raise InvalidArgument(name, f"must be a finite number in [{low:g}, {high:g}], got {value!r}")
+    if integer and value != int(value):
+        raise InvalidArgument(name, f"must be a whole number, got {value!r}")
+
+
+POSTERIOR = (1e-3, 1e9)  # Beta parameters: positive, and far below where floats lose whole counts
 
 
 @dataclass
@@ -35,11 +54,16 @@ class DraftPolicy:
         return {}
 
     def load_state(self, state: dict[str, float]) -> None:
-        """Restores what `state` returned; unknown keys are refused."""
+        """Restores what `state` returned; unknown keys and values out of their knob's range are refused."""
         unknown = set(state) - set(self.state())
         if unknown:
             raise InvalidArgument("policy_state", f"unknown keys for {self.name}: {sorted(unknown)}")
+        for key, value in state.items():
+            check_bounded(f"policy_state.{key}", value, self._state_bounds(key))
         self._load(state)
+
+    def _state_bounds(self, key: str) -> tuple[float, float, bool]:
+        return next(f.metadata["bounds"] for f in fields(self) if f.name == key)
 
     def _load(self, state: dict[str, float]) -> None:
         for key, value in state.items():
@@ -58,7 +82,7 @@ class NoSpeculation(DraftPolicy):
 class FixedK(DraftPolicy):
     """Always drafts min(k, k_max) tokens."""
 
-    k: int = 4
+    k: int = bounded(4, 0, 64, integer=True)
     name = "fixed"
 
     def begin_round(self, rng: random.Random) -> int:
@@ -69,7 +93,7 @@ class FixedK(DraftPolicy):
 class Heuristic(DraftPolicy):
     """transformers' assisted-generation schedule: +2 after a fully accepted block, -1 otherwise."""
 
-    k_current: float = 4.0
+    k_current: float = bounded(4.0, 1, 64)
     name = "heuristic"
 
     def begin_round(self, rng: random.Random) -> int:
@@ -89,7 +113,7 @@ class Heuristic(DraftPolicy):
 class ConfidenceThreshold(DraftPolicy):
     """Stops after a draft whose own probability falls below `threshold`."""
 
-    threshold: float = 0.4
+    threshold: float = bounded(0.4, 0, 1)
     name = "threshold"
 
     def keep_drafting(self, drafted: int, confidence: float, rng: random.Random) -> bool:
@@ -102,7 +126,8 @@ def posterior_update(alpha: float, beta: float, judged: int, accepted: int, disc
     Drafts are judged in order until the first rejection, so the likelihood is theta^a (1-theta)^[a<L];
     `discount` < 1 forgets old evidence geometrically for drifting acceptance.
     """
-    return discount * alpha + accepted, discount * beta + (1.0 if accepted < judged else 0.0)
+    low = POSTERIOR[0]  # a discounted posterior never decays below the smallest legal parameter
+    return max(low, discount * alpha + accepted), max(low, discount * beta + (1.0 if accepted < judged else 0.0))
 
 
 def expected_committed(theta: float, k: int) -> float:
@@ -121,16 +146,16 @@ def best_block(theta: float, draft_cost: float, k_max: int, smallest: int = 1) -
 class BetaTS(DraftPolicy):
     """Thompson sampling over one Beta posterior of the per-token acceptance probability."""
 
-    alpha: float = 1.0
-    beta: float = 1.0
-    per_token: float = 0.0  # 1: draw theta after every token instead of once per round
-    discount: float = 1.0
+    alpha: float = bounded(1.0, *POSTERIOR)
+    beta: float = bounded(1.0, *POSTERIOR)
+    per_token: float = bounded(0.0, 0, 1)  # 1: draw theta after every token instead of once per round
+    discount: float = bounded(1.0, 0.01, 1)
     # > 0: cost-aware instead of the Bernoulli stopping rule: the round drafts the k that maximises
     # tau(theta, k) / (1 + draft_cost * k) for the sampled theta (draft_cost: one draft step / one verify pass).
-    draft_cost: float = 0.0
+    draft_cost: float = bounded(0.0, 0, 100)
     # 1: the same rule with the cost the nodes measure now (eesd.load.draft_cost_ratio), k = 0 included, so
     # speculation backs off as the batch fills; until a measurement exists, the configured rule applies.
-    load_aware: float = 0.0
+    load_aware: float = bounded(0.0, 0, 1)
     measured_cost: float | None = None  # set by the drafter from its measurements, never by a request
     name = "beta-ts"
 
@@ -170,11 +195,11 @@ def confidence_bucket(confidence: float, buckets: int) -> int:
 class CalibrationTS(DraftPolicy):
     """Thompson sampling with one Beta posterior per bucket of the draft's own confidence q(d)."""
 
-    buckets: int = 10
-    prior_alpha: float = 1.0
-    prior_beta: float = 1.0
-    discount: float = 1.0
-    min_accept: float = 0.0  # > 0: the cost-aware rule of keep_drafting instead of the Bernoulli draw
+    buckets: int = bounded(10, 1, 64, integer=True)
+    prior_alpha: float = bounded(1.0, *POSTERIOR)
+    prior_beta: float = bounded(1.0, *POSTERIOR)
+    discount: float = bounded(1.0, 0.01, 1)
+    min_accept: float = bounded(0.0, 0, 1)  # > 0: the cost-aware rule of keep_drafting instead of the Bernoulli draw
     name = "calibration-ts"
     alphas: list[float] = field(default_factory=list)
     betas: list[float] = field(default_factory=list)
@@ -214,6 +239,9 @@ class CalibrationTS(DraftPolicy):
             **{f"beta.{b}": v for b, v in enumerate(self.betas)},
         }
 
+    def _state_bounds(self, key: str) -> tuple[float, float, bool]:
+        return (*POSTERIOR, False)  # alpha.<b> and beta.<b>
+
     def _load(self, state: dict[str, float]) -> None:
         for key, value in state.items():
             kind, bucket = key.split(".")
@@ -232,12 +260,14 @@ def make_policy(
     is the draft cost ratio the node measures now, for policies that ask for it (`load_aware`)."""
     params.validate()
     cls = POLICIES[params.name]
-    allowed = {f.name for f in fields(cls) if f.name not in ("k_max", "alphas", "betas", "measured_cost")}
-    unknown = set(params.options) - allowed
+    knobs = {f.name: f.metadata["bounds"] for f in fields(cls) if "bounds" in f.metadata}
+    unknown = set(params.options) - set(knobs)
     if unknown:
-        raise InvalidArgument("policy_options", f"{params.name} takes {sorted(allowed)}, not {sorted(unknown)}")
+        raise InvalidArgument("policy_options", f"{params.name} takes {sorted(knobs)}, not {sorted(unknown)}")
+    for name, value in params.options.items():
+        check_bounded(f"policy_options.{name}", value, knobs[name])
     policy = cls(k_max=params.k_max, **params.options)
-    if measured_cost is not None and hasattr(policy, "measured_cost"):
+    if measured_cost is not None and math.isfinite(measured_cost) and hasattr(policy, "measured_cost"):
         policy.measured_cost = measured_cost
     if state:
         policy.load_state(state)

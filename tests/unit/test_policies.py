@@ -128,3 +128,44 @@ def test_load_aware_beta_ts_backs_off_as_the_draft_cost_grows():
     assert unmeasured.begin_round(random.Random(1)) == 8  # no measurement yet: the configured rule
     with pytest.raises(InvalidArgument, match="policy_options"):  # a request cannot claim a cost
         make_policy(PolicyParams("beta-ts", options={"measured_cost": 0.0}))
+
+
+@pytest.mark.parametrize(
+    ("name", "options", "field"),
+    [
+        ("beta-ts", {"alpha": float("nan")}, "policy_options.alpha"),
+        ("beta-ts", {"beta": float("inf")}, "policy_options.beta"),
+        ("beta-ts", {"alpha": 1e308}, "policy_options.alpha"),
+        ("beta-ts", {"discount": 0.0}, "policy_options.discount"),
+        ("calibration-ts", {"prior_alpha": -1.0}, "policy_options.prior_alpha"),
+        ("calibration-ts", {"buckets": 1e6}, "policy_options.buckets"),
+        ("calibration-ts", {"buckets": 2.5}, "policy_options.buckets"),
+        ("fixed", {"k": 1e9}, "policy_options.k"),
+        ("threshold", {"threshold": float("nan")}, "policy_options.threshold"),
+    ],
+)
+def test_hostile_options_are_refused_naming_the_knob(name, options, field):
+    """Nothing that could send the policy's math astray (a NaN Beta parameter loops betavariate forever,
+    a huge bucket count eats memory) gets past make_policy."""
+    with pytest.raises(InvalidArgument, match=field.replace(".", r"\.")):
+        make_policy(PolicyParams(name, options=options))
+
+
+@pytest.mark.parametrize(
+    ("name", "state", "field"),
+    [
+        ("beta-ts", {"alpha": float("nan"), "beta": 1.0}, "policy_state.alpha"),
+        ("calibration-ts", {"beta.3": float("-inf")}, "policy_state.beta.3"),
+        ("heuristic", {"k_current": 1e12}, "policy_state.k_current"),
+    ],
+)
+def test_hostile_state_is_refused_naming_the_key(name, state, field):
+    with pytest.raises(InvalidArgument, match=field.replace(".", r"\.")):
+        make_policy(PolicyParams(name), state)
+
+
+def test_a_discounted_posterior_stays_legal():
+    policy = BetaTS(k_max=8, discount=0.01)
+    for _ in range(200):
+        policy.update([0.5] * 4, 0)  # alpha decays towards 0, never below the legal floor
+    make_policy(PolicyParams("beta-ts", options={"discount": 0.01}), policy.state())
