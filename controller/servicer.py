@@ -9,7 +9,7 @@ from controller.state_store import StateStore
 from controller.text import TextCodec, TextStream
 from eesd.errors import InvalidArgument, Unauthenticated
 from eesd.generation import GenerationStats
-from eesd.params import GenerationParams, PolicyParams
+from eesd.params import GenerationParams, PolicyParams, check_session_id
 from eesd_proto.eesd.v1 import controller_pb2, controller_pb2_grpc
 from serving import convert
 from serving.metrics import controller_metrics
@@ -80,6 +80,8 @@ class ControllerServicer(controller_pb2_grpc.ControllerServiceServicer):
             stop_on_eos=not request.ignore_eos,
         )
         text = TextStream(self.codec)
+        if request.session_id:
+            check_session_id(request.session_id)
         events = self.loop.generate(self._prompt(request), params, request.session_id)
         async for event in controller_metrics().track(events):
             if isinstance(event, RoundEvent):
@@ -118,8 +120,7 @@ class ControllerServicer(controller_pb2_grpc.ControllerServiceServicer):
 
     async def Cancel(self, request: controller_pb2.CancelRequest, context: aio.ServicerContext):
         self._authorize(context)
-        if not request.session_id:
-            raise InvalidArgument("session_id", "must be non-empty")
+        check_session_id(request.session_id)
         await self.store.cancel(request.session_id)
         self.loop.cancel_local(request.session_id)
         record = await self.store.get_session(request.session_id)
@@ -127,8 +128,7 @@ class ControllerServicer(controller_pb2_grpc.ControllerServiceServicer):
 
     async def GetSession(self, request: controller_pb2.GetSessionRequest, context: aio.ServicerContext):
         self._authorize(context)
-        if not request.session_id:
-            raise InvalidArgument("session_id", "must be non-empty")
+        check_session_id(request.session_id)
         record = await self.store.get_session(request.session_id)
         return controller_pb2.GetSessionResponse(
             session=controller_pb2.Session(

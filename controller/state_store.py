@@ -51,6 +51,7 @@ from redis.exceptions import ConnectionError as RedisConnectionError
 from redis.exceptions import TimeoutError as RedisTimeoutError
 
 from eesd.errors import AlreadyExists, FailedPrecondition, InvalidArgument, NotFound, Unavailable
+from eesd.params import check_session_id
 
 ACTIVE, FINISHED, CANCELLED, FAILED = "active", "finished", "cancelled", "failed"
 STATUSES = (ACTIVE, FINISHED, CANCELLED, FAILED)
@@ -126,8 +127,7 @@ def open_state_store(url: str, **kwargs: Any) -> MemoryStateStore | RedisStateSt
 
 
 def _check_session_id(session_id: str) -> None:
-    if not isinstance(session_id, str) or not session_id:
-        raise InvalidArgument("session_id", "must be a non-empty string")
+    check_session_id(session_id)
 
 
 def _check_tokens(name: str, tokens: list[int]) -> list[int]:

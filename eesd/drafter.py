@@ -70,6 +70,7 @@ class Drafter:
         so sessions batched together stop at their own k. `stop` is asked between drafts; when it says so,
         drafting ends with DraftStopped. `measured_cost` is the draft cost ratio for load-aware policies."""
         check_token_ids("pending_tokens", request.pending, self.config.vocab_size)
+        request.sampling.validate()  # the internal API checks what the controller would have
         policy = make_policy(request.policy, request.policy_state, measured_cost)
         rng = random.Random(round_seed(request.seed, request.round_index, "policy"))
         generator = round_generator(request.seed, request.round_index, "draft", self.device)

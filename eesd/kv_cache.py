@@ -21,6 +21,7 @@ import math
 import torch
 
 from eesd.errors import FailedPrecondition, InvalidArgument, NotFound, ResourceExhausted, RollbackError
+from eesd.params import check_session_id
 
 
 class KVCache:
@@ -145,8 +146,7 @@ class KVPool:
     def open(self, session_id: str, tokens: int | None = None) -> KVCache:
         """Opens (or resets) a session's cache, reserving `tokens` positions (default and at most the
         model's context)."""
-        if not session_id:
-            raise InvalidArgument("session_id", "must be non-empty")
+        check_session_id(session_id)
         if tokens is not None and tokens < 1:
             raise InvalidArgument("tokens", f"must be >= 1, got {tokens}")
         self.close(session_id)

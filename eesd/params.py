@@ -1,10 +1,27 @@
 """Request parameters, validated once at the edge so that the core can trust them."""
 
+import math
+import re
 from dataclasses import dataclass, field
 
 from eesd.errors import InvalidArgument
 
 POLICY_NAMES = ("beta-ts", "calibration-ts", "fixed", "heuristic", "threshold", "off")
+# A sampled request's temperature: 0 (greedy) or in [MIN_TEMPERATURE, MAX_TEMPERATURE]. Below the minimum,
+# logits / T overflow to inf and sampling breaks; above the maximum, p is uniform for any model.
+MIN_TEMPERATURE, MAX_TEMPERATURE = 1e-2, 100.0
+MAX_TOP_K = 1 << 20
+# Session ids are client-chosen, logged and used as store keys: a bounded length and a safe alphabet.
+SESSION_ID = re.compile(r"[A-Za-z0-9._:-]{1,128}")
+
+
+def check_session_id(session_id: str) -> None:
+    """Raises InvalidArgument naming `session_id` unless it is 1-128 of [A-Za-z0-9._:-] (echoing none of it)."""
+    if not isinstance(session_id, str) or not SESSION_ID.fullmatch(session_id):
+        length = len(session_id) if isinstance(session_id, str) else "?"
+        raise InvalidArgument(
+            "session_id", f"must be 1 to 128 characters of A-Z a-z 0-9 . _ : - (got {length} characters)"
+        )
 
 
 @dataclass(frozen=True)
@@ -21,11 +38,14 @@ class SamplingParams:
         return self.temperature == 0.0
 
     def validate(self) -> None:
-        if not self.temperature >= 0.0:
-            raise InvalidArgument("temperature", f"must be >= 0, got {self.temperature}")
-        if self.top_k < 0:
-            raise InvalidArgument("top_k", f"must be >= 0, got {self.top_k}")
-        if not 0.0 < self.top_p <= 1.0:
+        t = self.temperature
+        if not (t == 0.0 or (math.isfinite(t) and MIN_TEMPERATURE <= t <= MAX_TEMPERATURE)):
+            raise InvalidArgument(
+                "temperature", f"must be 0 (greedy) or in [{MIN_TEMPERATURE:g}, {MAX_TEMPERATURE:g}], got {t}"
+            )
+        if not 0 <= self.top_k <= MAX_TOP_K:
+            raise InvalidArgument("top_k", f"must be in [0, {MAX_TOP_K}], got {self.top_k}")
+        if not 0.0 < self.top_p <= 1.0:  # a NaN fails this too
             raise InvalidArgument("top_p", f"must be in (0, 1], got {self.top_p}")
         if self.seed is not None and not 0 <= self.seed < 2**63:
             raise InvalidArgument("seed", f"must be in [0, 2^63), got {self.seed}")

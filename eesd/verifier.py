@@ -67,6 +67,7 @@ class Verifier:
         """Feeds pending + drafts in one row, keeps the accepted prefix, crops the rest of the cache."""
         draft, sampling = request.draft, request.sampling
         check_token_ids("pending_tokens", request.pending, self.config.vocab_size)
+        sampling.validate()  # the internal API checks what the controller would have
         check_draft(draft, sampling.greedy, self.config.vocab_size)
         cache = self.sessions.at_base(request.session_id, request.base_length, request.pending)
         # Row i of the logits predicts draft i; the last row predicts the bonus token.

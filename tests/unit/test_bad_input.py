@@ -6,7 +6,7 @@ from eesd.drafter import Drafter
 from eesd.engine import SpeculativeEngine
 from eesd.errors import InvalidArgument
 from eesd.params import GenerationParams, PolicyParams, SamplingParams
-from eesd.rounds import DraftBlock, VerifyRequest
+from eesd.rounds import DraftBlock, DraftRequest, VerifyRequest
 from eesd.verifier import Verifier
 
 
@@ -69,3 +69,31 @@ def test_verifier_refuses_malformed_draft_blocks(engine, block, field):
 def test_empty_pending_is_refused(engine):
     with pytest.raises(InvalidArgument, match="pending_tokens"):
         engine.verifier.verify(VerifyRequest("s2", 0, 0, [], DraftBlock([], []), seed=1))
+
+
+@pytest.mark.parametrize(
+    ("sampling", "field"),
+    [
+        (SamplingParams(temperature=1e-40), "temperature"),
+        (SamplingParams(temperature=float("inf")), "temperature"),
+        (SamplingParams(temperature=float("nan")), "temperature"),
+        (SamplingParams(temperature=1.0, top_p=float("nan")), "top_p"),
+        (SamplingParams(temperature=1.0, top_k=-1), "top_k"),
+    ],
+)
+def test_internal_requests_validate_sampling(engine, sampling, field):
+    """A drafter or verifier called directly checks the sampling parameters the controller would have."""
+    draft = DraftRequest("s3", 0, 0, [1, 2], 4, seed=1, sampling=sampling)
+    with pytest.raises(InvalidArgument, match=field):
+        engine.drafter.propose(draft)
+    with pytest.raises(InvalidArgument, match=field):
+        engine.verifier.verify(VerifyRequest("s3", 0, 0, [1, 2], DraftBlock([], []), seed=1, sampling=sampling))
+
+
+@pytest.mark.parametrize("session_id", ["", "a" * 129, "bad\nid", "spa ce", "ünï"])
+def test_session_ids_are_bounded_and_safe(session_id):
+    from eesd.params import check_session_id
+
+    with pytest.raises(InvalidArgument, match="session_id") as raised:
+        check_session_id(session_id)
+    assert "\n" not in str(raised.value) and len(str(raised.value)) < 200  # never echoed back
