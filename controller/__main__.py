@@ -26,10 +26,18 @@ async def main() -> None:
         config.node_down_s,
     )
     nodes = NodeClients(config.round_timeout_s)
-    codec, eos_ids, vocab_size = model_facts(config.model_dir)
-    loop = RoundLoop(store, router, nodes, eos_ids, vocab_size, admission_wait_s=config.admission_wait_s)
+    facts = model_facts(config.model_dir)
+    loop = RoundLoop(
+        store,
+        router,
+        nodes,
+        facts.eos_token_ids,
+        facts.vocab_size,
+        admission_wait_s=config.admission_wait_s,
+        context=facts.context,
+    )
     servicer = ControllerServicer(
-        loop, store, codec, config.default_policy_params(), config.max_new_tokens_limit, config.auth_token
+        loop, store, facts.codec, config.default_policy_params(), config.max_new_tokens_limit, config.auth_token
     )
 
     async def warmup() -> None:

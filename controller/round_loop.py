@@ -19,7 +19,7 @@ from controller.routing import Router
 from controller.state_store import SessionRecord, StateStore
 from eesd.errors import EesdError, FailedPrecondition, InvalidArgument, ResourceExhausted, Unavailable
 from eesd.generation import GenerationStats
-from eesd.params import GenerationParams, validate_prompt
+from eesd.params import GenerationParams, check_context, validate_prompt
 from eesd.rounds import RoundStats
 from eesd.session import Session
 from serving.metrics import controller_metrics
@@ -65,15 +65,20 @@ class RoundLoop:
         vocab_size: int | None,
         unavailable_wait_s: float = 30.0,
         admission_wait_s: float = 30.0,
+        context: int | None = None,
     ):
         self.store, self.router, self.nodes = store, router, nodes
         self.eos_token_ids, self.vocab_size = eos_token_ids, vocab_size
         self.unavailable_wait_s, self.admission_wait_s = unavailable_wait_s, admission_wait_s
-        self._cancelled: set[str] = set()
+        self.context = context  # the model's context, when known: longer requests are refused up front
+        self._running: set[str] = set()  # sessions this controller drives now
+        self._cancelled: set[str] = set()  # ... that a Cancel asked to stop
         self._tasks: set[asyncio.Task] = set()
 
     def cancel_local(self, session_id: str) -> None:
-        self._cancelled.add(session_id)
+        """Stops the session at its next round if this controller drives it (else the store's end does)."""
+        if session_id in self._running:
+            self._cancelled.add(session_id)
 
     async def generate(
         self, prompt_ids: list[int], params: GenerationParams, session_id: str = ""
@@ -83,11 +88,14 @@ class RoundLoop:
             validate_prompt(prompt_ids, self.vocab_size)
         elif not prompt_ids:
             raise InvalidArgument("prompt_ids", "prompt is empty")
+        if self.context is not None:
+            check_context(len(prompt_ids), params.max_new_tokens, self.context)
         seed = params.sampling.seed if params.sampling.seed is not None else secrets.randbits(63)
         session = Session.start(session_id or uuid.uuid4().hex, prompt_ids, params, seed, self.eos_token_ids)
         session_id = session.session_id
         pair = await self._admit(session)
         await self._create_session(session, pair)
+        self._running.add(session_id)
         transport_ms = controller_ms = 0.0
         start = time.perf_counter()
         try:
@@ -139,6 +147,7 @@ class RoundLoop:
             await self._record_failure(session_id, code, message)
             raise
         finally:
+            self._running.discard(session_id)
             self._cancelled.discard(session_id)
             self._leave(session_id, pair)
 

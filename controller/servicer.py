@@ -1,5 +1,6 @@
 """ControllerService: converts messages and calls the round loop; nothing else."""
 
+import asyncio
 from collections import OrderedDict
 
 from grpc import aio
@@ -61,11 +62,12 @@ class ControllerServicer(controller_pb2_grpc.ControllerServiceServicer):
         if sent != f"Bearer {self.auth_token}":
             raise Unauthenticated("missing or wrong bearer token in the authorization metadata")
 
-    def _prompt(self, request: controller_pb2.GenerateRequest) -> list[int]:
+    async def _prompt(self, request: controller_pb2.GenerateRequest) -> list[int]:
         if request.WhichOneof("prompt") == "prompt_text":
             if self.codec is None:
                 raise InvalidArgument("prompt_text", "the controller has no tokenizer (--model-dir); send prompt_ids")
-            return self.codec.encode(request.prompt_text)
+            # Off the event loop: tokenizing grows with the text, and other streams must not wait for it.
+            return await asyncio.to_thread(self.codec.encode, request.prompt_text)
         return list(request.prompt_ids.ids)
 
     async def Generate(self, request: controller_pb2.GenerateRequest, context: aio.ServicerContext):
@@ -82,7 +84,7 @@ class ControllerServicer(controller_pb2_grpc.ControllerServiceServicer):
         text = TextStream(self.codec)
         if request.session_id:
             check_session_id(request.session_id)
-        events = self.loop.generate(self._prompt(request), params, request.session_id)
+        events = self.loop.generate(await self._prompt(request), params, request.session_id)
         async for event in controller_metrics().track(events):
             if isinstance(event, RoundEvent):
                 yield controller_pb2.GenerateResponse(

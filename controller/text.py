@@ -1,6 +1,7 @@
 """Token ids <-> text on the controller, with the `tokenizers` library only (no torch in this image)."""
 
 import json
+from dataclasses import dataclass
 from pathlib import Path
 
 from tokenizers import Tokenizer, decoders
@@ -32,10 +33,20 @@ class TextStream:
         return self._stream.step(self.codec.tokenizer, ids) or ""
 
 
-def model_facts(model_dir: str) -> tuple[TextCodec | None, frozenset[int], int | None]:
-    """(text codec, EOS ids, vocabulary size) from a checkpoint directory's JSON files; empty if unset."""
+@dataclass(frozen=True)
+class ModelFacts:
+    """What the controller knows of the served model, from its checkpoint directory's JSON files."""
+
+    codec: TextCodec | None = None  # None: no tokenizer, token-id prompts only
+    eos_token_ids: frozenset[int] = frozenset()
+    vocab_size: int | None = None  # None: unknown, prompts are checked by the nodes
+    context: int | None = None  # max_position_embeddings
+
+
+def model_facts(model_dir: str) -> ModelFacts:
+    """The served model's facts; all unknown when no directory is configured."""
     if not model_dir:
-        return None, frozenset(), None
+        return ModelFacts()
     root = Path(model_dir)
     config = json.loads((root / "config.json").read_text())
     generation = root / "generation_config.json"
@@ -43,4 +54,4 @@ def model_facts(model_dir: str) -> tuple[TextCodec | None, frozenset[int], int |
     eos = config.get("eos_token_id") if eos is None else eos
     eos_ids = frozenset([] if eos is None else [eos] if isinstance(eos, int) else eos)
     codec = TextCodec(root / "tokenizer.json") if (root / "tokenizer.json").is_file() else None
-    return codec, eos_ids, config["vocab_size"]
+    return ModelFacts(codec, eos_ids, config["vocab_size"], config.get("max_position_embeddings"))

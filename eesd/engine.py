@@ -19,7 +19,7 @@ from eesd.drafter import Drafter
 from eesd.errors import ResourceExhausted
 from eesd.generation import GenerationResult
 from eesd.load import PassTimer, draft_cost_ratio
-from eesd.params import GenerationParams, validate_prompt
+from eesd.params import GenerationParams, check_context, validate_prompt
 from eesd.rounds import DraftBlock
 from eesd.session import NO_DRAFT, Session, drafter_cache_after
 from eesd.verifier import Verifier
@@ -75,6 +75,7 @@ class SpeculativeEngine:
         for prompt, p in zip(prompts, per_prompt, strict=True):
             p.validate()
             validate_prompt(prompt, self.verifier.config.vocab_size)
+            check_context(len(prompt), p.max_new_tokens, self.verifier.config.max_position_embeddings)
         waiting = deque(enumerate(zip(prompts, per_prompt, strict=True)))
         active: dict[int, Session] = {}
         results: dict[int, GenerationResult] = {}

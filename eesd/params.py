@@ -87,6 +87,19 @@ def check_token_ids(field: str, ids: list[int], vocab_size: int) -> None:
         raise InvalidArgument(field, f"ids outside the vocabulary [0, {vocab_size}): {bad[:5]}")
 
 
+def check_context(prompt_length: int, max_new_tokens: int, context: int) -> None:
+    """Refuses up front a request that could not finish inside the model's context, instead of failing it
+    mid-stream."""
+    if prompt_length >= context:
+        raise InvalidArgument("prompt_ids", f"{prompt_length} tokens: the model's context is {context}")
+    if prompt_length + max_new_tokens > context:
+        raise InvalidArgument(
+            "max_new_tokens",
+            f"must be <= {context - prompt_length}: prompt ({prompt_length}) + max_new_tokens exceeds the "
+            f"model's context of {context}",
+        )
+
+
 def validate_prompt(prompt_ids: list[int], vocab_size: int) -> None:
     """Raises InvalidArgument naming `prompt_ids` for an empty prompt or ids outside the vocabulary."""
     if len(prompt_ids) == 0:

@@ -97,3 +97,12 @@ def test_session_ids_are_bounded_and_safe(session_id):
     with pytest.raises(InvalidArgument, match="session_id") as raised:
         check_session_id(session_id)
     assert "\n" not in str(raised.value) and len(str(raised.value)) < 200  # never echoed back
+
+
+def test_requests_beyond_the_context_are_refused_up_front(engine):
+    """The tiny models' context is 512: a request that could not finish inside it fails before any round."""
+    with pytest.raises(InvalidArgument, match="max_new_tokens: must be <= 502"):
+        engine.generate(list(range(3, 13)), GenerationParams(503))
+    with pytest.raises(InvalidArgument, match="prompt_ids"):
+        engine.generate([5] * 512, GenerationParams(1))
+    assert len(engine.verifier.sessions) == 0

@@ -11,7 +11,7 @@ from controller.round_loop import RoundLoop
 from controller.routing import Router
 from controller.servicer import ControllerServicer
 from controller.state_store import MemoryStateStore
-from eesd.errors import EesdError, ResourceExhausted
+from eesd.errors import EesdError, InvalidArgument, NotFound, ResourceExhausted
 from eesd.params import GenerationParams, PolicyParams
 from eesd.rounds import Verdict
 from eesd_proto.eesd.v1 import controller_pb2
@@ -116,3 +116,34 @@ def test_failure_to_record_the_failure_keeps_the_first_error():
         return raised
 
     assert str(asyncio.run(scenario())) == "full"
+
+
+def test_a_request_beyond_the_context_is_refused_before_anything_is_stored():
+    async def scenario():
+        store = MemoryStateStore()
+        router = Router(make_discovery("static", ""), make_discovery("static", "v0:1"))
+        loop = RoundLoop(store, router, FakeNodes(RuntimeError("unused"), fail_at=99), frozenset(), 32, context=20)
+        params = GenerationParams(18, policy=PolicyParams("off", 0))  # 3 + 18 > 20
+        with pytest.raises(InvalidArgument, match="max_new_tokens: must be <= 17"):
+            async for _ in loop.generate(PROMPT, params, "s1"):
+                pass
+        with pytest.raises(NotFound):
+            await store.get_session("s1")
+        assert router.load["v0:1"] == 0
+
+    asyncio.run(scenario())
+
+
+def test_cancelling_a_session_this_controller_does_not_drive_leaves_no_trace():
+    """A Cancel for an id that is not running here (finished, or on another controller) must not cancel
+    a later session that reuses the id."""
+
+    async def scenario():
+        router = Router(make_discovery("static", ""), make_discovery("static", "v0:1"))
+        loop = RoundLoop(MemoryStateStore(), router, FakeNodes(RuntimeError("unused"), fail_at=99), frozenset(), 32)
+        loop.cancel_local("reused")
+        params = GenerationParams(4, policy=PolicyParams("off", 0), stop_on_eos=False)
+        return [event async for event in loop.generate(PROMPT, params, "reused")]
+
+    events = asyncio.run(scenario())
+    assert events[-1].finish_reason == "length" and sum(len(e.tokens) for e in events[:-1]) == 4
