@@ -186,8 +186,11 @@ def _route_addresses(drafter: str, verifier: str) -> set[str]:
 
 class MemoryStateStore:
     """Embedded store for one controller process. Every method does its work under one lock without
-    awaiting in between, so each call is atomic for all tasks and threads. Expiry is lazy, on access,
-    measured by `clock` (monotonic seconds; inject a fake one in tests)."""
+    awaiting in between, so each call is atomic for all tasks and threads. Expiry is measured by `clock`
+    (monotonic seconds; inject a fake one in tests): on access, and for sessions nobody reads again, by a
+    sweep that creating a session runs at most once per `PURGE_EVERY_S`, so memory stays bounded."""
+
+    PURGE_EVERY_S = 60.0
 
     def __init__(
         self,
@@ -201,6 +204,7 @@ class MemoryStateStore:
         self._lock = threading.Lock()
         self._sessions: dict[str, tuple[SessionRecord, float]] = {}  # id -> (record, deadline)
         self._posteriors: dict[str, dict[str, float]] = {}
+        self._next_purge = clock() + min(self.session_ttl_s, self.PURGE_EVERY_S)
 
     async def __aenter__(self) -> MemoryStateStore:
         return self
@@ -222,9 +226,19 @@ class MemoryStateStore:
         rec.updated_at = self._wall()
         self._sessions[rec.session_id] = (rec, self._clock() + self.session_ttl_s)
 
+    def _purge(self) -> None:
+        """Drops every expired session; caller holds the lock."""
+        now = self._clock()
+        if now < self._next_purge:
+            return
+        self._next_purge = now + min(self.session_ttl_s, self.PURGE_EVERY_S)
+        for session_id in [sid for sid, (_, deadline) in self._sessions.items() if now >= deadline]:
+            del self._sessions[session_id]
+
     async def create_session(self, record: SessionRecord) -> None:
         rec = _check_record(record)
         with self._lock:
+            self._purge()
             try:
                 self._live(rec.session_id)
             except NotFound:

@@ -352,3 +352,14 @@ async def test_redis_leaves_no_keys_behind(redis_server: str) -> None:
         assert await store.count_routes() == {}
         assert await raw.keys(f"{prefix}*") == []
     await raw.aclose()
+
+
+@aio
+async def test_memory_store_purges_sessions_nobody_reads_again() -> None:
+    clock = FakeClock()
+    store = MemoryStateStore(session_ttl_s=10.0, clock=clock)
+    for i in range(50):
+        await store.create_session(record(session_id=f"old{i}"))
+    clock.now += 11.0  # every one has expired, and none is read again
+    await store.create_session(record(session_id="new"))
+    assert list(store._sessions) == ["new"]
