@@ -19,7 +19,7 @@ from serving.server import serve
 
 async def main() -> None:
     config = load_config(ControllerConfig)
-    store = TimedStateStore(open_state_store(config.redis_url, session_ttl_s=config.session_ttl_s))
+    store = TimedStateStore(open_state_store(config.redis_url, config.session_ttl_s, config.redis_max_connections))
     router = Router(
         make_discovery(config.discovery, config.drafters, config.namespace, config.drafter_selector),
         make_discovery(config.discovery, config.verifiers, config.namespace, config.verifier_selector),

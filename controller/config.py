@@ -14,6 +14,7 @@ class ControllerConfig:
     port: int = field(50051, "gRPC port")
     metrics_port: int = field(9100, "Prometheus /metrics port (0: off)")
     redis_url: str = field("memory://", "state store: memory:// (embedded) or redis://host:6379/0")
+    redis_max_connections: int = field(256, "Redis connections at most; a burst beyond waits for a free one")
     drafters: str = field("", "drafter addresses host:port,... (static/dns discovery, k8s fallback)")
     verifiers: str = field("", "verifier addresses host:port,...")
     discovery: str = field("static", "static, dns or kubernetes")

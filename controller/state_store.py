@@ -112,14 +112,17 @@ class StateStore(Protocol):
     async def close(self) -> None: ...
 
 
-def open_state_store(url: str, **kwargs: Any) -> MemoryStateStore | RedisStateStore:
-    """The store a URL names; connects lazily (``await store.ping()`` checks the connection)."""
+def open_state_store(
+    url: str, session_ttl_s: float = DEFAULT_SESSION_TTL_S, max_connections: int = 256
+) -> MemoryStateStore | RedisStateStore:
+    """The store a URL names; connects lazily (``await store.ping()`` checks the connection).
+    `max_connections` bounds a Redis store's connection pool."""
     if not isinstance(url, str):
         raise InvalidArgument("redis_url", f"expected a URL string, got {type(url).__name__}")
     if url.startswith(MEMORY_SCHEME):
-        return MemoryStateStore(**kwargs)
+        return MemoryStateStore(session_ttl_s)
     if url.startswith(REDIS_SCHEMES):
-        return RedisStateStore(url, **kwargs)
+        return RedisStateStore(url, session_ttl_s, max_connections=max_connections)
     raise InvalidArgument("redis_url", f"{url!r}: expected memory://, redis://, rediss:// or unix://")
 
 
@@ -495,6 +498,7 @@ class RedisStateStore:
         connect_timeout_s: float = 2.0,
         command_timeout_s: float = 5.0,
         retries: int = 2,
+        max_connections: int = 256,
     ):
         if not isinstance(url, str) or not url.startswith(REDIS_SCHEMES):
             raise InvalidArgument("redis_url", f"{url!r}: expected redis://, rediss:// or unix://")
@@ -503,14 +507,21 @@ class RedisStateStore:
         self.session_ttl_s = float(session_ttl_s)
         self.prefix = prefix
         self._ttl_ms = max(1, int(self.session_ttl_s * 1000))
+        if max_connections < 1:
+            raise InvalidArgument("redis_max_connections", f"must be >= 1, got {max_connections!r}")
         try:
-            self._redis = aioredis.from_url(
+            # A blocking pool: a burst of sessions beyond max_connections waits for a free connection
+            # (up to the command timeout) instead of failing with "Too many connections".
+            pool = aioredis.BlockingConnectionPool.from_url(
                 url,
+                max_connections=max_connections,
+                timeout=command_timeout_s,
                 socket_connect_timeout=connect_timeout_s,
                 socket_timeout=command_timeout_s,
                 retry=Retry(ExponentialBackoff(cap=0.2, base=0.01), retries),
                 decode_responses=False,
             )
+            self._redis = aioredis.Redis(connection_pool=pool)
         except ValueError as e:
             raise InvalidArgument("redis_url", str(e)) from e
         self._url = _redact(url)
@@ -659,7 +670,7 @@ class RedisStateStore:
         return time.perf_counter() - start
 
     async def close(self) -> None:
-        await self._redis.aclose()
+        await self._redis.aclose(close_connection_pool=True)  # the pool was made here, not by Redis()
 
 
 async def _bench_commits(url: str, n: int, context: int) -> None:

@@ -363,3 +363,13 @@ async def test_memory_store_purges_sessions_nobody_reads_again() -> None:
     clock.now += 11.0  # every one has expired, and none is read again
     await store.create_session(record(session_id="new"))
     assert list(store._sessions) == ["new"]
+
+
+@aio
+async def test_a_burst_beyond_the_redis_pool_waits_for_connections(redis_server: str) -> None:
+    """More concurrent calls than pooled connections queue for one instead of failing ("Too many
+    connections" was UNAVAILABLE for every session past redis-py's default pool)."""
+    async with RedisStateStore(redis_server, prefix=f"t{uuid.uuid4().hex}:", max_connections=2) as store:
+        await asyncio.gather(*(store.create_session(record(session_id=f"burst{i}")) for i in range(60)))
+        records = await asyncio.gather(*(store.get_session(f"burst{i}") for i in range(60)))
+        assert [r.session_id for r in records] == [f"burst{i}" for i in range(60)]
