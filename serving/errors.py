@@ -21,6 +21,8 @@ INTERNAL_MESSAGE = "internal error; the server logged the details"
 # that cannot reach its verifier), so the controller replaces the right node.
 UNAVAILABLE_PEER_KEY = "eesd-unavailable-peer"
 _LOGGED_ID_CHARS = 64  # a session id in a log line is client-chosen: quoted and truncated
+# Status details travel in HTTP/2 trailers (16 KB by default) and may quote client input: bounded here.
+MAX_DETAIL_CHARS = 1024
 
 
 def status_of(error: EesdError) -> grpc.StatusCode:
@@ -66,7 +68,7 @@ class DomainErrorInterceptor(aio.ServerInterceptor):
 async def _abort(status: list, context: aio.ServicerContext, error: Exception, method: str, request) -> None:
     """Records the status `error` maps to in `status[0]` and aborts the call with it."""
     if isinstance(error, EesdError):
-        code, message = status_of(error), str(error)
+        code, message = status_of(error), _bounded(str(error))
         if isinstance(error, Unavailable) and error.peer:
             context.set_trailing_metadata(((UNAVAILABLE_PEER_KEY, error.peer),))
     else:
@@ -76,6 +78,10 @@ async def _abort(status: list, context: aio.ServicerContext, error: Exception, m
         log.error("%s (session %r) failed", method, session_id, exc_info=error)
     status[0] = code
     await context.abort(code, message)
+
+
+def _bounded(message: str) -> str:
+    return message if len(message) <= MAX_DETAIL_CHARS else message[: MAX_DETAIL_CHARS - 15] + "... (truncated)"
 
 
 def _wrap_unary(behavior, method: str):

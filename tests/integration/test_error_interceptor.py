@@ -25,6 +25,10 @@ async def raise_invalid(request, context):
     raise InvalidArgument("session_id", "too long")
 
 
+async def raise_huge(request, context):
+    raise InvalidArgument("policy", "unknown policy " + repr("x" * 1_000_000))
+
+
 async def raise_unavailable(request, context):
     raise Unavailable("verifier gone", peer="verifier")
 
@@ -39,7 +43,12 @@ def handlers():
         name: grpc.unary_unary_rpc_method_handler(
             fn, REQUEST.FromString, controller_pb2.GetSessionResponse.SerializeToString
         )
-        for name, fn in (("Runtime", raise_runtime), ("Invalid", raise_invalid), ("Unavailable", raise_unavailable))
+        for name, fn in (
+            ("Runtime", raise_runtime),
+            ("Invalid", raise_invalid),
+            ("Unavailable", raise_unavailable),
+            ("Huge", raise_huge),
+        )
     }
     unary["Stream"] = grpc.unary_stream_rpc_method_handler(
         stream_then_raise, REQUEST.FromString, controller_pb2.GetSessionResponse.SerializeToString
@@ -94,3 +103,10 @@ def test_domain_errors_keep_their_status_and_message(caplog):
     assert unavailable.code() == grpc.StatusCode.UNAVAILABLE
     assert (UNAVAILABLE_PEER_KEY, "verifier") in tuple(unavailable.trailing_metadata())
     assert not [r for r in caplog.records if r.name == "serving.errors"]  # expected outcomes are not errors
+
+
+def test_details_quoting_client_input_are_bounded():
+    """A message that echoes a 1 MB field would break the trailers' size limit: it is cut, not lost."""
+    error = asyncio.run(call("Huge"))
+    assert error.code() == grpc.StatusCode.INVALID_ARGUMENT
+    assert error.details().startswith("policy: unknown policy 'xxx") and len(error.details()) <= 1024
