@@ -14,9 +14,7 @@ from serving.server import serve
 
 async def main() -> None:
     config = load_config(DrafterConfig)
-    node = ModelNode(
-        config.node_id or f"{config.host}:{config.port}", "drafter", config.max_batch, config.max_pass_tokens
-    )
+    node = ModelNode.from_config(config, "drafter")
     servicer = DrafterServicer(node, config.verify_timeout_s, config.pipeline)
 
     async def load() -> None:

@@ -76,6 +76,7 @@ class ModelNodeConfig:
     kv_tokens: int = field(0, "KV pool size in token positions, preallocated (0: a full context per max_sessions)")
     max_batch: int = field(64, "sessions batched in one forward pass (1: one session per pass)")
     max_pass_tokens: int = field(2048, "new tokens a forward pass takes at most, summed over its sessions")
+    session_idle_s: float = field(600.0, "a session's KV cache unused this long is closed (0: never)")
     node_id: str = field("", "name in handshakes and metrics (default host:port)")
     grace_s: float = field(10.0, "seconds in-flight rounds get to finish on SIGTERM")
 
@@ -85,5 +86,7 @@ class ModelNodeConfig:
         for name in ("max_sessions", "max_batch", "max_pass_tokens"):
             if getattr(self, name) < 1:
                 raise InvalidArgument(name, f"must be >= 1, got {getattr(self, name)}")
+        if self.session_idle_s < 0:
+            raise InvalidArgument("session_idle_s", f"must be >= 0, got {self.session_idle_s}")
         if self.kv_tokens < 0:
             raise InvalidArgument("kv_tokens", f"must be >= 0, got {self.kv_tokens}")

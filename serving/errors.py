@@ -7,6 +7,9 @@ method and session, and eesd:grpc_server_handled_total counts it under code INTE
 """
 
 import logging
+from collections.abc import AsyncIterator, Callable
+from dataclasses import dataclass
+from typing import Any
 
 import grpc
 from grpc import aio
@@ -50,19 +53,50 @@ class DomainErrorInterceptor(aio.ServerInterceptor):
         if handler is None:
             return None
         method = handler_call_details.method
+        decode, encode = _tolerant(handler.request_deserializer), handler.response_serializer
         if handler.unary_unary:
-            return grpc.unary_unary_rpc_method_handler(
-                _wrap_unary(handler.unary_unary, method), handler.request_deserializer, handler.response_serializer
-            )
+            return grpc.unary_unary_rpc_method_handler(_wrap_unary(handler.unary_unary, method), decode, encode)
         if handler.unary_stream:
             return grpc.unary_stream_rpc_method_handler(
-                _wrap_stream(handler.unary_stream, method), handler.request_deserializer, handler.response_serializer
+                _wrap_stream(handler.unary_stream, method, _decoded), decode, encode
             )
         if handler.stream_stream:
             return grpc.stream_stream_rpc_method_handler(
-                _wrap_stream(handler.stream_stream, method), handler.request_deserializer, handler.response_serializer
+                _wrap_stream(handler.stream_stream, method, _decoded_each), decode, encode
             )
         return handler
+
+
+@dataclass(frozen=True)
+class _Undecodable:
+    """Request bytes that are not the method's message: the handler wrapper answers INVALID_ARGUMENT
+    (a failing deserializer would end the call as UNKNOWN before any of our code ran)."""
+
+    error: Exception
+
+
+def _tolerant(deserialize: Callable[[bytes], Any] | None) -> Callable[[bytes], Any] | None:
+    if deserialize is None:
+        return None
+
+    def decode(data: bytes) -> Any:
+        try:
+            return deserialize(data)
+        except Exception as error:  # protobuf's DecodeError and friends
+            return _Undecodable(error)
+
+    return decode
+
+
+def _decoded(request: Any) -> Any:
+    if isinstance(request, _Undecodable):
+        raise InvalidArgument("request", f"the message bytes do not decode ({type(request.error).__name__})")
+    return request
+
+
+async def _decoded_each(requests: AsyncIterator[Any]) -> AsyncIterator[Any]:
+    async for request in requests:
+        yield _decoded(request)
 
 
 async def _abort(status: list, context: aio.ServicerContext, error: Exception, method: str, request) -> None:
@@ -88,7 +122,7 @@ def _wrap_unary(behavior, method: str):
     async def wrapper(request, context):
         with rpc_metrics().call(method) as status:
             try:
-                response = await behavior(request, context)
+                response = await behavior(_decoded(request), context)
                 status[0] = grpc.StatusCode.OK
                 return response
             except aio.AbortError:  # the handler chose its status itself
@@ -99,11 +133,13 @@ def _wrap_unary(behavior, method: str):
     return wrapper
 
 
-def _wrap_stream(behavior, method: str):
+def _wrap_stream(behavior, method: str, decoded: Callable[[Any], Any]):
+    """`decoded` checks the request: a message (`_decoded`) or an iterator of them (`_decoded_each`)."""
+
     async def wrapper(request, context):
         with rpc_metrics().call(method) as status:
             try:
-                async for response in behavior(request, context):
+                async for response in behavior(decoded(request), context):
                     yield response
                 status[0] = grpc.StatusCode.OK
             except aio.AbortError:

@@ -9,6 +9,7 @@ loop only submits and awaits, so it keeps answering health checks and stream mes
 """
 
 import asyncio
+import logging
 import queue
 import threading
 import time
@@ -23,8 +24,10 @@ from eesd.errors import Unavailable
 from eesd.load import NodeLoad, PassTimer
 from eesd.params import check_token_ids
 from eesd.verifier import Verifier
+from serving.config import ModelNodeConfig
 from serving.metrics import node_metrics
 
+log = logging.getLogger(__name__)
 T = TypeVar("T")
 Model = Drafter | Verifier
 
@@ -57,8 +60,17 @@ class _Work:
 class ModelNode:
     """Created before the model loads, so the server can answer health checks (NOT_SERVING) meanwhile."""
 
-    def __init__(self, node_id: str, role: str = "model", max_batch: int = 64, max_pass_tokens: int = 2048):
+    def __init__(
+        self,
+        node_id: str,
+        role: str = "model",
+        max_batch: int = 64,
+        max_pass_tokens: int = 2048,
+        session_idle_s: float = 600.0,
+    ):
         self.node_id, self.max_batch, self.max_pass_tokens = node_id, max_batch, max_pass_tokens
+        self.session_idle_s = session_idle_s  # 0: sessions never expire
+        self._next_sweep = time.monotonic() + session_idle_s
         self._model: Model | None = None
         self._inbox: queue.SimpleQueue[_Work | None] = queue.SimpleQueue()
         self._waiting: deque[_Work] = deque()  # jobs not admitted yet (batch or token cap reached)
@@ -72,6 +84,11 @@ class ModelNode:
         self.metrics.watch_kv_usage(lambda: self._model.sessions.usage() if self._model is not None else 0.0)
         self._thread = threading.Thread(target=self._serve, name=f"model-{role}", daemon=True)
         self._thread.start()
+
+    @classmethod
+    def from_config(cls, config: ModelNodeConfig, role: str) -> "ModelNode":
+        node_id = config.node_id or f"{config.host}:{config.port}"
+        return cls(node_id, role, config.max_batch, config.max_pass_tokens, config.session_idle_s)
 
     @property
     def model(self) -> Model:
@@ -145,21 +162,23 @@ class ModelNode:
     def _serve(self) -> None:
         batch: Batch | None = None
         while True:
-            if not self._take(block=not self._waiting and (batch is None or not len(batch))):
+            idle = not self._waiting and (batch is None or not len(batch))
+            if not self._take(block=idle, timeout=self._until_sweep() if idle else None):
                 return
             if self._model is None:
                 continue  # only calls (the load) run before there is a model
+            self._sweep()
             if batch is None:
                 batch = Batch(self._model.stack, self._on_pass)
             self._admit(batch)
             for done in batch.step():
                 self._finish(done)
 
-    def _take(self, block: bool) -> bool:
+    def _take(self, block: bool, timeout: float | None = None) -> bool:
         """Moves submitted work to the waiting jobs and runs submitted calls; False once shut down."""
         while True:
             try:
-                work = self._inbox.get(block=block)
+                work = self._inbox.get(block=block, timeout=timeout if block else None)
             except queue.Empty:
                 return True
             block = False
@@ -181,6 +200,19 @@ class ModelNode:
             return
         self.metrics.work_done(work.op, time.perf_counter() - work.started)
         work.resolve(result)
+
+    def _until_sweep(self) -> float | None:
+        return max(0.0, self._next_sweep - time.monotonic()) if self.session_idle_s else None
+
+    def _sweep(self) -> None:
+        """Between passes: closes sessions idle for session_idle_s (checked every tenth of that)."""
+        if not self.session_idle_s or time.monotonic() < self._next_sweep:
+            return
+        self._next_sweep = time.monotonic() + self.session_idle_s / 10
+        # A session in the running batch fed tokens in the last pass, so it is never among them.
+        closed = self._model.sessions.close_idle(self.session_idle_s)
+        if closed:
+            log.info("closed %d sessions idle for %.0f s", len(closed), self.session_idle_s)
 
     def _admit(self, batch: Batch) -> None:
         """Waiting jobs join in order while the pass has room (a lone job always fits)."""

@@ -14,9 +14,7 @@ from verifier_service.servicer import VerifierServicer
 
 async def main() -> None:
     config = load_config(VerifierConfig)
-    node = ModelNode(
-        config.node_id or f"{config.host}:{config.port}", "verifier", config.max_batch, config.max_pass_tokens
-    )
+    node = ModelNode.from_config(config, "verifier")
     servicer = VerifierServicer(node)
 
     async def load() -> None:

@@ -110,3 +110,30 @@ def test_details_quoting_client_input_are_bounded():
     error = asyncio.run(call("Huge"))
     assert error.code() == grpc.StatusCode.INVALID_ARGUMENT
     assert error.details().startswith("policy: unknown policy 'xxx") and len(error.details()) <= 1024
+
+
+async def call_raw(method: str, payload: bytes, streaming: bool) -> aio.AioRpcError:
+    server = aio.server(interceptors=[DomainErrorInterceptor()])
+    server.add_generic_rpc_handlers((handlers(),))
+    port = server.add_insecure_port("127.0.0.1:0")
+    await server.start()
+    try:
+        async with aio.insecure_channel(f"127.0.0.1:{port}") as ch:
+            kind = ch.unary_stream if streaming else ch.unary_unary
+            rpc = kind(f"/{SERVICE}/{method}", lambda raw: raw, lambda raw: raw)
+            with pytest.raises(aio.AioRpcError) as info:
+                if streaming:
+                    async for _ in rpc(payload, timeout=10):
+                        pass
+                else:
+                    await rpc(payload, timeout=10)
+            return info.value
+    finally:
+        await server.stop(0)
+
+
+@pytest.mark.parametrize(("method", "streaming"), [("Invalid", False), ("Stream", True)])
+def test_undecodable_request_bytes_are_invalid_argument(method, streaming):
+    error = asyncio.run(call_raw(method, b"\xff\xff\xff\xff", streaming))
+    assert error.code() == grpc.StatusCode.INVALID_ARGUMENT
+    assert error.details().startswith("request: the message bytes do not decode")
