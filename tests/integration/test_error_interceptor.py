@@ -60,22 +60,25 @@ def handled(method: str, code: str) -> float:
     return rpc_metrics().handled.labels(SERVICE, method, code)._value.get()
 
 
-async def call(method: str, streaming: bool = False) -> aio.AioRpcError:
+VICTIM = REQUEST(session_id="victim\nforged").SerializeToString()
+
+
+async def call(method: str, streaming: bool = False, payload: bytes = VICTIM) -> aio.AioRpcError:
+    """Sends `payload` (raw request bytes) to a real server with the interceptor; returns the error."""
     server = aio.server(interceptors=[DomainErrorInterceptor()])
     server.add_generic_rpc_handlers((handlers(),))
     port = server.add_insecure_port("127.0.0.1:0")
     await server.start()
     try:
         async with aio.insecure_channel(f"127.0.0.1:{port}") as ch:
-            path = f"/{SERVICE}/{method}"
             kind = ch.unary_stream if streaming else ch.unary_unary
-            rpc = kind(path, REQUEST.SerializeToString, controller_pb2.GetSessionResponse.FromString)
+            rpc = kind(f"/{SERVICE}/{method}", lambda raw: raw, lambda raw: raw)
             with pytest.raises(aio.AioRpcError) as info:
                 if streaming:
-                    async for _ in rpc(REQUEST(session_id="victim\nforged"), timeout=10):
+                    async for _ in rpc(payload, timeout=10):
                         pass
                 else:
-                    await rpc(REQUEST(session_id="victim\nforged"), timeout=10)
+                    await rpc(payload, timeout=10)
             return info.value
     finally:
         await server.stop(0)
@@ -112,28 +115,8 @@ def test_details_quoting_client_input_are_bounded():
     assert error.details().startswith("policy: unknown policy 'xxx") and len(error.details()) <= 1024
 
 
-async def call_raw(method: str, payload: bytes, streaming: bool) -> aio.AioRpcError:
-    server = aio.server(interceptors=[DomainErrorInterceptor()])
-    server.add_generic_rpc_handlers((handlers(),))
-    port = server.add_insecure_port("127.0.0.1:0")
-    await server.start()
-    try:
-        async with aio.insecure_channel(f"127.0.0.1:{port}") as ch:
-            kind = ch.unary_stream if streaming else ch.unary_unary
-            rpc = kind(f"/{SERVICE}/{method}", lambda raw: raw, lambda raw: raw)
-            with pytest.raises(aio.AioRpcError) as info:
-                if streaming:
-                    async for _ in rpc(payload, timeout=10):
-                        pass
-                else:
-                    await rpc(payload, timeout=10)
-            return info.value
-    finally:
-        await server.stop(0)
-
-
 @pytest.mark.parametrize(("method", "streaming"), [("Invalid", False), ("Stream", True)])
 def test_undecodable_request_bytes_are_invalid_argument(method, streaming):
-    error = asyncio.run(call_raw(method, b"\xff\xff\xff\xff", streaming))
+    error = asyncio.run(call(method, streaming, payload=b"\xff\xff\xff\xff"))
     assert error.code() == grpc.StatusCode.INVALID_ARGUMENT
     assert error.details().startswith("request: the message bytes do not decode")
