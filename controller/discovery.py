@@ -18,6 +18,8 @@ from collections.abc import Callable, Iterable, Mapping
 from dataclasses import dataclass
 from typing import Any
 
+from serving.addresses import join_host_port, parse_addresses, split_host_port
+
 log = logging.getLogger(__name__)
 
 # The chart names the gRPC port of every role's Service "grpc"; EndpointSlice ports carry that name.
@@ -37,26 +39,6 @@ class Endpoint:
 
 
 Callback = Callable[[list[Endpoint]], None]
-
-
-def join_host_port(host: str, port: int) -> str:
-    return f"[{host}]:{port}" if ":" in host else f"{host}:{port}"
-
-
-def split_host_port(address: str) -> tuple[str, int]:
-    host, sep, port = address.strip().rpartition(":")
-    if not sep or not host or not port.isdigit():
-        raise ValueError(f"address {address!r} is not host:port")
-    return host.strip("[]"), int(port)
-
-
-def parse_addresses(addresses: str | Iterable[str]) -> list[str]:
-    """``"a:1, b:2"`` or ``["a:1", "b:2"]`` -> validated ``["a:1", "b:2"]``."""
-    items = addresses.split(",") if isinstance(addresses, str) else list(addresses)
-    out = [item.strip() for item in items if item.strip()]
-    for item in out:
-        split_host_port(item)
-    return out
 
 
 def _as_api_dict(obj: Any) -> Mapping[str, Any]:

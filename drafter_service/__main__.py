@@ -5,6 +5,7 @@ import logging
 
 from drafter_service.config import DrafterConfig
 from drafter_service.servicer import DrafterServicer
+from drafter_service.verifier_link import VerifierAllowlist
 from eesd.drafter import Drafter
 from eesd_proto.eesd.v1 import drafter_pb2, drafter_pb2_grpc
 from serving.config import load_config
@@ -15,7 +16,7 @@ from serving.server import serve
 async def main() -> None:
     config = load_config(DrafterConfig)
     node = ModelNode.from_config(config, "drafter")
-    servicer = DrafterServicer(node, config.verify_timeout_s, config.pipeline)
+    servicer = DrafterServicer(node, config.verify_timeout_s, VerifierAllowlist(config.verifiers), config.pipeline)
 
     async def load() -> None:
         await node.load(

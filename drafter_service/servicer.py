@@ -7,7 +7,7 @@ import time
 from grpc import aio
 
 from drafter_service.lookahead import Lookaheads
-from drafter_service.verifier_link import VerifierLink, VerifierLinks
+from drafter_service.verifier_link import VerifierAllowlist, VerifierLink, VerifierLinks
 from eesd.kv_cache import CacheBehind
 from eesd.load import NodeLoad, draft_cost_ratio
 from eesd.rounds import DraftBlock, DraftRequest, RoundStats
@@ -21,16 +21,18 @@ from serving.session_rpcs import SessionRpcs
 class DrafterServicer(SessionRpcs, drafter_pb2_grpc.DrafterServiceServicer):
     messages, prefix, role = drafter_pb2, "DrafterService", common_pb2.NODE_ROLE_DRAFTER
 
-    def __init__(self, node: ModelNode, verify_timeout_s: float, pipeline: bool = True):
+    def __init__(self, node: ModelNode, verify_timeout_s: float, verifiers: VerifierAllowlist, pipeline: bool = True):
         self.node = node
-        self.verify_timeout_s = verify_timeout_s
+        self.verify_timeout_s, self.verifiers = verify_timeout_s, verifiers
         self.lookaheads = Lookaheads(node, pipeline, self.draft_cost)
         self._verifier_loads: dict[str, NodeLoad] = {}  # verifier address -> its load in its last verdict
         self._links: VerifierLinks | None = None
 
     def links(self) -> VerifierLinks:
         if self._links is None:  # the identity exists only once the model has loaded
-            self._links = VerifierLinks(self.node.model.identity, self.node.node_id, self.verify_timeout_s)
+            self._links = VerifierLinks(
+                self.node.model.identity, self.node.node_id, self.verify_timeout_s, self.verifiers
+            )
         return self._links
 
     async def Draft(self, request: drafter_pb2.DraftRequest, context: aio.ServicerContext):
@@ -39,6 +41,7 @@ class DrafterServicer(SessionRpcs, drafter_pb2_grpc.DrafterServiceServicer):
         verdict."""
         common = dict(session_id=request.session_id, round=request.round, base_length=request.base_length)
         draft_request = convert.draft_request_from_proto(request)
+        link = await self.links().get(request.verifier_address)  # before any work: only allowed verifiers
         start = time.perf_counter()
         ahead = await self.lookaheads.take(draft_request, request.verifier_address)
         # Drafting afresh crops whatever the cache holds past the base (a dropped lookahead included).
@@ -50,7 +53,7 @@ class DrafterServicer(SessionRpcs, drafter_pb2_grpc.DrafterServiceServicer):
         drafted = time.perf_counter()
         answer = await ahead.answer if ahead and ahead.answer else None
         if answer is None:
-            send = functools.partial(self._verify, self.links().get(request.verifier_address))
+            send = functools.partial(self._verify, link)
             verify = asyncio.ensure_future(send(draft_request, block))
             self.lookaheads.start(draft_request, block, request.verifier_address, send)
             answer = await verify

@@ -7,13 +7,17 @@ waiting on it with UNAVAILABLE and is reopened by the next round.
 
 import asyncio
 import logging
+import math
+import socket
+import time
 
 import grpc
 
-from eesd.errors import EesdError, FailedPrecondition, Unavailable
+from eesd.errors import EesdError, FailedPrecondition, InvalidArgument, Unavailable
 from eesd.identity import ModelIdentity
 from eesd_proto.eesd.v1 import verifier_pb2, verifier_pb2_grpc
 from serving import convert
+from serving.addresses import join_host_port, parse_addresses, split_host_port
 from serving.errors import error_of
 from serving.server import channel
 
@@ -128,15 +132,49 @@ class VerifierLink:
         await self._channel.close()
 
 
-class VerifierLinks:
-    """One link per verifier address, created on first use."""
+class VerifierAllowlist:
+    """The verifiers this drafter may stream to, so that a request cannot make it dial an address of its
+    choosing: the configured host:port list, each host standing for every address it resolves to (a
+    headless Service resolves to every verifier pod), looked up again at most every `refresh_s` seconds
+    when a request names an address not known yet."""
 
-    def __init__(self, identity: ModelIdentity, node_id: str, timeout_s: float):
+    def __init__(self, addresses: str, refresh_s: float = 5.0):
+        self._configured = set(parse_addresses(addresses))
+        self._targets = [split_host_port(address) for address in self._configured]
+        self._resolved: set[str] = set()
+        self._resolved_at = -math.inf
+        self.refresh_s = refresh_s
+
+    async def allows(self, address: str) -> bool:
+        if address in self._configured or address in self._resolved:
+            return True
+        if time.monotonic() - self._resolved_at < self.refresh_s:
+            return False
+        self._resolved_at = time.monotonic()
+        found: set[str] = set()
+        for host, port in self._targets:
+            try:
+                infos = await asyncio.get_running_loop().getaddrinfo(host, port, type=socket.SOCK_STREAM)
+            except OSError as err:  # keep what the other names resolve to
+                log.warning("DNS lookup of verifier %s failed: %s", host, err)
+                continue
+            found.update(join_host_port(info[4][0], port) for info in infos)
+        self._resolved = found
+        return address in found
+
+
+class VerifierLinks:
+    """One link per allowed verifier address, created on first use."""
+
+    def __init__(self, identity: ModelIdentity, node_id: str, timeout_s: float, allowlist: VerifierAllowlist):
         self.identity, self.node_id, self.timeout_s = identity, node_id, timeout_s
+        self.allowlist = allowlist
         self._links: dict[str, VerifierLink] = {}
 
-    def get(self, address: str) -> VerifierLink:
+    async def get(self, address: str) -> VerifierLink:
         if address not in self._links:
+            if not await self.allowlist.allows(address):
+                raise InvalidArgument("verifier_address", "not one of the verifiers this drafter is configured with")
             self._links[address] = VerifierLink(address, self.identity, self.node_id, self.timeout_s)
         return self._links[address]
 

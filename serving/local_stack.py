@@ -116,7 +116,16 @@ class LocalStack:
                 "drafter",
                 "drafter_service",
                 f"drafter{i}",
-                [*model, "--exit-layer", str(exit_layer), "--exit-head", exit_head, *drafter_args],
+                [
+                    *model,
+                    "--exit-layer",
+                    str(exit_layer),
+                    "--exit-head",
+                    exit_head,
+                    "--verifiers",
+                    ",".join(n.address for n in self.by_role("verifier")),
+                    *drafter_args,
+                ],
             )
         redis_url = f"redis://127.0.0.1:{self.by_role('redis')[0].port}/0" if redis else "memory://"
         self._add_service(

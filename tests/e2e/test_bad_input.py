@@ -159,6 +159,14 @@ def test_draft_beyond_the_cache_is_a_cache_mismatch(main_stack, drafter):
     assert mismatch.node_role == common_pb2.NODE_ROLE_DRAFTER
 
 
+@pytest.mark.parametrize("address", ["127.0.0.1:1", "169.254.169.254:80", "localhost:22", "not-an-address"])
+def test_draft_to_a_verifier_the_drafter_was_not_configured_with_is_refused(main_stack, drafter, address):
+    """No request makes a drafter dial an address of its choosing (SSRF): it streams only to verifiers it
+    was configured with, and refuses before any work."""
+    error = call_error(drafter.Draft, draft_request(main_stack, verifier_address=address))
+    assert error.code() == INVALID and "verifier_address" in error.details(), error
+
+
 def test_draft_with_an_unknown_policy(main_stack, drafter):
     error = call_error(drafter.Draft, draft_request(main_stack, policy=common_pb2.PolicyParams(name="nope", k_max=3)))
     assert error.code() == INVALID, error

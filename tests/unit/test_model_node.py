@@ -56,3 +56,17 @@ def test_an_idle_session_is_closed_and_its_space_returned(tiny_models):
 
     used, after, open_sessions = asyncio.run(scenario())
     assert open_sessions == {"driven"} and after < used
+
+
+def test_the_drafter_streams_only_to_configured_verifiers():
+    """VerifierAllowlist: configured host:port entries, and the addresses their hosts resolve to."""
+    from drafter_service.verifier_link import VerifierAllowlist
+
+    async def scenario():
+        allow = VerifierAllowlist("localhost:50062, 10.0.0.7:50062", refresh_s=0.0)
+        return [
+            await allow.allows(address)
+            for address in ("10.0.0.7:50062", "127.0.0.1:50062", "127.0.0.1:50063", "10.0.0.8:50062", "x")
+        ]
+
+    assert asyncio.run(scenario()) == [True, True, False, False, False]

@@ -86,6 +86,9 @@ controller where left empty. Argument: dict "root" $ "role" <role>.
     {{- $_ := set $cfg "namespace" $root.Release.Namespace -}}
   {{- end -}}
 {{- end -}}
+{{- if and (eq .role "drafter") (not $cfg.verifiers) -}}
+  {{- $_ := set $cfg "verifiers" (printf "%s-verifier:%d" $fn (int $root.Values.verifier.config.port)) -}}
+{{- end -}}
 {{- if hasKey $cfg "device" -}}
   {{- if and (gt (int $v.gpus) 0) (ne $cfg.device "cuda") -}}
     {{- fail (printf "%s: gpus > 0 needs config.device cuda" .role) -}}
