@@ -19,6 +19,7 @@ from controller.routing import Router
 from controller.state_store import SessionRecord, StateStore
 from eesd.errors import EesdError, FailedPrecondition, InvalidArgument, ResourceExhausted, Unavailable
 from eesd.generation import GenerationStats
+from eesd.load import Ewma
 from eesd.params import GenerationParams, check_context, validate_prompt
 from eesd.rounds import RoundStats
 from eesd.session import Session
@@ -71,6 +72,9 @@ class RoundLoop:
         self.eos_token_ids, self.vocab_size = eos_token_ids, vocab_size
         self.unavailable_wait_s, self.admission_wait_s = unavailable_wait_s, admission_wait_s
         self.context = context  # the model's context, when known: longer requests are refused up front
+        # What a round costs per session outside the nodes' passes (this controller's work, the store, the
+        # hops): sent with every Draft for load-aware sizing.
+        self.round_overhead = Ewma()
         self._running: set[str] = set()  # sessions this controller drives now
         self._cancelled: set[str] = set()  # ... that a Cancel asked to stop
         self._tasks: set[asyncio.Task] = set()
@@ -127,6 +131,7 @@ class RoundLoop:
                 wire_ms = max(0.0, (call_done - round_start) * 1e3 - outcome.draft_ms - outcome.verify_ms)
                 transport_ms += wire_ms
                 controller_ms += own_ms
+                self.round_overhead.add((wire_ms + own_ms) / 1e3)
                 yield RoundEvent(session_id, result.stats.round_index, result.tokens, result.stats, wire_ms, own_ms)
             stats = session.stats
             stats.elapsed_s = time.perf_counter() - start
@@ -267,7 +272,8 @@ class RoundLoop:
                 if pair.drafter is not None and session.draft_room > 0:
                     await self._catch_up(session, pair)
                     base = min(session.drafter_length, session.verifier_length)
-                    outcome = await self.nodes.draft(pair.drafter, session.draft_request(base), pair.verifier)
+                    request = session.draft_request(base, self.round_overhead.value or 0.0)
+                    outcome = await self.nodes.draft(pair.drafter, request, pair.verifier)
                 else:
                     request = session.verify_request(session.verifier_length)
                     outcome = await self.nodes.verify(pair.verifier, request)

@@ -58,7 +58,10 @@ class Ahead:
 
 class Lookaheads:
     def __init__(
-        self, node: ModelNode, enabled: bool = True, cost: Callable[[str], float | None] = lambda verifier: None
+        self,
+        node: ModelNode,
+        enabled: bool = True,
+        cost: Callable[[DraftRequest, str], float | None] = lambda request, verifier: None,
     ):
         self.node, self.enabled, self.cost = node, enabled, cost
         self._sessions: dict[str, dict[int, _Lookahead]] = {}  # session -> round drafted ahead -> lookahead
@@ -74,7 +77,7 @@ class Lookaheads:
         op: str = "propose",
     ) -> Awaitable[DraftBlock]:
         """Drafts `request` in the node's passes, sized by the draft cost measured now with this verifier."""
-        job = self.node.model.propose_job(request, stop, self.cost(verifier_address))
+        job = self.node.model.propose_job(request, stop, self.cost(request, verifier_address))
         return self.node.run_job(job, op, len(request.pending))
 
     def _lookahead(

@@ -2,12 +2,14 @@
 
 import asyncio
 import functools
+import math
 import time
 
 from grpc import aio
 
 from drafter_service.lookahead import Lookaheads
 from drafter_service.verifier_link import VerifierAllowlist, VerifierLink, VerifierLinks
+from eesd.errors import InvalidArgument
 from eesd.kv_cache import CacheBehind
 from eesd.load import NodeLoad, draft_cost_ratio
 from eesd.rounds import DraftBlock, DraftRequest, RoundStats
@@ -16,6 +18,8 @@ from eesd_proto.eesd.v1 import common_pb2, drafter_pb2, drafter_pb2_grpc, verifi
 from serving import convert
 from serving.node import ModelNode
 from serving.session_rpcs import SessionRpcs
+
+MAX_ROUND_OVERHEAD_S = 60.0  # a measured per-round overhead beyond a minute is not a measurement
 
 
 class DrafterServicer(SessionRpcs, drafter_pb2_grpc.DrafterServiceServicer):
@@ -89,11 +93,14 @@ class DrafterServicer(SessionRpcs, drafter_pb2_grpc.DrafterServiceServicer):
             ),
         )
 
-    def draft_cost(self, verifier_address: str) -> float | None:
-        """The marginal cost ratio of a draft token for a round verified by `verifier_address` (eesd.load),
-        None until both this node and that verifier have measured their passes."""
+    def draft_cost(self, request: DraftRequest, verifier_address: str) -> float | None:
+        """The marginal cost ratio of a draft token for `request`'s round, verified by `verifier_address`
+        (eesd.load), None until both this node and that verifier have measured their passes."""
+        overhead = request.round_overhead_s
+        if not (math.isfinite(overhead) and 0.0 <= overhead <= MAX_ROUND_OVERHEAD_S):
+            raise InvalidArgument("round_overhead_ms", f"must be in [0, {MAX_ROUND_OVERHEAD_S * 1e3:g}]")
         verifier, own = self._verifier_loads.get(verifier_address), self.node.load_now()
-        return None if verifier is None or own is None else draft_cost_ratio(verifier, own)
+        return None if verifier is None or own is None else draft_cost_ratio(verifier, own, overhead)
 
     @staticmethod
     async def _verify(

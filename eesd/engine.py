@@ -18,7 +18,7 @@ from eesd.batch import Finished, PassStats, run_jobs
 from eesd.drafter import Drafter
 from eesd.errors import ResourceExhausted
 from eesd.generation import GenerationResult
-from eesd.load import PassTimer, draft_cost_ratio
+from eesd.load import Ewma, PassTimer, draft_cost_ratio
 from eesd.params import GenerationParams, check_context, validate_prompt
 from eesd.rounds import DraftBlock
 from eesd.session import NO_DRAFT, Session, drafter_cache_after
@@ -47,13 +47,18 @@ class SpeculativeEngine:
         self.drafter, self.verifier = drafter, verifier
         self.eos_token_ids = frozenset(eos_token_ids)
         self.max_batch = max_batch
-        # Each node's recent passes: the draft cost ratio that load-aware policies size their blocks by.
+        # Each node's recent passes, and what a round costs per session outside them: the draft cost ratio
+        # that load-aware policies size their blocks by.
         self.timers = {"drafter": PassTimer(), "verifier": PassTimer()}
+        self.round_overhead = Ewma()
+        self._pass_s = 0.0  # pass seconds of the round in progress
 
     def measured_cost(self) -> float | None:
         """The marginal cost ratio of a draft token now (eesd.load), None until both nodes measured it."""
         verifier, drafter = self.timers["verifier"].load(), self.timers["drafter"].load()
-        return None if verifier is None or drafter is None else draft_cost_ratio(verifier, drafter)
+        if verifier is None or drafter is None:
+            return None
+        return draft_cost_ratio(verifier, drafter, self.round_overhead.value or 0.0)
 
     def generate(
         self, prompt_ids: list[int], params: GenerationParams, on_tokens: Callable[[list[int]], None] | None = None
@@ -119,7 +124,7 @@ class SpeculativeEngine:
 
     def _round(self, active: dict[int, Session]) -> list[tuple[int, list[int]]]:
         """One round of every active session: drafts in shared passes, then one verify pass."""
-        t0 = time.perf_counter()
+        t0, self._pass_s = time.perf_counter(), 0.0
         drafting = [i for i, s in active.items() if self.drafter is not None and s.draft_room > 0]
         cost = self.measured_cost()
         jobs = [
@@ -141,11 +146,17 @@ class SpeculativeEngine:
             result = session.settle(block, verdict, drafter_length, t1 - t0, t2 - t1)
             session.apply(result)
             committed.append((index, result.tokens))
+        self.round_overhead.add((time.perf_counter() - t0 - self._pass_s) / len(active))
         return committed
 
     def _record(self, role: str) -> Callable[[PassStats], None]:
         timer = self.timers[role]
-        return lambda stats: timer.record(stats.tokens, stats.rows, stats.seconds)
+
+        def record(stats: PassStats) -> None:
+            timer.record(stats.tokens, stats.rows, stats.seconds)
+            self._pass_s += stats.seconds
+
+        return record
 
     def _nodes(self, session: Session) -> list[Drafter | Verifier]:
         return [self.verifier] if self.drafter is None or not session.speculates else [self.drafter, self.verifier]

@@ -6,8 +6,12 @@ arithmetic each token adds. A session's round with k drafts takes its share of o
 tokens in it, and k draft steps, each a share of a drafter step plus one token in it. Per session, with
 B sessions per verify pass and B_d per draft step:
 
-    cost(k) = round + k * draft,   round = fixed_v / B + per_token_v,
+    cost(k) = round + k * draft,   round = fixed_v / B + per_token_v + overhead,
                                    draft = per_token_v + fixed_d / B_d + per_token_d
+
+where `overhead` is what a round costs its caller per session outside the passes (the engine's or the
+controller's own work, the state store, the RPC hops), measured there and sent with the round: it is paid
+once per round whatever k, so it is what keeps drafting worth it on a machine where passes are cheap
 
 and the round commits tau(theta, k) = (1 - theta^(k+1)) / (1 - theta) tokens, so the throughput-optimal k
 maximises tau(theta, k) / (1 + rho * k) with rho = draft / round (`draft_cost_ratio`). An idle verifier
@@ -16,6 +20,7 @@ no k > 0 beats k = 0 since tau(theta, k) < k + 1: speculation backs off by itsel
 batch empties. k > 0 pays at all only when theta > rho (compare k = 1 with k = 0).
 """
 
+import math
 from collections import deque
 from collections.abc import Sequence
 from dataclasses import dataclass
@@ -71,9 +76,22 @@ class PassTimer:
         return NodeLoad(cost, sum(rows for _, rows, _ in passes) / len(passes))
 
 
-def draft_cost_ratio(verifier: NodeLoad, drafter: NodeLoad) -> float:
-    """rho: the cost of one more draft token over the cost of a round that drafts none, per session."""
+class Ewma:
+    """An exponentially weighted mean of a measurement (None before the first)."""
+
+    def __init__(self, weight: float = 0.1):
+        self.weight, self.value = weight, None
+
+    def add(self, sample: float) -> None:
+        if math.isfinite(sample):
+            self.value = sample if self.value is None else self.value + self.weight * (sample - self.value)
+
+
+def draft_cost_ratio(verifier: NodeLoad, drafter: NodeLoad, round_overhead_s: float = 0.0) -> float:
+    """rho: the cost of one more draft token over the cost of a round that drafts none, per session.
+    `round_overhead_s` is what a round costs the caller per session outside the nodes' passes."""
     round_cost = verifier.cost.fixed_s / max(verifier.rows_per_pass, 1.0) + verifier.cost.per_token_s
+    round_cost += round_overhead_s
     draft = (
         verifier.cost.per_token_s + drafter.cost.fixed_s / max(drafter.rows_per_pass, 1.0) + drafter.cost.per_token_s
     )

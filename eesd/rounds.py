@@ -20,6 +20,10 @@ class DraftRequest:
     sampling: SamplingParams = field(default_factory=SamplingParams)
     policy: PolicyParams = field(default_factory=PolicyParams)
     policy_state: dict[str, float] = field(default_factory=dict)
+    # What a round costs the caller per session outside the nodes' passes (its own work, the store, the
+    # RPC hops): load-aware sizing counts it in a round's cost. A measurement, not part of the round's
+    # identity: a lookahead's guess matches the controller's request whatever its value.
+    round_overhead_s: float = field(default=0.0, compare=False)
 
     def verify_request(self, block: "DraftBlock") -> "VerifyRequest":
         """The same round's request to the verifier, carrying the drafted block (the drafter relays it)."""

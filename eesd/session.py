@@ -100,8 +100,9 @@ class Session:
         """Most drafts this round may hold: every round commits one token past its drafts."""
         return self.params.max_new_tokens - len(self.generated) - 1 if self.speculates else 0
 
-    def draft_request(self, base: int) -> DraftRequest:
-        """This round's request to a drafter whose cache covers (at least) `base` committed tokens."""
+    def draft_request(self, base: int, round_overhead_s: float = 0.0) -> DraftRequest:
+        """This round's request to a drafter whose cache covers (at least) `base` committed tokens;
+        `round_overhead_s` is the caller's measured cost of a round outside the passes."""
         return DraftRequest(
             self.session_id,
             self.round_index,
@@ -112,6 +113,7 @@ class Session:
             self.params.sampling,
             self.params.policy,
             self.policy_state,
+            round_overhead_s,
         )
 
     def verify_request(self, base: int, block: DraftBlock = NO_DRAFT) -> VerifyRequest:

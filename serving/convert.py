@@ -55,6 +55,7 @@ def draft_request_from_proto(msg: drafter_pb2.DraftRequest) -> DraftRequest:
         sampling_from_proto(msg.sampling),
         policy_from_proto(msg.policy),
         dict(msg.policy_state),
+        msg.round_overhead_ms / 1e3,
     )
 
 
@@ -71,6 +72,7 @@ def draft_request_to_proto(request: DraftRequest, verifier_address: str, verifie
         policy_state=request.policy_state,
         verifier_address=verifier_address,
         verifier_id=verifier_id,
+        round_overhead_ms=request.round_overhead_s * 1e3,
     )
 
 

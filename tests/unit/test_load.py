@@ -31,3 +31,11 @@ def test_draft_cost_ratio_grows_with_the_batch():
     assert ratios == sorted(ratios)
     assert ratios[0] == pytest.approx((0.0005 + 0.004 + 0.0002) / (0.020 + 0.0005))
     assert ratios[-1] > 1.0
+
+
+def test_a_rounds_overhead_outside_the_passes_makes_drafts_relatively_cheaper():
+    """Work a round costs whatever its k (the caller's bookkeeping, RPC hops) is paid once per round: the
+    more of it, the more each round should commit."""
+    verifier, drafter = NodeLoad(PassCost(0.012, 0.0002), 16.0), NodeLoad(PassCost(0.0015, 0.0002), 8.0)
+    bare, with_overhead = draft_cost_ratio(verifier, drafter), draft_cost_ratio(verifier, drafter, 0.002)
+    assert with_overhead == pytest.approx(bare * (0.012 / 16 + 0.0002) / (0.012 / 16 + 0.0002 + 0.002))

@@ -81,6 +81,8 @@ def test_next_draft_request_is_the_sessions_next_request(policy):
     fed = len(s.committed)
     s.apply(s.settle(block, Verdict("s", 0, 3, 11, fed + 3), block.cache_length + 1, 0.0, 0.0))  # lookahead fed
     assert guess == s.draft_request(base=min(s.drafter_length, s.verifier_length))
+    # The caller's measured overhead travels with a request but is no part of what a guess must match.
+    assert guess == s.draft_request(min(s.drafter_length, s.verifier_length), round_overhead_s=0.004)
     assert guess.base_length == len(PROMPT) + 3 and guess.pending == [11]
 
 
