@@ -11,6 +11,7 @@ import logging
 import secrets
 import time
 import uuid
+from collections import deque
 from collections.abc import AsyncIterator, Awaitable
 from dataclasses import asdict, dataclass
 
@@ -72,12 +73,19 @@ class RoundLoop:
         self.eos_token_ids, self.vocab_size = eos_token_ids, vocab_size
         self.unavailable_wait_s, self.admission_wait_s = unavailable_wait_s, admission_wait_s
         self.context = context  # the model's context, when known: longer requests are refused up front
-        # What a round costs per session outside the nodes' passes (this controller's work, the store, the
-        # hops): sent with every Draft for load-aware sizing.
-        self.round_overhead = Ewma()
+        # What a round costs per session outside the nodes' passes, sent with every Draft for load-aware
+        # sizing: this controller's own work (store included), plus the hops at their cheapest recent
+        # time. Only the cheapest: the rest of a round's wire time is queueing behind other sessions, a
+        # sign of load that must not make drafting look cheaper.
+        self._own = Ewma()
+        self._wire: deque[float] = deque(maxlen=64)
         self._running: set[str] = set()  # sessions this controller drives now
         self._cancelled: set[str] = set()  # ... that a Cancel asked to stop
         self._tasks: set[asyncio.Task] = set()
+
+    def round_overhead(self) -> float:
+        """Seconds a round costs per session outside the nodes' passes (see __init__)."""
+        return (self._own.value or 0.0) + (min(self._wire) if self._wire else 0.0)
 
     def cancel_local(self, session_id: str) -> None:
         """Stops the session at its next round if this controller drives it (else the store's end does)."""
@@ -131,7 +139,8 @@ class RoundLoop:
                 wire_ms = max(0.0, (call_done - round_start) * 1e3 - outcome.draft_ms - outcome.verify_ms)
                 transport_ms += wire_ms
                 controller_ms += own_ms
-                self.round_overhead.add((wire_ms + own_ms) / 1e3)
+                self._own.add(own_ms / 1e3)
+                self._wire.append(wire_ms / 1e3)
                 yield RoundEvent(session_id, result.stats.round_index, result.tokens, result.stats, wire_ms, own_ms)
             stats = session.stats
             stats.elapsed_s = time.perf_counter() - start
@@ -272,7 +281,7 @@ class RoundLoop:
                 if pair.drafter is not None and session.draft_room > 0:
                     await self._catch_up(session, pair)
                     base = min(session.drafter_length, session.verifier_length)
-                    request = session.draft_request(base, self.round_overhead.value or 0.0)
+                    request = session.draft_request(base, self.round_overhead())
                     outcome = await self.nodes.draft(pair.drafter, request, pair.verifier)
                 else:
                     request = session.verify_request(session.verifier_length)
