@@ -35,6 +35,7 @@ async def main() -> None:
         facts.vocab_size,
         admission_wait_s=config.admission_wait_s,
         context=facts.context,
+        max_sessions=config.max_sessions,
     )
     servicer = ControllerServicer(
         loop, store, facts.codec, config.default_policy_params(), config.max_new_tokens_limit, config.auth_token

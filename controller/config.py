@@ -31,6 +31,9 @@ class ControllerConfig:
     model_dir: str = field("", "checkpoint directory for the tokenizer, EOS ids and vocabulary (optional)")
     auth_token: str = field("", "bearer token clients must send (empty: no auth)")
     round_timeout_s: float = field(60.0, "deadline of one round's RPC")
+    max_sessions: int = field(
+        1024, "Generate calls this controller serves at once, running or waiting; more is RESOURCE_EXHAUSTED"
+    )
     admission_wait_s: float = field(
         30.0, "how long a new session waits for room in a verifier's KV pool before RESOURCE_EXHAUSTED"
     )
@@ -47,6 +50,8 @@ class ControllerConfig:
             raise InvalidArgument("discovery", f"must be one of {DISCOVERY_MODES}")
         if self.default_policy not in POLICY_NAMES:
             raise InvalidArgument("default_policy", f"must be one of {POLICY_NAMES}")
+        if self.max_sessions < 1:
+            raise InvalidArgument("max_sessions", f"must be >= 1, got {self.max_sessions}")
         if self.admission_wait_s < 0:
             raise InvalidArgument("admission_wait_s", f"must be >= 0, got {self.admission_wait_s}")
         if self.discovery != "kubernetes" and not self.verifiers:

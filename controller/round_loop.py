@@ -68,6 +68,7 @@ class RoundLoop:
         unavailable_wait_s: float = 30.0,
         admission_wait_s: float = 30.0,
         context: int | None = None,
+        max_sessions: int = 1024,
     ):
         self.store, self.router, self.nodes = store, router, nodes
         self.eos_token_ids, self.vocab_size = eos_token_ids, vocab_size
@@ -79,6 +80,8 @@ class RoundLoop:
         # sign of load that must not make drafting look cheaper.
         self._own = Ewma()
         self._wire: deque[float] = deque(maxlen=64)
+        self.max_sessions = max_sessions  # Generate calls at once, admitted or waiting; more: RESOURCE_EXHAUSTED
+        self._generating = 0
         self._running: set[str] = set()  # sessions this controller drives now
         self._cancelled: set[str] = set()  # ... that a Cancel asked to stop
         self._tasks: set[asyncio.Task] = set()
@@ -102,8 +105,22 @@ class RoundLoop:
             raise InvalidArgument("prompt_ids", "prompt is empty")
         if self.context is not None:
             check_context(len(prompt_ids), params.max_new_tokens, self.context)
+        if self._generating >= self.max_sessions:
+            raise ResourceExhausted(
+                f"this controller serves its maximum of {self.max_sessions} sessions (running or waiting "
+                "for KV room); retry later"
+            )
         seed = params.sampling.seed if params.sampling.seed is not None else secrets.randbits(63)
         session = Session.start(session_id or uuid.uuid4().hex, prompt_ids, params, seed, self.eos_token_ids)
+        self._generating += 1
+        try:
+            async for event in self._drive(session):
+                yield event
+        finally:
+            self._generating -= 1
+
+    async def _drive(self, session: Session) -> AsyncIterator[RoundEvent | Finished]:
+        """Admits the session, stores it, runs its rounds and ends it in the store."""
         session_id = session.session_id
         pair = await self._admit(session)
         await self._create_session(session, pair)

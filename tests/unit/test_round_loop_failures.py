@@ -147,3 +147,24 @@ def test_cancelling_a_session_this_controller_does_not_drive_leaves_no_trace():
 
     events = asyncio.run(scenario())
     assert events[-1].finish_reason == "length" and sum(len(e.tokens) for e in events[:-1]) == 4
+
+
+def test_sessions_beyond_the_controllers_limit_are_resource_exhausted_at_once():
+    """A burst past max_sessions is refused before any work, not queued without bound; the slot is given
+    back when a session ends."""
+
+    async def scenario():
+        router = Router(make_discovery("static", ""), make_discovery("static", "v0:1"))
+        loop = RoundLoop(
+            MemoryStateStore(), router, FakeNodes(RuntimeError("unused"), fail_at=99), frozenset(), 32, max_sessions=2
+        )
+        params = GenerationParams(3, policy=PolicyParams("off", 0), stop_on_eos=False)
+        first, second = loop.generate(PROMPT, params, "a"), loop.generate(PROMPT, params, "b")
+        await anext(first), await anext(second)  # both running
+        with pytest.raises(ResourceExhausted, match="maximum of 2 sessions"):
+            await anext(loop.generate(PROMPT, params, "c"))
+        rest = [event async for event in first]
+        return rest[-1].finish_reason, [event async for event in loop.generate(PROMPT, params, "c")][-1]
+
+    reason, last = asyncio.run(scenario())
+    assert reason == "length" and last.finish_reason == "length"
