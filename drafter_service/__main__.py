@@ -44,6 +44,7 @@ async def main() -> None:
         config.grace_s,
         servicer.close,
         metrics_port=config.metrics_port,
+        stalled=lambda: node.stalled(config.max_pass_s),
     )
     node.shutdown()
 

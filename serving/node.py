@@ -76,6 +76,7 @@ class ModelNode:
         self._waiting: deque[_Work] = deque()  # jobs not admitted yet (batch or token cap reached)
         self._running: dict[int, _Work] = {}
         self.queued = 0  # jobs and calls submitted and not finished
+        self._busy_since: float | None = None  # when the pass or call on the compute thread started
         self.passes = PassTimer()
         self.metrics = node_metrics(role)
         self.metrics.watch_sessions(lambda: len(self._model.sessions) if self._model is not None else 0)
@@ -125,6 +126,12 @@ class ModelNode:
         finally:
             self.queued -= 1
 
+    def stalled(self, bound_s: float) -> bool:
+        """True while one pass or call has been running for more than `bound_s` seconds: the compute thread
+        makes no progress, which the liveness probe must see."""
+        since = self._busy_since
+        return since is not None and time.monotonic() - since > bound_s
+
     def cache_length(self, session_id: str) -> int:
         """How many tokens the session's cache covers (0 when the node does not hold it)."""
         try:
@@ -171,7 +178,10 @@ class ModelNode:
             if batch is None:
                 batch = Batch(self._model.stack, self._on_pass)
             self._admit(batch)
-            for done in batch.step():
+            self._busy_since = time.monotonic()
+            finished = batch.step()
+            self._busy_since = None
+            for done in finished:
                 self._finish(done)
 
     def _take(self, block: bool, timeout: float | None = None) -> bool:
@@ -192,12 +202,15 @@ class ModelNode:
     def _call(self, work: _Work) -> None:
         work.started = time.perf_counter()
         self.metrics.queue_wait(work.started - work.submitted)
+        self._busy_since = time.monotonic()
         try:
             result = work.call()
         except Exception as error:  # the caller gets it
             self.metrics.work_done(work.op, time.perf_counter() - work.started, error)
             work.resolve(error=error)
             return
+        finally:
+            self._busy_since = None
         self.metrics.work_done(work.op, time.perf_counter() - work.started)
         work.resolve(result)
 

@@ -38,9 +38,11 @@ async def serve(
     grace_s: float = 10.0,
     on_stop: Callable[[], Awaitable[None]] | None = None,
     metrics_port: int = 0,
+    stalled: Callable[[], bool] = lambda: False,
 ) -> None:
     """Serves until SIGTERM/SIGINT. `register` adds the servicers and returns their full service names.
-    With `metrics_port` > 0, Prometheus /metrics is served over HTTP on it (same host)."""
+    With `metrics_port` > 0, Prometheus /metrics is served over HTTP on it (same host). While `stalled()`
+    says the process makes no progress, health answers NOT_SERVING (so liveness probes see it)."""
     start_exporter(metrics_port, address.rpartition(":")[0].strip("[]") or "0.0.0.0")
     server = aio.server(interceptors=[DomainErrorInterceptor()], options=CHANNEL_OPTIONS)
     services = register(server)
@@ -62,6 +64,7 @@ async def serve(
     for service in ("", *services):
         await health.set(service, health_pb2.HealthCheckResponse.SERVING)
     log.info("%s SERVING", name)
+    watchdog = asyncio.create_task(watch_progress(name, health, ("", *services), stalled))
     stop = asyncio.Event()
     loop = asyncio.get_running_loop()
     for sig in (signal.SIGTERM, signal.SIGINT):
@@ -69,8 +72,24 @@ async def serve(
     await stop.wait()
     # Readiness drops first so routing stops; in-flight rounds get the grace period to finish.
     log.info("%s draining for up to %.0f s", name, grace_s)
+    watchdog.cancel()
     await health.enter_graceful_shutdown()
     await server.stop(grace_s)
     if on_stop is not None:
         await on_stop()
     log.info("%s stopped", name)
+
+
+async def watch_progress(
+    name: str, health: HealthServicer, services: tuple[str, ...], stalled: Callable[[], bool], period_s: float = 1.0
+) -> None:
+    """Health follows progress: NOT_SERVING while `stalled()`, SERVING again once it is not."""
+    serving = True
+    while True:
+        await asyncio.sleep(period_s)
+        if stalled() == serving:
+            serving = not serving
+            status = health_pb2.HealthCheckResponse.SERVING if serving else health_pb2.HealthCheckResponse.NOT_SERVING
+            log.warning("%s %s", name, "makes progress again: SERVING" if serving else "is stalled: NOT_SERVING")
+            for service in services:
+                await health.set(service, status)

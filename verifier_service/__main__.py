@@ -27,7 +27,13 @@ async def main() -> None:
         return [verifier_pb2.DESCRIPTOR.services_by_name["VerifierService"].full_name]
 
     await serve(
-        "verifier", f"{config.host}:{config.port}", register, load, config.grace_s, metrics_port=config.metrics_port
+        "verifier",
+        f"{config.host}:{config.port}",
+        register,
+        load,
+        config.grace_s,
+        metrics_port=config.metrics_port,
+        stalled=lambda: node.stalled(config.max_pass_s),
     )
     node.shutdown()
 

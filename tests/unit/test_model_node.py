@@ -70,3 +70,47 @@ def test_the_drafter_streams_only_to_configured_verifiers():
         ]
 
     assert asyncio.run(scenario()) == [True, True, False, False, False]
+
+
+def test_a_call_that_makes_no_progress_shows_as_stalled():
+    async def scenario():
+        node = ModelNode("n", "verifier")
+        try:
+            slow = asyncio.ensure_future(node.run(time.sleep, 0.6, op="slow"))
+            await asyncio.sleep(0.3)
+            during = node.stalled(0.1), node.stalled(5.0)
+            await slow
+            return during, node.stalled(0.1)
+        finally:
+            node.shutdown()
+
+    (during_short, during_long), after = asyncio.run(scenario())
+    assert during_short and not during_long and not after
+
+
+def test_health_follows_progress():
+    """serving.server.watch_progress: NOT_SERVING while stalled, SERVING once progress resumes."""
+    from grpc_health.v1 import health_pb2
+
+    from serving.server import watch_progress
+
+    class Health:
+        def __init__(self):
+            self.log: list[tuple[str, int]] = []
+
+        async def set(self, service, status):
+            self.log.append((service, status))
+
+    async def scenario():
+        health, stalled = Health(), {"now": False}
+        watcher = asyncio.ensure_future(watch_progress("t", health, ("", "svc"), lambda: stalled["now"], 0.02))
+        await asyncio.sleep(0.1)
+        stalled["now"] = True
+        await asyncio.sleep(0.1)
+        stalled["now"] = False
+        await asyncio.sleep(0.1)
+        watcher.cancel()
+        return health.log
+
+    not_serving, serving = health_pb2.HealthCheckResponse.NOT_SERVING, health_pb2.HealthCheckResponse.SERVING
+    assert asyncio.run(scenario()) == [("", not_serving), ("svc", not_serving), ("", serving), ("svc", serving)]
