@@ -78,12 +78,13 @@ class Lookaheads:
     ) -> Awaitable[DraftBlock]:
         """Drafts `request` in the node's passes, sized by the draft cost measured now with this verifier."""
         job = self.node.model.propose_job(request, stop, self.cost(request, verifier_address))
-        return self.node.run_job(job, op, len(request.pending))
+        return self.node.run_job(job, op, request.session_id, len(request.pending))
 
     def _lookahead(
         self, request: DraftRequest, block: DraftBlock, stop: Callable[[], bool] = lambda: False
     ) -> Awaitable[DraftRequest | None]:
-        return self.node.run_job(self.node.model.lookahead_job(request, block, stop), "lookahead")
+        job = self.node.model.lookahead_job(request, block, stop)
+        return self.node.run_job(job, "lookahead", request.session_id)
 
     def start(self, request: DraftRequest, block: DraftBlock, verifier_address: str, send: Send) -> None:
         """Begins drafting round r+1 of `request`'s session; `block` is round r's, just sent to the verifier."""

@@ -1,4 +1,4 @@
-"""Many sessions' model work in shared forward passes (continuous batching, docs/architecture.md §3.5).
+"""Many sessions' model work in shared forward passes (continuous batching, docs/architecture.md §8.6).
 
 Every model operation of a node (prefill, verify, propose, lookahead) is written once, as a *job*: a
 generator that yields the `Row` it wants fed next, receives that row's logits, and returns its result.
@@ -76,12 +76,6 @@ class Batch:
             if (done := self._advance(key, job, lambda job=job, x=row_logits: job.send(x))) is not None:
                 finished.append(done)
         return finished
-
-    def drop(self, key: Hashable) -> None:
-        """Stops a running job (its session went away)."""
-        entry = self._running.pop(key, None)
-        if entry is not None:
-            entry[0].close()
 
     def _advance(self, key: Hashable, job: Job, resume: Callable[[], Row]) -> Finished | None:
         try:

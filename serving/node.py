@@ -39,6 +39,7 @@ class _Work:
     loop: asyncio.AbstractEventLoop
     future: asyncio.Future
     op: str
+    session_id: str = ""  # a job's session: one job per session runs at a time
     job: Job | None = None
     call: Callable[[], Any] | None = None
     tokens: int = 0  # new tokens of the job's first row, for the per-pass token cap
@@ -113,10 +114,12 @@ class ModelNode:
         work = _Work(asyncio.get_running_loop(), _future(), op or fn.__name__, call=lambda: fn(*args))
         return await self._submit(work)
 
-    async def run_job(self, job: Job[T], op: str, tokens: int = 1) -> T:
-        """Runs `job` in the node's passes, batched with other sessions' jobs; `tokens` is the size of its
-        first row (for the per-pass token cap)."""
-        return await self._submit(_Work(asyncio.get_running_loop(), _future(), op, job=job, tokens=tokens))
+    async def run_job(self, job: Job[T], op: str, session_id: str, tokens: int = 1) -> T:
+        """Runs `job` in the node's passes, batched with other sessions' jobs; a job waits while another job
+        of its session runs (they would share a cache). `tokens` is the size of its first row (for the
+        per-pass token cap)."""
+        work = _Work(asyncio.get_running_loop(), _future(), op, session_id, job=job, tokens=tokens)
+        return await self._submit(work)
 
     async def _submit(self, work: _Work) -> Any:
         self.queued += 1
@@ -156,7 +159,7 @@ class ModelNode:
         check_token_ids("token_ids", token_ids, self.model.config.vocab_size)
         self.metrics.prefill(len(token_ids))
         job = prefill_job(self.model.sessions, session_id, base_length, token_ids)
-        return await self.run_job(job, "prefill", len(token_ids))
+        return await self.run_job(job, "prefill", session_id, len(token_ids))
 
     async def close_session(self, session_id: str) -> None:
         await self.run(self.model.sessions.close, session_id, op="close")
@@ -179,8 +182,14 @@ class ModelNode:
                 batch = Batch(self._model.stack, self._on_pass)
             self._admit(batch)
             self._busy_since = time.monotonic()
-            finished = batch.step()
-            self._busy_since = None
+            try:
+                finished = batch.step()
+            except Exception as error:  # the pass itself failed: every job in it fails, the node goes on
+                log.exception("a forward pass of %d sessions failed", len(batch))
+                finished = [Finished(key, error=error) for key in self._running]
+                batch = None
+            finally:
+                self._busy_since = None
             for done in finished:
                 self._finish(done)
 
@@ -228,13 +237,16 @@ class ModelNode:
             log.info("closed %d sessions idle for %.0f s", len(closed), self.session_idle_s)
 
     def _admit(self, batch: Batch) -> None:
-        """Waiting jobs join in order while the pass has room (a lone job always fits)."""
-        tokens = batch.tokens
-        while self._waiting and len(batch) < self.max_batch:
-            work = self._waiting[0]
-            if len(batch) and tokens + work.tokens > self.max_pass_tokens:
+        """Waiting jobs join in order while the pass has room (a lone job always fits); a job whose session
+        already has one running waits for it, without holding up other sessions behind it."""
+        tokens, busy = batch.tokens, {work.session_id for work in self._running.values()}
+        for work in list(self._waiting):
+            if len(batch) >= self.max_batch or (len(batch) and tokens + work.tokens > self.max_pass_tokens):
                 return
-            self._waiting.popleft()
+            if work.session_id in busy:
+                continue
+            self._waiting.remove(work)
+            busy.add(work.session_id)
             work.started = time.perf_counter()
             self.metrics.queue_wait(work.started - work.submitted)
             key = id(work)

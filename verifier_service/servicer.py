@@ -89,7 +89,8 @@ class VerifierServicer(SessionRpcs, verifier_pb2_grpc.VerifierServiceServicer):
         verify_request = convert.verify_request_from_proto(request)
         tokens = len(verify_request.pending) + len(verify_request.draft.tokens)
         try:
-            verdict = await self.node.run_job(self.node.model.verify_job(verify_request), "verify", tokens)
+            job = self.node.model.verify_job(verify_request)
+            verdict = await self.node.run_job(job, "verify", request.session_id, tokens)
         except CacheBehind as behind:
             return {"cache_mismatch": self._mismatch(request, behind)}
         verify_ms = (time.perf_counter() - start) * 1e3

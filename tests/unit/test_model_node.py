@@ -4,6 +4,7 @@ nobody uses for session_idle_s gives its KV space back."""
 import asyncio
 import time
 
+from eesd.decoder_stack import Row
 from eesd.rounds import DraftBlock, VerifyRequest
 from eesd.verifier import Verifier
 from serving.node import ModelNode
@@ -25,7 +26,10 @@ def test_jobs_submitted_together_share_passes_and_equal_their_lone_runs(tiny_mod
         await node.load(lambda: verifier)
         try:
             verdicts = await asyncio.gather(
-                *(node.run_job(verifier.verify_job(verify_request(sid, p)), "verify") for sid, p in prompts.items())
+                *(
+                    node.run_job(verifier.verify_job(verify_request(sid, p)), "verify", sid)
+                    for sid, p in prompts.items()
+                )
             )
             return dict(zip(prompts, verdicts, strict=True)), node.load_now()
         finally:
@@ -44,11 +48,11 @@ def test_an_idle_session_is_closed_and_its_space_returned(tiny_models):
         await node.load(lambda: verifier)
         try:
             await node.open_session("left-behind", 64)
-            await node.run_job(verifier.verify_job(verify_request("driven", [4, 5])), "verify")
+            await node.run_job(verifier.verify_job(verify_request("driven", [4, 5])), "verify", "driven")
             used = verifier.sessions.usage()
             deadline = time.monotonic() + 5.0
             while "left-behind" in verifier.sessions._caches and time.monotonic() < deadline:
-                await node.run_job(verifier.verify_job(verify_request("driven", [4, 5])), "verify")  # kept busy
+                await node.run_job(verifier.verify_job(verify_request("driven", [4, 5])), "verify", "driven")
                 await asyncio.sleep(0.05)
             return used, verifier.sessions.usage(), set(verifier.sessions._caches)
         finally:
@@ -114,3 +118,32 @@ def test_health_follows_progress():
 
     not_serving, serving = health_pb2.HealthCheckResponse.NOT_SERVING, health_pb2.HealthCheckResponse.SERVING
     assert asyncio.run(scenario()) == [("", not_serving), ("svc", not_serving), ("", serving), ("svc", serving)]
+
+
+def test_jobs_of_one_session_run_one_after_the_other_and_a_failed_pass_leaves_the_node_serving(tiny_models):
+    """Two jobs of the same session must never share a pass (they share a cache): the second waits, and
+    other sessions go ahead of it. A pass that fails fails its jobs, not the node's compute thread."""
+    verifier = Verifier(tiny_models["llama"])
+
+    async def scenario():
+        node = ModelNode("v", "verifier")
+        await node.load(lambda: verifier)
+        try:
+            same = [verifier.verify_job(verify_request("s", [4, 5])) for _ in range(2)]
+            verdicts = await asyncio.gather(
+                *(node.run_job(job, "verify", "s") for job in same),
+                node.run_job(verifier.verify_job(verify_request("t", [6])), "verify", "t"),
+            )
+
+            def broken_row():  # a token id past the embedding: the pass itself raises
+                yield Row([10**7], verifier.sessions.open("u", 16))
+
+            failed = await asyncio.gather(node.run_job(broken_row(), "verify", "u"), return_exceptions=True)
+            after = await node.run_job(verifier.verify_job(verify_request("u", [7])), "verify", "u")
+            return verdicts, failed, after
+        finally:
+            node.shutdown()
+
+    verdicts, failed, after = asyncio.run(scenario())
+    assert verdicts[0] == verdicts[1] and verdicts[0].cache_length == 2
+    assert isinstance(failed[0], Exception) and after.cache_length == 1
