@@ -7,6 +7,7 @@ replaced, and the output stays the same because every round's randomness derives
 """
 
 import asyncio
+import contextlib
 import logging
 import secrets
 import time
@@ -114,8 +115,11 @@ class RoundLoop:
         session = Session.start(session_id or uuid.uuid4().hex, prompt_ids, params, seed, self.eos_token_ids)
         self._generating += 1
         try:
-            async for event in self._drive(session):
-                yield event
+            # aclosing: a client that hangs up closes this generator, and the session's own cleanup (ended
+            # as cancelled, nodes released) must run then, not whenever the inner generator is collected.
+            async with contextlib.aclosing(self._drive(session)) as events:
+                async for event in events:
+                    yield event
         finally:
             self._generating -= 1
 
