@@ -45,6 +45,9 @@ class DrafterServicer(SessionRpcs, drafter_pb2_grpc.DrafterServiceServicer):
         verdict."""
         common = dict(session_id=request.session_id, round=request.round, base_length=request.base_length)
         draft_request = convert.draft_request_from_proto(request)
+        overhead = draft_request.round_overhead_s
+        if not (math.isfinite(overhead) and 0.0 <= overhead <= MAX_ROUND_OVERHEAD_S):
+            raise InvalidArgument("round_overhead_ms", f"must be in [0, {MAX_ROUND_OVERHEAD_S * 1e3:g}]")
         link = await self.links().get(request.verifier_address)  # before any work: only allowed verifiers
         start = time.perf_counter()
         ahead = await self.lookaheads.take(draft_request, request.verifier_address)
@@ -95,12 +98,12 @@ class DrafterServicer(SessionRpcs, drafter_pb2_grpc.DrafterServiceServicer):
 
     def draft_cost(self, request: DraftRequest, verifier_address: str) -> float | None:
         """The marginal cost ratio of a draft token for `request`'s round, verified by `verifier_address`
-        (eesd.load), None until both this node and that verifier have measured their passes."""
-        overhead = request.round_overhead_s
-        if not (math.isfinite(overhead) and 0.0 <= overhead <= MAX_ROUND_OVERHEAD_S):
-            raise InvalidArgument("round_overhead_ms", f"must be in [0, {MAX_ROUND_OVERHEAD_S * 1e3:g}]")
+        (eesd.load), None until both this node and that verifier have measured their passes. Draft checked
+        the request's overhead."""
         verifier, own = self._verifier_loads.get(verifier_address), self.node.load_now()
-        return None if verifier is None or own is None else draft_cost_ratio(verifier, own, overhead)
+        if verifier is None or own is None:
+            return None
+        return draft_cost_ratio(verifier, own, request.round_overhead_s)
 
     @staticmethod
     async def _verify(

@@ -167,6 +167,12 @@ def test_draft_to_a_verifier_the_drafter_was_not_configured_with_is_refused(main
     assert error.code() == INVALID and "verifier_address" in error.details(), error
 
 
+@pytest.mark.parametrize("overhead", [float("nan"), float("inf"), -1.0, 1e12])
+def test_draft_with_a_hostile_round_overhead_is_refused(main_stack, drafter, overhead):
+    error = call_error(drafter.Draft, draft_request(main_stack, round_overhead_ms=overhead))
+    assert error.code() == INVALID and "round_overhead_ms" in error.details(), error
+
+
 def test_draft_with_an_unknown_policy(main_stack, drafter):
     error = call_error(drafter.Draft, draft_request(main_stack, policy=common_pb2.PolicyParams(name="nope", k_max=3)))
     assert error.code() == INVALID, error
