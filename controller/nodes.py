@@ -95,10 +95,10 @@ class NodeClients:
         )
         return stub_cls(self._channel(address)), lambda name, **fields: getattr(module, prefix + name)(**fields)
 
-    async def open_session(self, role: str, address: str, session_id: str, reserve_tokens: int) -> int:
+    async def open_session(self, role: str, address: str, session_id: str, owner: str, reserve_tokens: int) -> int:
         """Opens the session on a node, reserving its whole length in the node's KV pool."""
         stub, message = self._session_rpcs(role, address)
-        request = message("OpenSessionRequest", session_id=session_id, reserve_tokens=reserve_tokens)
+        request = message("OpenSessionRequest", session_id=session_id, owner=owner, reserve_tokens=reserve_tokens)
         try:
             reply = await stub.OpenSession(request, timeout=self.timeout_s)
         except grpc.aio.AioRpcError as err:
@@ -106,12 +106,24 @@ class NodeClients:
         return reply.cache_length
 
     async def prefill(
-        self, role: str, address: str, session_id: str, round_index: int, base_length: int, token_ids: list[int]
+        self,
+        role: str,
+        address: str,
+        session_id: str,
+        owner: str,
+        round_index: int,
+        base_length: int,
+        token_ids: list[int],
     ) -> int | Mismatch:
         """Brings a lagging node's cache up to base_length + len(token_ids)."""
         stub, message = self._session_rpcs(role, address)
         request = message(
-            "PrefillRequest", session_id=session_id, round=round_index, base_length=base_length, token_ids=token_ids
+            "PrefillRequest",
+            session_id=session_id,
+            owner=owner,
+            round=round_index,
+            base_length=base_length,
+            token_ids=token_ids,
         )
         try:
             reply = await stub.Prefill(request, timeout=self.timeout_s)
@@ -121,11 +133,12 @@ class NodeClients:
             return _mismatch(reply.cache_mismatch)
         return reply.cache_length
 
-    async def close_session(self, role: str, address: str, session_id: str) -> None:
+    async def close_session(self, role: str, address: str, session_id: str, owner: str) -> None:
         """Best effort: a node that is gone has nothing to free."""
         stub, message = self._session_rpcs(role, address)
+        request = message("CloseSessionRequest", session_id=session_id, owner=owner)
         try:
-            await stub.CloseSession(message("CloseSessionRequest", session_id=session_id), timeout=5.0)
+            await stub.CloseSession(request, timeout=5.0)
         except grpc.aio.AioRpcError:
             pass
 

@@ -8,21 +8,23 @@ replaced, and the output stays the same because every round's randomness derives
 
 import asyncio
 import contextlib
+import functools
 import logging
 import secrets
 import time
 import uuid
 from collections import deque
 from collections.abc import AsyncIterator, Awaitable
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, replace
 
 from controller.nodes import Mismatch, NodeClients, RoundOutcome
+from controller.patience import StorePatience
 from controller.routing import Router
 from controller.state_store import SessionRecord, StateStore
 from eesd.errors import EesdError, FailedPrecondition, InvalidArgument, ResourceExhausted, Unavailable
 from eesd.generation import GenerationStats
 from eesd.load import Ewma
-from eesd.params import GenerationParams, check_context, validate_prompt
+from eesd.params import GenerationParams, check_context, new_owner, validate_prompt
 from eesd.rounds import RoundStats
 from eesd.session import Session
 from serving.metrics import controller_metrics
@@ -70,8 +72,14 @@ class RoundLoop:
         admission_wait_s: float = 30.0,
         context: int | None = None,
         max_sessions: int = 1024,
+        store_wait_s: float = 30.0,
+        end_retry_s: float = 3600.0,
     ):
         self.store, self.router, self.nodes = store, router, nodes
+        # Store calls of running sessions wait out an unreachable store for store_wait_s and write back a
+        # session the store lost (controller/patience.py); _records: each running session's stored record.
+        self.patience = StorePatience(store, store_wait_s, end_retry_s)
+        self._records: dict[str, SessionRecord] = {}
         self.eos_token_ids, self.vocab_size = eos_token_ids, vocab_size
         self.unavailable_wait_s, self.admission_wait_s = unavailable_wait_s, admission_wait_s
         self.context = context  # the model's context, when known: longer requests are refused up front
@@ -112,7 +120,8 @@ class RoundLoop:
                 "for KV room); retry later"
             )
         seed = params.sampling.seed if params.sampling.seed is not None else secrets.randbits(63)
-        session = Session.start(session_id or uuid.uuid4().hex, prompt_ids, params, seed, self.eos_token_ids)
+        session_id = session_id or uuid.uuid4().hex
+        session = Session.start(session_id, prompt_ids, params, seed, self.eos_token_ids, new_owner())
         self._generating += 1
         try:
             # aclosing: a client that hangs up closes this generator, and the session's own cleanup (ended
@@ -140,7 +149,7 @@ class RoundLoop:
                 if session.speculates and pair.drafter is None and (drafter := self.router.pick_drafter()):
                     if await self._open_drafter(session, drafter):  # a drafter is back: speculate again
                         pair.drafter, session.drafter_length = drafter, 0
-                        await self.store.set_route(session_id, drafter, pair.verifier)
+                        await self._set_route(session, pair)
                 outcome = await self._run_round(session, pair)
                 call_done = time.perf_counter()
                 result = session.settle(
@@ -151,7 +160,10 @@ class RoundLoop:
                     outcome.verify_ms / 1e3,
                 )
                 try:
-                    await self.store.commit_round(session_id, session.round_index, result.tokens, result.policy_state)
+                    commit = functools.partial(
+                        self.store.commit_round, session_id, session.round_index, result.tokens, result.policy_state
+                    )
+                    await self.patience.call(commit, lambda: self._snapshot(session, pair))
                 except FailedPrecondition:  # cancelled through another controller
                     session.finish_reason = "cancelled"
                     break
@@ -166,25 +178,28 @@ class RoundLoop:
             stats = session.stats
             stats.elapsed_s = time.perf_counter() - start
             finish_reason = session.finish_reason
-            await self.store.finish(
-                session_id, "cancelled" if finish_reason == "cancelled" else "finished", finish_reason
-            )
+            status = "cancelled" if finish_reason == "cancelled" else "finished"
+            at = self._snapshot(session, pair)
+            # Written in the background if the store is down now: the client has every token already.
+            await self.patience.end(session_id, lambda: self.store.finish(session_id, status, finish_reason, at), at)
             yield Finished(session_id, finish_reason, session.prompt_length, stats, transport_ms, controller_ms)
         except (asyncio.CancelledError, GeneratorExit):
             # The client went away mid-stream: what was committed stays, the session ends as cancelled. A
             # closing generator cannot await, so the store write runs as a tracked task.
-            self._spawn(self.store.finish(session_id, "cancelled", "cancelled"))
+            at = self._snapshot(session, pair)
+            self.patience.end_later(session_id, lambda: self.store.finish(session_id, "cancelled", "cancelled", at), at)
             raise
         except Exception as error:
             # What was committed stays; GetSession says FAILED with the status the client got.
             domain = isinstance(error, EesdError)
             code, message = (error.status, str(error)) if domain else ("INTERNAL", "internal error")
-            await self._record_failure(session_id, code, message)
+            await self._record_failure(session_id, code, message, self._snapshot(session, pair))
             raise
         finally:
+            self._records.pop(session_id, None)
             self._running.discard(session_id)
             self._cancelled.discard(session_id)
-            self._leave(session_id, pair)
+            self._leave(session, pair)
 
     def _spawn(self, work: Awaitable[None]) -> None:
         """Runs best-effort cleanup in the background, holding the task until it is done (the event loop
@@ -199,12 +214,34 @@ class RoundLoop:
             log.warning("background cleanup failed: %r", task.exception())
 
     async def aclose(self) -> None:
-        """Waits for the background cleanup still in flight (at shutdown, before the store closes)."""
+        """Waits for the background cleanup still in flight (at shutdown, before the store closes), and a
+        little for session ends that wait for the store."""
+        await self.patience.aclose()
         await asyncio.gather(*self._tasks, return_exceptions=True)
 
-    async def _record_failure(self, session_id: str, code: str, message: str) -> None:
+    def _snapshot(self, session: Session, pair: _Pair) -> SessionRecord:
+        """The session's record as this controller holds it now: what its client has been sent. The store
+        gets it back when it lost the session, and a session's end is written at this point."""
+        return replace(
+            self._records[session.session_id],
+            committed=list(session.committed),
+            next_round=session.round_index,
+            policy_state=dict(session.policy_state),
+            drafter=pair.drafter or "",
+            verifier=pair.verifier,
+        )
+
+    async def _set_route(self, session: Session, pair: _Pair) -> None:
+        await self.patience.call(
+            lambda: self.store.set_route(session.session_id, pair.drafter or "", pair.verifier),
+            lambda: self._snapshot(session, pair),
+        )
+
+    async def _record_failure(self, session_id: str, code: str, message: str, at: SessionRecord) -> None:
+        """Ends the session as failed at `at`; in the background when the store is down (the round may
+        have failed for just that), so that it does not stay active in the store."""
         try:
-            await self.store.fail(session_id, code, message)
+            await self.patience.end(session_id, lambda: self.store.fail(session_id, code, message, at), at)
         except EesdError as store_error:  # the store is down too: the client still gets the first error
             log.warning("session %r: could not record its failure (%s): %s", session_id[:64], code, store_error)
 
@@ -227,10 +264,13 @@ class RoundLoop:
             pair.drafter or "",
             pair.verifier,
         )
+        self._records[session.session_id] = replace(record, created_at=time.time())
+        token = uuid.uuid4().hex  # a create retried after a lost reply is recognised as this one
         try:
-            await self.store.create_session(record)
+            await self.patience.call(lambda: self.store.create_session(record, token))
         except BaseException:
-            self._leave(session.session_id, pair)
+            self._records.pop(session.session_id, None)
+            self._leave(session, pair)
             raise
 
     async def _admit(self, session: Session) -> _Pair:
@@ -238,13 +278,13 @@ class RoundLoop:
         that it never runs out mid-way. A drafter that cannot hold it leaves the session verifier-only."""
         length = len(session.committed) + session.params.max_new_tokens
         with controller_metrics().waiting.track_inprogress():
-            pair = _Pair(None, await self._reserve_verifier(session.session_id, length))
+            pair = _Pair(None, await self._reserve_verifier(session, length))
         drafter = self.router.pick_drafter() if session.speculates else None
         if drafter is not None and await self._open_drafter(session, drafter):
             pair.drafter = drafter
         return pair
 
-    async def _reserve_verifier(self, session_id: str, length: int) -> str:
+    async def _reserve_verifier(self, session: Session, length: int) -> str:
         """A verifier that opened the session with `length` KV positions reserved; while none has room it
         waits, at most admission_wait_s, then RESOURCE_EXHAUSTED."""
         deadline, pause = time.monotonic() + self.admission_wait_s, 0.05
@@ -256,7 +296,7 @@ class RoundLoop:
             # or a burst of them all picks the same least-loaded verifier.
             self.router.acquire(verifier)
             try:
-                await self.nodes.open_session("verifier", verifier, session_id, length)
+                await self.nodes.open_session("verifier", verifier, session.session_id, session.owner, length)
                 return verifier
             except ResourceExhausted as full:
                 self.router.release(verifier)
@@ -276,7 +316,7 @@ class RoundLoop:
         self.router.acquire(drafter)
         length = len(session.committed) + session.params.max_new_tokens
         try:
-            await self.nodes.open_session("drafter", drafter, session.session_id, length)
+            await self.nodes.open_session("drafter", drafter, session.session_id, session.owner, length)
             return True
         except (ResourceExhausted, Unavailable) as error:
             log.info(
@@ -287,12 +327,12 @@ class RoundLoop:
                 self.router.mark_down(drafter)
             return False
 
-    def _leave(self, session_id: str, pair: _Pair) -> None:
+    def _leave(self, session: Session, pair: _Pair) -> None:
         """Gives the session's place on its nodes back: their load here, their caches there."""
         self.router.release(pair.drafter or "", pair.verifier)
         for role, address in (("drafter", pair.drafter), ("verifier", pair.verifier)):
             if address:
-                self._spawn(self.nodes.close_session(role, address, session_id))
+                self._spawn(self.nodes.close_session(role, address, session.session_id, session.owner))
 
     async def _run_round(self, session: Session, pair: _Pair) -> RoundOutcome:
         """Runs the session's next round until it has a verdict, repairing caches and replacing nodes."""
@@ -332,7 +372,13 @@ class RoundLoop:
             # A mismatch answer reports a shorter cache, so this loop ends at the latest at length 0.
             while target - (length := getattr(session, f"{role}_length")) > 1:
                 reply = await self.nodes.prefill(
-                    role, address, session.session_id, session.round_index, length, committed[length:target]
+                    role,
+                    address,
+                    session.session_id,
+                    session.owner,
+                    session.round_index,
+                    length,
+                    committed[length:target],
                 )
                 setattr(session, f"{role}_length", reply.cache_length if isinstance(reply, Mismatch) else reply)
 
@@ -352,4 +398,4 @@ class RoundLoop:
             pair.drafter, session.drafter_length = self.router.pick_drafter(exclude=failed), 0
         # Only the replacement takes the released load; the node that did not fail already holds it.
         self.router.acquire(pair.verifier if error.peer == "verifier" else pair.drafter or "")
-        await self.store.set_route(session_id, pair.drafter or "", pair.verifier)
+        await self._set_route(session, pair)

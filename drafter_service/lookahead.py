@@ -64,6 +64,7 @@ class Lookaheads:
         cost: Callable[[DraftRequest, str], float | None] = lambda request, verifier: None,
     ):
         self.node, self.enabled, self.cost = node, enabled, cost
+        # Keyed by the node's session key (id and owner), like the KV pool.
         self._sessions: dict[str, dict[int, _Lookahead]] = {}  # session -> round drafted ahead -> lookahead
         # Blocks whose step 1 waits for the verdict (the node was busy), then for the next round if due.
         self._unfed: dict[str, tuple[DraftRequest, DraftBlock]] = {}
@@ -78,26 +79,26 @@ class Lookaheads:
     ) -> Awaitable[DraftBlock]:
         """Drafts `request` in the node's passes, sized by the draft cost measured now with this verifier."""
         job = self.node.model.propose_job(request, stop, self.cost(request, verifier_address))
-        return self.node.run_job(job, op, request.session_id, len(request.pending))
+        return self.node.run_job(job, op, request.key, len(request.pending))
 
     def _lookahead(
         self, request: DraftRequest, block: DraftBlock, stop: Callable[[], bool] = lambda: False
     ) -> Awaitable[DraftRequest | None]:
         job = self.node.model.lookahead_job(request, block, stop)
-        return self.node.run_job(job, "lookahead", request.session_id)
+        return self.node.run_job(job, "lookahead", request.key)
 
     def start(self, request: DraftRequest, block: DraftBlock, verifier_address: str, send: Send) -> None:
         """Begins drafting round r+1 of `request`'s session; `block` is round r's, just sent to the verifier."""
         if not self.enabled or not block.tokens:
             return
         if self.node.queued:  # other sessions want the node: step 1 only if the verdict needs it
-            self._unfed[request.session_id] = (request, block)
+            self._unfed[request.key] = (request, block)
             return
         stopped = threading.Event()  # a verdict that already rejected a draft spares even step 1
         guess = asyncio.ensure_future(self._lookahead(request, block, stopped.is_set))
         ahead = asyncio.create_task(self._propose_ahead(guess, stopped, verifier_address))
         lookahead = _Lookahead(verifier_address, send, guess, ahead, stopped)
-        self._sessions.setdefault(request.session_id, {})[request.round_index + 1] = lookahead
+        self._sessions.setdefault(request.key, {})[request.round_index + 1] = lookahead
 
     async def _propose_ahead(
         self, guess: asyncio.Future, stopped: threading.Event, verifier_address: str
@@ -127,11 +128,11 @@ class Lookaheads:
         """Round r's verdict is in: keeps round r+1's lookahead only if its guess came true, and then sends
         its block ahead. True when the cache covers the whole block of round r (the verifier accepted all
         of it and step 1 fed, or will feed, the last draft)."""
-        if (unfed := self._unfed.pop(request.session_id, None)) is not None:
+        if (unfed := self._unfed.pop(request.key, None)) is not None:
             if accepted_all:
-                self._owed[request.session_id] = unfed
+                self._owed[request.key] = unfed
             return accepted_all
-        lookahead = self._sessions.get(request.session_id, {}).get(request.round_index + 1)
+        lookahead = self._sessions.get(request.key, {}).get(request.round_index + 1)
         if lookahead is None:
             return False
         if not accepted_all:
@@ -150,22 +151,22 @@ class Lookaheads:
     async def take(self, request: DraftRequest, verifier_address: str) -> Ahead | None:
         """What was drafted (and maybe sent) ahead for exactly this request, or None; then the session holds
         no lookahead that another request could collide with."""
-        if (owed := self._owed.pop(request.session_id, None)) is not None:  # step 1 of a busy round, now
+        if (owed := self._owed.pop(request.key, None)) is not None:  # step 1 of a busy round, now
             self.node.metrics.lookahead("skipped")
             try:
                 await self._lookahead(*owed)
             except (DraftStopped, EesdError) as error:  # the cache moved on: the request will say so
                 log.debug("owed lookahead step dropped: %r", error)
-        lookaheads = self._sessions.get(request.session_id, {})
+        lookaheads = self._sessions.get(request.key, {})
         lookahead = lookaheads.get(request.round_index)
         if lookahead is None or not lookahead.guessed(request, verifier_address):
             if lookahead is not None:
                 self.node.metrics.lookahead("dropped")
-            await self.drop(request.session_id)
+            await self.drop(request.key)
             return None
         del lookaheads[request.round_index]
         if not lookaheads:
-            del self._sessions[request.session_id]
+            del self._sessions[request.key]
         block = await asyncio.shield(lookahead.ahead)
         if block is None:
             self.node.metrics.lookahead("skipped")  # the guess held but the node had other work
@@ -173,11 +174,11 @@ class Lookaheads:
         self.node.metrics.lookahead("used")
         return Ahead(block, lookahead.answer)
 
-    async def drop(self, session_id: str) -> None:
+    async def drop(self, key: str) -> None:
         """Ends the session's lookaheads (and waits for them) before something else touches its cache."""
-        self._unfed.pop(session_id, None)
-        self._owed.pop(session_id, None)
-        lookaheads = self._sessions.pop(session_id, {}).values()
+        self._unfed.pop(key, None)
+        self._owed.pop(key, None)
+        lookaheads = self._sessions.pop(key, {}).values()
         for lookahead in lookaheads:
             lookahead.stopped.set()
         tasks = [t for la in lookaheads for t in (la.guess, la.ahead, la.answer) if t is not None]

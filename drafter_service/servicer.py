@@ -12,6 +12,7 @@ from drafter_service.verifier_link import VerifierAllowlist, VerifierLink, Verif
 from eesd.errors import InvalidArgument
 from eesd.kv_cache import CacheBehind
 from eesd.load import NodeLoad, draft_cost_ratio
+from eesd.params import session_key
 from eesd.rounds import DraftBlock, DraftRequest, RoundStats
 from eesd.session import drafter_cache_after
 from eesd_proto.eesd.v1 import common_pb2, drafter_pb2, drafter_pb2_grpc, verifier_pb2
@@ -52,7 +53,7 @@ class DrafterServicer(SessionRpcs, drafter_pb2_grpc.DrafterServiceServicer):
         start = time.perf_counter()
         ahead = await self.lookaheads.take(draft_request, request.verifier_address)
         # Drafting afresh crops whatever the cache holds past the base (a dropped lookahead included).
-        cropped = 0 if ahead else max(0, self.node.cache_length(request.session_id) - request.base_length)
+        cropped = 0 if ahead else max(0, self.node.cache_length(draft_request.key) - request.base_length)
         try:
             block = ahead.block if ahead else await self.lookaheads.propose(draft_request, request.verifier_address)
         except CacheBehind as behind:
@@ -113,11 +114,11 @@ class DrafterServicer(SessionRpcs, drafter_pb2_grpc.DrafterServiceServicer):
         return await link.verify(convert.verify_request_to_proto(request.verify_request(block)))
 
     async def Prefill(self, request, context: aio.ServicerContext):
-        await self.lookaheads.drop(request.session_id)
+        await self.lookaheads.drop(session_key(request.session_id, request.owner))
         return await super().Prefill(request, context)
 
     async def CloseSession(self, request, context: aio.ServicerContext):
-        await self.lookaheads.drop(request.session_id)
+        await self.lookaheads.drop(session_key(request.session_id, request.owner))
         return await super().CloseSession(request, context)
 
     async def close(self) -> None:

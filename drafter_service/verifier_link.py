@@ -42,7 +42,7 @@ class VerifierLink:
         self._channel = channel(address)
         self._call = None
         self._reader: asyncio.Task | None = None
-        self._waiters: dict[tuple[str, int], asyncio.Future] = {}
+        self._waiters: dict[tuple[str, str, int], asyncio.Future] = {}
         self._lock = asyncio.Lock()
 
     async def _open(self) -> None:
@@ -75,7 +75,7 @@ class VerifierLink:
         try:
             while (answer := await call.read()) is not grpc.aio.EOF:
                 body = getattr(answer, answer.WhichOneof("kind"))
-                waiter = self._waiters.pop((body.session_id, body.round), None)
+                waiter = self._waiters.pop((body.session_id, body.owner, body.round), None)
                 if waiter is not None and not waiter.done():
                     waiter.set_result(answer)
             reason = "closed the stream"
@@ -97,7 +97,7 @@ class VerifierLink:
 
     async def verify(self, request: verifier_pb2.VerifyRequest) -> verifier_pb2.VerifyStreamResponse:
         """Sends one round and waits for its verdict, cache mismatch or error (raised as a domain error)."""
-        key = (request.session_id, request.round)
+        key = (request.session_id, request.owner, request.round)  # what the answer echoes
         waiter = asyncio.get_running_loop().create_future()
         async with self._lock:  # one writer at a time on the stream
             # A stream the verifier ended (e.g. it restarted) may not have been noticed by the reader yet:

@@ -87,10 +87,10 @@ class Batch:
         return None
 
 
-def prefill_job(sessions: KVPool, session_id: str, base_length: int, token_ids: list[int]) -> Job[int]:
+def prefill_job(sessions: KVPool, key: str, base_length: int, token_ids: list[int]) -> Job[int]:
     """Brings a session's cache to base_length + len(token_ids) (a new session, or one that lags); returns
     the length its cache then covers."""
-    cache = sessions.at_base(session_id, base_length, token_ids)
+    cache = sessions.at_base(key, base_length, token_ids)
     yield Row(token_ids, cache, len(token_ids) - 1)
     return cache.length
 

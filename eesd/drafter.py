@@ -74,7 +74,7 @@ class Drafter:
         policy = make_policy(request.policy, request.policy_state, measured_cost)
         rng = random.Random(round_seed(request.seed, request.round_index, "policy"))
         generator = round_generator(request.seed, request.round_index, "draft", self.device)
-        cache = self.sessions.at_base(request.session_id, request.base_length, request.pending)
+        cache = self.sessions.at_base(request.key, request.base_length, request.pending)
         budget = min(policy.begin_round(rng), request.max_tokens)
         logits = (yield Row(request.pending, cache, len(request.pending) - 1))[-1]  # (vocab,)
         if budget <= 0:
@@ -121,7 +121,7 @@ class Drafter:
     ) -> Job[DraftRequest | None]:
         """Feeds the block's last draft (so the cache covers the whole block) and guesses round r+1's
         request; None when round r+1 will not draft. The cache must still end where `block` left it."""
-        cache = self.sessions.get(request.session_id)
+        cache = self.sessions.get(request.key)
         if stop() or cache.length != block.cache_length:
             raise DraftStopped(request.session_id)
         logits = (yield Row(block.tokens[-1:], cache))[-1]  # (vocab,)

@@ -113,7 +113,7 @@ class SpeculativeEngine:
         length = len(prompt) + params.max_new_tokens
         try:
             for node in self._nodes(session):
-                node.sessions.open(session.session_id, length)
+                node.sessions.open(session.key, length)
         except ResourceExhausted:
             self._close(session)
             if not active:
@@ -164,4 +164,4 @@ class SpeculativeEngine:
     def _close(self, session: Session) -> None:
         for node in (self.drafter, self.verifier):
             if node is not None:
-                node.sessions.close(session.session_id)
+                node.sessions.close(session.key)

@@ -16,13 +16,17 @@ attention of one token over 300 cached positions: 12.7 us as a view vs 26.5 us g
 2 kv heads), 29 vs 113 us (512 wide, 4 kv heads).
 """
 
+import logging
 import math
 import time
+from collections.abc import Callable, Iterator
 
 import torch
 
 from eesd.errors import FailedPrecondition, InvalidArgument, NotFound, ResourceExhausted, RollbackError
-from eesd.params import check_session_id
+from eesd.params import check_session_key, shown
+
+log = logging.getLogger(__name__)
 
 
 class KVCache:
@@ -92,9 +96,9 @@ class KVCache:
 class CacheBehind(FailedPrecondition):
     """The node's cache covers fewer committed tokens than the request's base length."""
 
-    def __init__(self, session_id: str, cache_length: int, base_length: int):
+    def __init__(self, key: str, cache_length: int, base_length: int):
         super().__init__(
-            f"session {session_id!r}: cache holds {cache_length} tokens, request base is "
+            f"session {shown(key)!r}: cache holds {cache_length} tokens, request base is "
             f"{base_length}; resend with base_length={cache_length}"
         )
         self.cache_length = cache_length
@@ -102,7 +106,8 @@ class CacheBehind(FailedPrecondition):
 
 class KVPool:
     """The KV caches a node keeps per session, in one pool: soft state, rebuilt from committed tokens
-    when lost."""
+    when lost. Sessions are named by key: the session id, scoped by its owner token on a served node
+    (eesd.params.session_key)."""
 
     def __init__(
         self,
@@ -130,9 +135,21 @@ class KVPool:
         self.max_sessions = max_sessions
         self._free = list(range(num_blocks))  # sorted
         self._caches: dict[str, KVCache] = {}
+        # Eviction under pressure (the serving node sets both): a new session may take the place of the
+        # least recently used ones unused for `evict_idle_s` and not `in_use` (work queued or running). A
+        # session its controller drives is used every round, so only abandoned ones (a controller that
+        # died, calls made straight to the node) are evicted; one evicted by mistake is rebuilt from its
+        # committed tokens by the round protocol (a cache mismatch, then a prefill).
+        self.evict_idle_s = math.inf
+        self.in_use: Callable[[str], bool] = lambda key: False
+        self.evicted = 0
 
     def __len__(self) -> int:
         return len(self._caches)
+
+    def __iter__(self) -> Iterator[str]:
+        """The keys of the open sessions (a copy: closing while iterating is fine)."""
+        return iter(list(self._caches))
 
     @property
     def total_tokens(self) -> int:
@@ -146,26 +163,27 @@ class KVPool:
         """Fraction of the pool reserved by sessions (vLLM's kv_cache_usage_perc)."""
         return self.reserved_tokens / self.total_tokens
 
-    def open(self, session_id: str, tokens: int | None = None) -> KVCache:
+    def open(self, key: str, tokens: int | None = None) -> KVCache:
         """Opens (or resets) a session's cache, reserving `tokens` positions (default and at most the
         model's context)."""
-        check_session_id(session_id)
+        check_session_key(key)
         if tokens is not None and tokens < 1:
             raise InvalidArgument("tokens", f"must be >= 1, got {tokens}")
-        self.close(session_id)
+        self.close(key)
+        needed = math.ceil(min(self.max_context if tokens is None else tokens, self.max_context) / self.block_size)
+        self._make_room(needed)
         if len(self._caches) >= self.max_sessions:
             raise ResourceExhausted(f"node holds its maximum of {self.max_sessions} sessions")
-        needed = math.ceil(min(self.max_context if tokens is None else tokens, self.max_context) / self.block_size)
         if needed > len(self._free):
             raise ResourceExhausted(
                 f"KV pool has {len(self._free) * self.block_size} of {self.total_tokens} tokens free; "
-                f"session {session_id!r} needs {needed * self.block_size}"
+                f"session {shown(key)!r} needs {needed * self.block_size}"
             )
-        self._caches[session_id] = KVCache(self, self._take(needed))
-        return self._caches[session_id]
+        self._caches[key] = KVCache(self, self._take(needed))
+        return self._caches[key]
 
-    def close(self, session_id: str) -> None:
-        cache = self._caches.pop(session_id, None)
+    def close(self, key: str) -> None:
+        cache = self._caches.pop(key, None)
         if cache is not None:
             self._free = sorted(self._free + cache.blocks)
 
@@ -174,17 +192,34 @@ class KVPool:
         client that walked away, leaves them behind); returns their ids. A driven session feeds tokens
         every round, so it is never idle that long."""
         cutoff = time.monotonic() - idle_s
-        idle = [sid for sid, cache in self._caches.items() if cache.last_used < cutoff]
-        for session_id in idle:
-            self.close(session_id)
+        idle = [key for key, cache in self._caches.items() if cache.last_used < cutoff]
+        for key in idle:
+            self.close(key)
         return idle
 
-    def get(self, session_id: str) -> KVCache:
-        if session_id not in self._caches:
-            raise NotFound(f"session {session_id!r} is not open on this node")
-        return self._caches[session_id]
+    def _make_room(self, blocks: int) -> None:
+        """Evicts the least recently used evictable sessions until a new one of `blocks` blocks fits; none
+        when evicting them all would not be enough."""
+        free, room = len(self._free), self.max_sessions - len(self._caches)
+        if room >= 1 and free >= blocks:
+            return
+        cutoff = time.monotonic() - self.evict_idle_s
+        idle = [key for key, cache in self._caches.items() if cache.last_used < cutoff and not self.in_use(key)]
+        if room + len(idle) < 1 or free + sum(len(self._caches[key].blocks) for key in idle) < blocks:
+            return
+        for key in sorted(idle, key=lambda key: self._caches[key].last_used):
+            self.close(key)
+            self.evicted += 1
+            log.info("evicted session %r (least recently used) for a new one", shown(key))
+            if len(self._caches) < self.max_sessions and len(self._free) >= blocks:
+                return
 
-    def at_base(self, session_id: str, base_length: int, pending: list[int]) -> KVCache:
+    def get(self, key: str) -> KVCache:
+        if key not in self._caches:
+            raise NotFound(f"session {shown(key)!r} is not open on this node")
+        return self._caches[key]
+
+    def at_base(self, key: str, base_length: int, pending: list[int]) -> KVCache:
         """The session's cache rolled back to `base_length`, ready to take `pending` tokens.
 
         A session this node never saw (or lost) is opened empty and must be sent from base 0.
@@ -193,9 +228,9 @@ class KVPool:
             raise InvalidArgument("pending_tokens", "must hold at least the last committed token")
         if base_length < 0:
             raise InvalidArgument("base_length", f"must be >= 0, got {base_length}")
-        cache = self._caches.get(session_id) or self.open(session_id)
+        cache = self._caches.get(key) or self.open(key)
         if cache.length < base_length:
-            raise CacheBehind(session_id, cache.length, base_length)
+            raise CacheBehind(key, cache.length, base_length)
         cache.crop(base_length)
         return cache
 

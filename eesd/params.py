@@ -2,6 +2,7 @@
 
 import math
 import re
+import secrets
 from dataclasses import dataclass, field
 
 from eesd.errors import InvalidArgument
@@ -22,6 +23,35 @@ def check_session_id(session_id: str) -> None:
         raise InvalidArgument(
             "session_id", f"must be 1 to 128 characters of A-Z a-z 0-9 . _ : - (got {length} characters)"
         )
+
+
+# The owner token of the controller that drives a session (node calls carry it): secret and random, so
+# that a node can scope its sessions by it.
+OWNER = re.compile(r"[A-Za-z0-9_-]{16,64}")
+
+
+def new_owner() -> str:
+    return secrets.token_urlsafe(16)  # 22 characters, 128 bits
+
+
+def session_key(session_id: str, owner: str) -> str:
+    """A node's name for a session: the id scoped by its owner token, so that a call without the token
+    names another (new, empty) session and can neither read nor change this one. '/' is in neither
+    alphabet, so keys of different (id, owner) pairs never collide."""
+    return f"{session_id}/{owner}" if owner else session_id
+
+
+def check_session_key(key: str) -> None:
+    """Raises InvalidArgument naming `session_id` or `owner` unless `key` is a valid `session_key`."""
+    session_id, _, owner = key.partition("/")
+    check_session_id(session_id)
+    if "/" in key and not OWNER.fullmatch(owner):
+        raise InvalidArgument("owner", f"must be empty or 16 to 64 characters of A-Z a-z 0-9 _ - (got {len(owner)})")
+
+
+def shown(key: str) -> str:
+    """The session id of a node's session key, for messages: the owner token is the controller's secret."""
+    return key.partition("/")[0]
 
 
 @dataclass(frozen=True)

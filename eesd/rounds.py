@@ -1,12 +1,13 @@
 """Typed contracts between the stages of a round (docs/architecture.md §5.2), mirrored 1:1 by the internal protos.
 
 Every message carries (session_id, round_index, base_length): the round number makes a retried message
-idempotent and the base length says which committed prefix the node's KV cache must cover.
+idempotent and the base length says which committed prefix the node's KV cache must cover. Requests also
+carry the owner token of the controller that drives the session: a node names the session by both (`key`).
 """
 
 from dataclasses import dataclass, field
 
-from eesd.params import PolicyParams, SamplingParams
+from eesd.params import PolicyParams, SamplingParams, session_key
 
 
 @dataclass(frozen=True)
@@ -24,11 +25,24 @@ class DraftRequest:
     # RPC hops): load-aware sizing counts it in a round's cost. A measurement, not part of the round's
     # identity: a lookahead's guess matches the controller's request whatever its value.
     round_overhead_s: float = field(default=0.0, compare=False)
+    owner: str = ""
+
+    @property
+    def key(self) -> str:
+        """The node's name for the session (eesd.params.session_key)."""
+        return session_key(self.session_id, self.owner)
 
     def verify_request(self, block: "DraftBlock") -> "VerifyRequest":
         """The same round's request to the verifier, carrying the drafted block (the drafter relays it)."""
         return VerifyRequest(
-            self.session_id, self.round_index, self.base_length, self.pending, block, self.seed, self.sampling
+            self.session_id,
+            self.round_index,
+            self.base_length,
+            self.pending,
+            block,
+            self.seed,
+            self.sampling,
+            self.owner,
         )
 
 
@@ -53,6 +67,12 @@ class VerifyRequest:
     draft: DraftBlock
     seed: int
     sampling: SamplingParams = field(default_factory=SamplingParams)
+    owner: str = ""
+
+    @property
+    def key(self) -> str:
+        """The node's name for the session (eesd.params.session_key)."""
+        return session_key(self.session_id, self.owner)
 
 
 @dataclass(frozen=True)

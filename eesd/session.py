@@ -11,7 +11,7 @@ result to its store first; `apply` then makes it the session's state.
 from dataclasses import dataclass, field, replace
 
 from eesd.generation import GenerationStats, finish
-from eesd.params import GenerationParams, PolicyParams
+from eesd.params import GenerationParams, PolicyParams, session_key
 from eesd.policies import make_policy
 from eesd.rounds import DraftBlock, DraftRequest, RoundStats, Verdict, VerifyRequest
 
@@ -74,14 +74,28 @@ class Session:
     verifier_length: int = 0
     stats: GenerationStats = field(default_factory=GenerationStats)
     finish_reason: str | None = None
+    owner: str = ""  # the driving controller's token on node calls (eesd.params.session_key)
 
     @classmethod
     def start(
-        cls, session_id: str, prompt_ids: list[int], params: GenerationParams, seed: int, eos_token_ids=frozenset()
+        cls,
+        session_id: str,
+        prompt_ids: list[int],
+        params: GenerationParams,
+        seed: int,
+        eos_token_ids=frozenset(),
+        owner: str = "",
     ) -> "Session":
         params = reproducible(params)
         state = make_policy(params.policy).state()
-        return cls(session_id, list(prompt_ids), len(prompt_ids), params, seed, state, frozenset(eos_token_ids))
+        return cls(
+            session_id, list(prompt_ids), len(prompt_ids), params, seed, state, frozenset(eos_token_ids), owner=owner
+        )
+
+    @property
+    def key(self) -> str:
+        """The nodes' name for the session."""
+        return session_key(self.session_id, self.owner)
 
     @property
     def round_index(self) -> int:
@@ -114,12 +128,20 @@ class Session:
             self.params.policy,
             self.policy_state,
             round_overhead_s,
+            self.owner,
         )
 
     def verify_request(self, base: int, block: DraftBlock = NO_DRAFT) -> VerifyRequest:
         """This round's request to a verifier whose cache covers `base` committed tokens."""
         return VerifyRequest(
-            self.session_id, self.round_index, base, self.committed[base:], block, self.seed, self.params.sampling
+            self.session_id,
+            self.round_index,
+            base,
+            self.committed[base:],
+            block,
+            self.seed,
+            self.params.sampling,
+            self.owner,
         )
 
     def settle(

@@ -69,7 +69,7 @@ class Verifier:
         check_token_ids("pending_tokens", request.pending, self.config.vocab_size)
         sampling.validate()  # the internal API checks what the controller would have
         check_draft(draft, sampling.greedy, self.config.vocab_size)
-        cache = self.sessions.at_base(request.session_id, request.base_length, request.pending)
+        cache = self.sessions.at_base(request.key, request.base_length, request.pending)
         # Row i of the logits predicts draft i; the last row predicts the bonus token.
         logits = yield Row(request.pending + draft.tokens, cache, len(request.pending) - 1)  # (k + 1, vocab)
         tokens = torch.tensor(draft.tokens, dtype=torch.long)

@@ -77,6 +77,9 @@ class ModelNodeConfig:
     max_batch: int = field(64, "sessions batched in one forward pass (1: one session per pass)")
     max_pass_tokens: int = field(2048, "new tokens a forward pass takes at most, summed over its sessions")
     session_idle_s: float = field(600.0, "a session's KV cache unused this long is closed (0: never)")
+    session_evict_s: float = field(
+        10.0, "when the node is full, sessions unused this long make room for a new one, least recently used first"
+    )
     max_pass_s: float = field(60.0, "a forward pass or model call running longer turns health NOT_SERVING")
     node_id: str = field("", "name in handshakes and metrics (default host:port)")
     grace_s: float = field(10.0, "seconds in-flight rounds get to finish on SIGTERM")
@@ -89,7 +92,8 @@ class ModelNodeConfig:
                 raise InvalidArgument(name, f"must be >= 1, got {getattr(self, name)}")
         if self.max_pass_s <= 0:
             raise InvalidArgument("max_pass_s", f"must be > 0, got {self.max_pass_s}")
-        if self.session_idle_s < 0:
-            raise InvalidArgument("session_idle_s", f"must be >= 0, got {self.session_idle_s}")
+        for name in ("session_idle_s", "session_evict_s"):
+            if getattr(self, name) < 0:
+                raise InvalidArgument(name, f"must be >= 0, got {getattr(self, name)}")
         if self.kv_tokens < 0:
             raise InvalidArgument("kv_tokens", f"must be >= 0, got {self.kv_tokens}")

@@ -56,6 +56,7 @@ def draft_request_from_proto(msg: drafter_pb2.DraftRequest) -> DraftRequest:
         policy_from_proto(msg.policy),
         dict(msg.policy_state),
         msg.round_overhead_ms / 1e3,
+        msg.owner,
     )
 
 
@@ -73,6 +74,7 @@ def draft_request_to_proto(request: DraftRequest, verifier_address: str, verifie
         verifier_address=verifier_address,
         verifier_id=verifier_id,
         round_overhead_ms=request.round_overhead_s * 1e3,
+        owner=request.owner,
     )
 
 
@@ -107,6 +109,7 @@ def verify_request_to_proto(request: VerifyRequest) -> verifier_pb2.VerifyReques
         draft=draft_block_to_proto(request.draft),
         seed=request.seed,
         sampling=sampling_to_proto(request.sampling),
+        owner=request.owner,
     )
 
 
@@ -119,16 +122,19 @@ def verify_request_from_proto(msg: verifier_pb2.VerifyRequest) -> VerifyRequest:
         draft_block_from_proto(msg.draft),
         msg.seed,
         sampling_from_proto(msg.sampling),
+        msg.owner,
     )
 
 
 def verdict_to_proto(
-    verdict: Verdict, base_length: int, verify_ms: float, load: NodeLoad | None = None
+    verdict: Verdict, request: VerifyRequest, verify_ms: float, load: NodeLoad | None = None
 ) -> verifier_pb2.Verdict:
+    """The verdict on `request`, echoing the request's base length and owner."""
     return verifier_pb2.Verdict(
         session_id=verdict.session_id,
+        owner=request.owner,
         round=verdict.round_index,
-        base_length=base_length,
+        base_length=request.base_length,
         accepted=verdict.accepted,
         next_token=verdict.next_token,
         cache_length=verdict.cache_length,
@@ -166,13 +172,13 @@ def round_stats_to_proto(
     )
 
 
-def cache_mismatch(
-    session_id: str, round_index: int, base_length: int, cache_length: int, role: int, node_id: str
-) -> common_pb2.CacheMismatch:
+def cache_mismatch(request, cache_length: int, role: int, node_id: str) -> common_pb2.CacheMismatch:
+    """The answer to `request` (a round or prefill message) whose base lies beyond the node's cache."""
     return common_pb2.CacheMismatch(
-        session_id=session_id,
-        round=round_index,
-        base_length=base_length,
+        session_id=request.session_id,
+        owner=request.owner,
+        round=request.round,
+        base_length=request.base_length,
         cache_length=cache_length,
         node_role=role,
         node_id=node_id,

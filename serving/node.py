@@ -39,7 +39,7 @@ class _Work:
     loop: asyncio.AbstractEventLoop
     future: asyncio.Future
     op: str
-    session_id: str = ""  # a job's session: one job per session runs at a time
+    key: str = ""  # a job's session (eesd.params.session_key): one job per session runs at a time
     job: Job | None = None
     call: Callable[[], Any] | None = None
     tokens: int = 0  # new tokens of the job's first row, for the per-pass token cap
@@ -68,9 +68,11 @@ class ModelNode:
         max_batch: int = 64,
         max_pass_tokens: int = 2048,
         session_idle_s: float = 600.0,
+        session_evict_s: float = 10.0,
     ):
         self.node_id, self.max_batch, self.max_pass_tokens = node_id, max_batch, max_pass_tokens
         self.session_idle_s = session_idle_s  # 0: sessions never expire
+        self.session_evict_s = session_evict_s  # unused this long: evictable for a new session (eesd.kv_cache)
         self._next_sweep = time.monotonic() + session_idle_s
         self._model: Model | None = None
         self._inbox: queue.SimpleQueue[_Work | None] = queue.SimpleQueue()
@@ -90,7 +92,9 @@ class ModelNode:
     @classmethod
     def from_config(cls, config: ModelNodeConfig, role: str) -> "ModelNode":
         node_id = config.node_id or f"{config.host}:{config.port}"
-        return cls(node_id, role, config.max_batch, config.max_pass_tokens, config.session_idle_s)
+        return cls(
+            node_id, role, config.max_batch, config.max_pass_tokens, config.session_idle_s, config.session_evict_s
+        )
 
     @property
     def model(self) -> Model:
@@ -107,6 +111,7 @@ class ModelNode:
         only once the model computes."""
         model = await self.run(factory, op="load")
         await self.run(lambda: model.stack([0, 1], model.stack.new_cache(capacity=4)), op="load")
+        model.sessions.evict_idle_s, model.sessions.in_use = self.session_evict_s, self._in_use
         self._model = model
 
     async def run(self, fn: Callable[..., T], *args, op: str = "") -> T:
@@ -114,11 +119,11 @@ class ModelNode:
         work = _Work(asyncio.get_running_loop(), _future(), op or fn.__name__, call=lambda: fn(*args))
         return await self._submit(work)
 
-    async def run_job(self, job: Job[T], op: str, session_id: str, tokens: int = 1) -> T:
+    async def run_job(self, job: Job[T], op: str, key: str, tokens: int = 1) -> T:
         """Runs `job` in the node's passes, batched with other sessions' jobs; a job waits while another job
-        of its session runs (they would share a cache). `tokens` is the size of its first row (for the
-        per-pass token cap)."""
-        work = _Work(asyncio.get_running_loop(), _future(), op, session_id, job=job, tokens=tokens)
+        of its session (`key`) runs (they would share a cache). `tokens` is the size of its first row (for
+        the per-pass token cap)."""
+        work = _Work(asyncio.get_running_loop(), _future(), op, key, job=job, tokens=tokens)
         return await self._submit(work)
 
     async def _submit(self, work: _Work) -> Any:
@@ -135,34 +140,34 @@ class ModelNode:
         since = self._busy_since
         return since is not None and time.monotonic() - since > bound_s
 
-    def cache_length(self, session_id: str) -> int:
+    def cache_length(self, key: str) -> int:
         """How many tokens the session's cache covers (0 when the node does not hold it)."""
         try:
-            return self.model.sessions.get(session_id).length
+            return self.model.sessions.get(key).length
         except LookupError:
             return 0
 
-    async def open_session(self, session_id: str, reserve_tokens: int | None = None) -> int:
+    async def open_session(self, key: str, reserve_tokens: int | None = None) -> int:
         """Idempotent: an open session keeps its cache. A new one reserves `reserve_tokens` KV positions
         (default: the model's context)."""
 
         def open_or_keep() -> int:
             sessions = self.model.sessions
             try:
-                return sessions.get(session_id).length
+                return sessions.get(key).length
             except LookupError:
-                return sessions.open(session_id, reserve_tokens).length
+                return sessions.open(key, reserve_tokens).length
 
         return await self.run(open_or_keep, op="open")
 
-    async def prefill(self, session_id: str, base_length: int, token_ids: list[int]) -> int:
+    async def prefill(self, key: str, base_length: int, token_ids: list[int]) -> int:
         check_token_ids("token_ids", token_ids, self.model.config.vocab_size)
         self.metrics.prefill(len(token_ids))
-        job = prefill_job(self.model.sessions, session_id, base_length, token_ids)
-        return await self.run_job(job, "prefill", session_id, len(token_ids))
+        job = prefill_job(self.model.sessions, key, base_length, token_ids)
+        return await self.run_job(job, "prefill", key, len(token_ids))
 
-    async def close_session(self, session_id: str) -> None:
-        await self.run(self.model.sessions.close, session_id, op="close")
+    async def close_session(self, key: str) -> None:
+        await self.run(self.model.sessions.close, key, op="close")
 
     def shutdown(self) -> None:
         self._inbox.put(None)
@@ -223,6 +228,10 @@ class ModelNode:
         self.metrics.work_done(work.op, time.perf_counter() - work.started)
         work.resolve(result)
 
+    def _in_use(self, key: str) -> bool:
+        """Whether a job of the session waits or runs (compute thread: the pool asks while opening one)."""
+        return any(work.key == key for work in (*self._waiting, *self._running.values()))
+
     def _until_sweep(self) -> float | None:
         return max(0.0, self._next_sweep - time.monotonic()) if self.session_idle_s else None
 
@@ -239,14 +248,14 @@ class ModelNode:
     def _admit(self, batch: Batch) -> None:
         """Waiting jobs join in order while the pass has room (a lone job always fits); a job whose session
         already has one running waits for it, without holding up other sessions behind it."""
-        tokens, busy = batch.tokens, {work.session_id for work in self._running.values()}
+        tokens, busy = batch.tokens, {work.key for work in self._running.values()}
         for work in list(self._waiting):
             if len(batch) >= self.max_batch or (len(batch) and tokens + work.tokens > self.max_pass_tokens):
                 return
-            if work.session_id in busy:
+            if work.key in busy:
                 continue
             self._waiting.remove(work)
-            busy.add(work.session_id)
+            busy.add(work.key)
             work.started = time.perf_counter()
             self.metrics.queue_wait(work.started - work.submitted)
             key = id(work)

@@ -9,6 +9,7 @@ from types import ModuleType
 from grpc import aio
 
 from eesd.kv_cache import CacheBehind
+from eesd.params import session_key
 from eesd_proto.eesd.v1 import common_pb2
 from serving import convert
 from serving.node import ModelNode
@@ -22,9 +23,7 @@ class SessionRpcs:
 
     def _mismatch(self, request, behind: CacheBehind) -> common_pb2.CacheMismatch:
         """The answer to a round or prefill whose base lies beyond this node's cache."""
-        return convert.cache_mismatch(
-            request.session_id, request.round, request.base_length, behind.cache_length, self.role, self.node.node_id
-        )
+        return convert.cache_mismatch(request, behind.cache_length, self.role, self.node.node_id)
 
     def _message(self, name: str):
         return getattr(self.messages, f"{self.prefix}{name}")
@@ -40,14 +39,17 @@ class SessionRpcs:
             self.node.model.identity.check_pairs_with(convert.identity_from_proto(request.expected_identity))
         return self._message("OpenSessionResponse")(
             session_id=request.session_id,
-            cache_length=await self.node.open_session(request.session_id, request.reserve_tokens or None),
+            cache_length=await self.node.open_session(
+                session_key(request.session_id, request.owner), request.reserve_tokens or None
+            ),
         )
 
     async def Prefill(self, request, context: aio.ServicerContext):
         reply = self._message("PrefillResponse")
         common = dict(session_id=request.session_id, round=request.round, base_length=request.base_length)
         try:
-            length = await self.node.prefill(request.session_id, request.base_length, list(request.token_ids))
+            key = session_key(request.session_id, request.owner)
+            length = await self.node.prefill(key, request.base_length, list(request.token_ids))
         except CacheBehind as behind:
             self.node.metrics.cache_mismatch()
             return reply(
@@ -57,5 +59,5 @@ class SessionRpcs:
         return reply(**common, cache_length=length)
 
     async def CloseSession(self, request, context: aio.ServicerContext):
-        await self.node.close_session(request.session_id)
+        await self.node.close_session(session_key(request.session_id, request.owner))
         return self._message("CloseSessionResponse")(session_id=request.session_id)

@@ -60,6 +60,7 @@ class VerifierServicer(SessionRpcs, verifier_pb2_grpc.VerifierServiceServicer):
                 response = verifier_pb2.VerifyStreamResponse(
                     round_error=verifier_pb2.RoundError(
                         session_id=request.session_id,
+                        owner=request.owner,
                         round=request.round,
                         base_length=request.base_length,
                         code=status_of(error).value[0],
@@ -85,14 +86,15 @@ class VerifierServicer(SessionRpcs, verifier_pb2_grpc.VerifierServiceServicer):
 
     async def _verify(self, request: verifier_pb2.VerifyRequest) -> dict:
         """{'verdict': ...} or {'cache_mismatch': ...}, the oneof both response messages share."""
-        start, cached = time.perf_counter(), self.node.cache_length(request.session_id)
         verify_request = convert.verify_request_from_proto(request)
+        start, cached = time.perf_counter(), self.node.cache_length(verify_request.key)
         tokens = len(verify_request.pending) + len(verify_request.draft.tokens)
         try:
             job = self.node.model.verify_job(verify_request)
-            verdict = await self.node.run_job(job, "verify", request.session_id, tokens)
+            verdict = await self.node.run_job(job, "verify", verify_request.key, tokens)
         except CacheBehind as behind:
             return {"cache_mismatch": self._mismatch(request, behind)}
         verify_ms = (time.perf_counter() - start) * 1e3
         self.node.metrics.rollback(cached + tokens - verdict.cache_length)
-        return {"verdict": convert.verdict_to_proto(verdict, request.base_length, verify_ms, self.node.load_now())}
+        load = self.node.load_now()
+        return {"verdict": convert.verdict_to_proto(verdict, verify_request, verify_ms, load)}

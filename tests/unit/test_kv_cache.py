@@ -1,11 +1,14 @@
-"""Rollback: after any accept count the caches equal a fresh prefill of the committed tokens."""
+"""The KV pool: rollback equals a fresh prefill; sessions are scoped by owner; a full pool evicts LRU idle sessions."""
+
+import time
 
 import pytest
 import torch
 
 from eesd.drafter import Drafter
-from eesd.errors import RollbackError
+from eesd.errors import InvalidArgument, NotFound, ResourceExhausted, RollbackError
 from eesd.kv_cache import CacheBehind, KVPool
+from eesd.params import new_owner, session_key
 from eesd.verifier import Verifier
 
 
@@ -50,3 +53,41 @@ def test_session_behind_base_is_told_its_length(tiny_models):
     with pytest.raises(CacheBehind) as info:
         verifier.sessions.at_base("s", 5, [1])
     assert info.value.cache_length == 0
+
+
+def test_owner_tokens_scope_sessions():
+    """A call that names a session without its owner token names another session: the owned one is never
+    touched, and a malformed owner is refused naming the field."""
+    pool = KVPool(2, 1, 4, kv_tokens=64, max_context=16, block_size=4)
+    owner = new_owner()
+    owned = pool.open(session_key("s", owner), 16)
+    owned.begin(5)
+    owned.commit()
+    assert pool.at_base("s", 0, [1]).length == 0  # the unowned "s": a new, empty session
+    pool.close("s")
+    pool.close(session_key("s", new_owner()))
+    assert pool.get(session_key("s", owner)) is owned and owned.length == 5
+    with pytest.raises(InvalidArgument) as info:
+        pool.open(session_key("s", "short"))
+    assert info.value.field == "owner"
+    with pytest.raises(NotFound) as missing:
+        pool.get(session_key("t", owner))
+    assert owner not in str(missing.value)  # the token is the controller's secret
+
+
+def test_a_full_pool_evicts_the_least_recently_used_idle_session():
+    pool = KVPool(2, 1, 4, kv_tokens=48, max_context=48, block_size=4, max_sessions=3)
+    pool.evict_idle_s = 0.05
+    for key in ("a", "b", "c"):
+        pool.open(key, 16)
+    with pytest.raises(ResourceExhausted):  # none idle long enough yet
+        pool.open("d", 16)
+    time.sleep(0.06)
+    pool.get("a").begin(1)  # used: "b" is now the least recently used
+    pool.in_use = lambda key: key == "c"  # a job of "c" waits: never evicted
+    pool.open("d", 16)
+    assert sorted(pool) == ["a", "c", "d"] and pool.evicted == 1
+    time.sleep(0.06)
+    with pytest.raises(ResourceExhausted):  # evicting both idle sessions ("a", "d") frees 32 of the 48 asked
+        pool.open("e", 48)
+    assert sorted(pool) == ["a", "c", "d"]

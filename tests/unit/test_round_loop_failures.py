@@ -33,10 +33,10 @@ class FakeNodes:
         verdict = Verdict(request.session_id, request.round_index, 0, 7, length)
         return RoundOutcome(request.draft, verdict, None, 0.0, 1.0, 0.0)
 
-    async def open_session(self, role, address, session_id, reserve_tokens):
+    async def open_session(self, role, address, session_id, owner, reserve_tokens):
         return 0
 
-    async def close_session(self, role, address, session_id):
+    async def close_session(self, role, address, session_id, owner):
         await asyncio.sleep(0.01)
         self.closed.append((role, session_id))
 
@@ -100,7 +100,7 @@ def test_get_session_of_a_failed_session_says_failed_with_status_and_message():
 
 def test_failure_to_record_the_failure_keeps_the_first_error():
     class DownStore(MemoryStateStore):
-        async def fail(self, session_id, code, message):
+        async def fail(self, session_id, code, message, at=None):
             raise EesdError("redis is down")
 
     async def scenario():

@@ -16,7 +16,7 @@ from eesd.drafter import Drafter
 from eesd.engine import SpeculativeEngine
 from eesd.errors import NotFound, ResourceExhausted, Unavailable
 from eesd.kv_cache import CacheBehind
-from eesd.params import GenerationParams, PolicyParams
+from eesd.params import GenerationParams, PolicyParams, session_key
 from eesd.rounds import DraftRequest, VerifyRequest
 from eesd.session import drafter_cache_after
 from eesd.verifier import Verifier
@@ -39,7 +39,7 @@ class InProcessNodes:
         return self.models[address]
 
     def restart(self, address: str) -> None:
-        self.models[address].sessions.close("s")  # the only session these tests run
+        wipe(self.models[address])
 
     async def draft(self, drafter: str, request: DraftRequest, verifier: str) -> RoundOutcome | Mismatch:
         self.before_round(request.round_index, self)
@@ -64,24 +64,30 @@ class InProcessNodes:
             return Mismatch("verifier", behind.cache_length)
         return RoundOutcome(request.draft, verdict, None, 0.0, 0.0, 0.0)
 
-    async def open_session(self, role, address, session_id, reserve_tokens) -> int:
-        model = self._model(role, address)
+    async def open_session(self, role, address, session_id, owner, reserve_tokens) -> int:
+        model, key = self._model(role, address), session_key(session_id, owner)
         try:
-            return model.sessions.get(session_id).length
+            return model.sessions.get(key).length
         except LookupError:
-            return model.sessions.open(session_id, reserve_tokens).length
+            return model.sessions.open(key, reserve_tokens).length
 
-    async def prefill(self, role, address, session_id, round_index, base_length, token_ids) -> int | Mismatch:
+    async def prefill(self, role, address, session_id, owner, round_index, base_length, token_ids) -> int | Mismatch:
         model = self._model(role, address)
         try:
-            cache = model.sessions.at_base(session_id, base_length, token_ids)
+            cache = model.sessions.at_base(session_key(session_id, owner), base_length, token_ids)
         except CacheBehind as behind:
             return Mismatch(role, behind.cache_length)
         model.stack(token_ids, cache, len(token_ids) - 1)
         return cache.length
 
-    async def close_session(self, role, address, session_id) -> None:
-        self.models[address].sessions.close(session_id)
+    async def close_session(self, role, address, session_id, owner) -> None:
+        self.models[address].sessions.close(session_key(session_id, owner))
+
+
+def wipe(model: Drafter | Verifier) -> None:
+    """Closes every session the node holds, as a restart would."""
+    for key in model.sessions:
+        model.sessions.close(key)
 
 
 @pytest.fixture(scope="module")
@@ -116,7 +122,7 @@ def run(models, drafters: str, before_round) -> tuple[list[int], InProcessNodes]
         return tokens, nodes
 
     for model in models.values():
-        model.sessions.close("s")
+        wipe(model)
     return asyncio.run(scenario())
 
 
