@@ -38,7 +38,13 @@ async def main() -> None:
         max_sessions=config.max_sessions,
     )
     servicer = ControllerServicer(
-        loop, store, facts.codec, config.default_policy_params(), config.max_new_tokens_limit, config.auth_token
+        loop,
+        store,
+        facts.codec,
+        config.default_policy_params(),
+        config.max_new_tokens_limit,
+        config.prompt_limit(facts.context),
+        config.auth_token,
     )
 
     async def warmup() -> None:

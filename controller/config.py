@@ -5,6 +5,8 @@ from eesd.errors import InvalidArgument
 from eesd.params import POLICY_NAMES, PolicyParams
 from serving.config import field
 
+UNKNOWN_CONTEXT_PROMPT_LIMIT = 65536  # prompts beyond it are refused by a controller without the model's config
+
 
 @dataclass(frozen=True)
 class ControllerConfig:
@@ -28,6 +30,9 @@ class ControllerConfig:
     )
     k_max: int = field(8, "default cap on drafts per round")
     max_new_tokens_limit: int = field(4096, "largest max_new_tokens a request may ask for")
+    max_prompt_tokens: int = field(
+        0, "longest prompt in tokens, refused before any work (0: the model's context, 65536 without model_dir)"
+    )
     model_dir: str = field("", "checkpoint directory for the tokenizer, EOS ids and vocabulary (optional)")
     auth_token: str = field("", "bearer token clients must send (empty: no auth)")
     round_timeout_s: float = field(60.0, "deadline of one round's RPC")
@@ -39,6 +44,10 @@ class ControllerConfig:
     )
     node_down_s: float = field(5.0, "seconds a failed node is kept out of routing before it is retried")
     grace_s: float = field(30.0, "seconds in-flight generations get to finish on SIGTERM")
+
+    def prompt_limit(self, context: int | None) -> int:
+        """The longest prompt a request may send, in tokens, for a model of `context` (None: unknown)."""
+        return self.max_prompt_tokens or (context - 1 if context else UNKNOWN_CONTEXT_PROMPT_LIMIT)
 
     def default_policy_params(self) -> PolicyParams:
         """The policy of a request that names none."""
@@ -52,6 +61,8 @@ class ControllerConfig:
             raise InvalidArgument("default_policy", f"must be one of {POLICY_NAMES}")
         if self.max_sessions < 1:
             raise InvalidArgument("max_sessions", f"must be >= 1, got {self.max_sessions}")
+        if self.max_prompt_tokens < 0:
+            raise InvalidArgument("max_prompt_tokens", f"must be >= 0, got {self.max_prompt_tokens}")
         if self.admission_wait_s < 0:
             raise InvalidArgument("admission_wait_s", f"must be >= 0, got {self.admission_wait_s}")
         if self.discovery != "kubernetes" and not self.verifiers:

@@ -10,7 +10,7 @@ from controller.state_store import StateStore
 from controller.text import TextCodec, TextStream
 from eesd.errors import InvalidArgument, Unauthenticated
 from eesd.generation import GenerationStats
-from eesd.params import GenerationParams, PolicyParams, check_session_id
+from eesd.params import GenerationParams, PolicyParams, check_prompt_size, check_session_id
 from eesd_proto.eesd.v1 import controller_pb2, controller_pb2_grpc
 from serving import convert
 from serving.metrics import controller_metrics
@@ -48,11 +48,13 @@ class ControllerServicer(controller_pb2_grpc.ControllerServiceServicer):
         codec: TextCodec | None,
         default_policy: PolicyParams,
         max_new_tokens_limit: int,
+        max_prompt_tokens: int,
         auth_token: str = "",
     ):
         self.loop, self.store, self.codec = loop, store, codec
         self.default_policy = default_policy
-        self.max_new_tokens_limit, self.auth_token = max_new_tokens_limit, auth_token
+        self.max_new_tokens_limit, self.max_prompt_tokens = max_new_tokens_limit, max_prompt_tokens
+        self.auth_token = auth_token
         self._recent: OrderedDict[str, controller_pb2.SpeculationStats] = OrderedDict()
 
     def _authorize(self, context: aio.ServicerContext) -> None:
@@ -63,12 +65,18 @@ class ControllerServicer(controller_pb2_grpc.ControllerServiceServicer):
             raise Unauthenticated("missing or wrong bearer token in the authorization metadata")
 
     async def _prompt(self, request: controller_pb2.GenerateRequest) -> list[int]:
-        if request.WhichOneof("prompt") == "prompt_text":
+        """The prompt's ids; its size is checked first, so the work done on it is bounded by the limit."""
+        field = request.WhichOneof("prompt") or "prompt_ids"
+        if field == "prompt_text":
             if self.codec is None:
-                raise InvalidArgument("prompt_text", "the controller has no tokenizer (--model-dir); send prompt_ids")
+                raise InvalidArgument(field, "the controller has no tokenizer (--model-dir); send prompt_ids")
+            check_prompt_size(field, len(request.prompt_text), self.max_prompt_tokens, characters=True)
             # Off the event loop: tokenizing grows with the text, and other streams must not wait for it.
-            return await asyncio.to_thread(self.codec.encode, request.prompt_text)
-        return list(request.prompt_ids.ids)
+            ids = await asyncio.to_thread(self.codec.encode, request.prompt_text)
+        else:
+            ids = request.prompt_ids.ids
+        check_prompt_size(field, len(ids), self.max_prompt_tokens)
+        return list(ids)
 
     async def Generate(self, request: controller_pb2.GenerateRequest, context: aio.ServicerContext):
         self._authorize(context)

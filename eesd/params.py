@@ -117,6 +117,20 @@ def check_token_ids(field: str, ids: list[int], vocab_size: int) -> None:
         raise InvalidArgument(field, f"ids outside the vocabulary [0, {vocab_size}): {bad[:5]}")
 
 
+# A text prompt longer than this many characters per token of the prompt limit is refused before it is
+# tokenized (tokenizing grows with the text); real text averages 3 to 5 characters per token.
+MAX_CHARS_PER_TOKEN = 32
+
+
+def check_prompt_size(field: str, size: int, max_tokens: int, characters: bool = False) -> None:
+    """Refuses a prompt over the limit of `max_tokens` before any work: `size` is its token count, or its
+    length in characters (MAX_CHARS_PER_TOKEN allowed per token) when `characters`."""
+    limit = max_tokens * (MAX_CHARS_PER_TOKEN if characters else 1)
+    if size > limit:
+        unit = "characters" if characters else "tokens"
+        raise InvalidArgument(field, f"{size} {unit}: at most {limit} (prompts are limited to {max_tokens} tokens)")
+
+
 def check_context(prompt_length: int, max_new_tokens: int, context: int) -> None:
     """Refuses up front a request that could not finish inside the model's context, instead of failing it
     mid-stream."""

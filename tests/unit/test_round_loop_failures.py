@@ -88,7 +88,7 @@ def test_get_session_of_a_failed_session_says_failed_with_status_and_message():
         router = Router(make_discovery("static", ""), make_discovery("static", "v0:1"))
         loop = RoundLoop(store, router, FakeNodes(ResourceExhausted("context full")), frozenset(), vocab_size=32)
         await run_until_error(loop, "s1")
-        servicer = ControllerServicer(loop, store, None, PolicyParams("off", 0), 64)
+        servicer = ControllerServicer(loop, store, None, PolicyParams("off", 0), 64, 128)
         request = controller_pb2.GetSessionRequest(session_id="s1")
         return (await servicer.GetSession(request, NoMetadata())).session
 
