@@ -158,3 +158,11 @@ redis:
 loadtest: setup
 	$(BIN)/python -m loadtest --local-stack --sweep --concurrency 1,2,4 --requests 12 --max-new-tokens 32 \
 	  --out loadtest/results $(LOADTEST_ARGS)
+
+# Hostile input against a LocalStack of the default model in float32 (issue #12): every field of every public
+# and internal request message fuzzed from the protobuf descriptors (1000 requests, seed 0), 300 simultaneous
+# new sessions, 100 maximum-size prompts against the controller's RSS, the stall of 1 MB and 4 MB text
+# prompts; report in loadtest/results/hostile.json (HOSTILE_ARGS adds flags: `python -m loadtest.hostile --help`).
+.PHONY: hostile
+hostile: setup redis
+	$(BIN)/python -m loadtest.hostile --local-stack --redis --out loadtest/results/hostile.json $(HOSTILE_ARGS)
