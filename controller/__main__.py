@@ -20,12 +20,13 @@ from serving.server import serve
 async def main() -> None:
     config = load_config(ControllerConfig)
     store = TimedStateStore(open_state_store(config.redis_url, config.session_ttl_s, config.redis_max_connections))
+    nodes = NodeClients(config.round_timeout_s, config.node_probe_s, config.node_lost_s)
     router = Router(
         make_discovery(config.discovery, config.drafters, config.namespace, config.drafter_selector),
         make_discovery(config.discovery, config.verifiers, config.namespace, config.verifier_selector),
         config.node_down_s,
+        nodes.liveness.is_lost,
     )
-    nodes = NodeClients(config.round_timeout_s)
     facts = model_facts(config.model_dir)
     loop = RoundLoop(
         store,
@@ -50,6 +51,7 @@ async def main() -> None:
     async def warmup() -> None:
         await store.ping()  # SERVING only once the state store answers
         router.start()
+        nodes.liveness.start(router.addresses)  # hung nodes are found within node_lost_s
 
     async def stop() -> None:
         router.stop()

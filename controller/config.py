@@ -43,6 +43,10 @@ class ControllerConfig:
         30.0, "how long a new session waits for room in a verifier's KV pool before RESOURCE_EXHAUSTED"
     )
     node_down_s: float = field(5.0, "seconds a failed node is kept out of routing before it is retried")
+    node_probe_s: float = field(1.0, "seconds between health probes of every drafter and verifier")
+    node_lost_s: float = field(
+        5.0, "a node that has not answered SERVING this long is lost: its calls end and its sessions move"
+    )
     grace_s: float = field(30.0, "seconds in-flight generations get to finish on SIGTERM")
 
     def prompt_limit(self, context: int | None) -> int:
@@ -63,6 +67,9 @@ class ControllerConfig:
             raise InvalidArgument("max_sessions", f"must be >= 1, got {self.max_sessions}")
         if self.max_prompt_tokens < 0:
             raise InvalidArgument("max_prompt_tokens", f"must be >= 0, got {self.max_prompt_tokens}")
+        for name in ("node_probe_s", "node_lost_s"):
+            if getattr(self, name) <= 0:
+                raise InvalidArgument(name, f"must be > 0, got {getattr(self, name)}")
         if self.admission_wait_s < 0:
             raise InvalidArgument("admission_wait_s", f"must be >= 0, got {self.admission_wait_s}")
         if self.discovery != "kubernetes" and not self.verifiers:

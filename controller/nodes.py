@@ -4,6 +4,7 @@ from dataclasses import dataclass
 
 import grpc
 
+from controller.liveness import Liveness
 from eesd.errors import Unavailable
 from eesd.rounds import DraftBlock, DraftRequest, Verdict, VerifyRequest
 from eesd_proto.eesd.v1 import drafter_pb2, drafter_pb2_grpc, verifier_pb2, verifier_pb2_grpc
@@ -44,9 +45,12 @@ def _error(err: grpc.aio.AioRpcError, role: str, address: str) -> Exception:
 
 
 class NodeClients:
-    def __init__(self, timeout_s: float):
+    """Calls to drafters and verifiers; a call to a node that liveness declares lost ends at once."""
+
+    def __init__(self, timeout_s: float, probe_s: float = 1.0, lost_s: float = 5.0):
         self.timeout_s = timeout_s
         self._channels: dict[str, grpc.aio.Channel] = {}
+        self.liveness = Liveness(self._channel, probe_s, lost_s)
 
     def _channel(self, address: str) -> grpc.aio.Channel:
         if address not in self._channels:
@@ -55,10 +59,9 @@ class NodeClients:
 
     async def draft(self, drafter: str, request: DraftRequest, verifier: str) -> RoundOutcome | Mismatch:
         stub = drafter_pb2_grpc.DrafterServiceStub(self._channel(drafter))
+        call = stub.Draft(convert.draft_request_to_proto(request, verifier, verifier), timeout=self.timeout_s)
         try:
-            reply = await stub.Draft(
-                convert.draft_request_to_proto(request, verifier, verifier), timeout=self.timeout_s
-            )
+            reply = await self.liveness.guard(call, {drafter: "drafter", verifier: "verifier"})
         except grpc.aio.AioRpcError as err:
             raise _error(err, "drafter", drafter) from err
         if reply.WhichOneof("outcome") == "cache_mismatch":
@@ -76,8 +79,9 @@ class NodeClients:
     async def verify(self, verifier: str, request: VerifyRequest) -> RoundOutcome | Mismatch:
         """A verifier-only round (no drafts): plain autoregressive decoding, one token."""
         stub = verifier_pb2_grpc.VerifierServiceStub(self._channel(verifier))
+        call = stub.Verify(convert.verify_request_to_proto(request), timeout=self.timeout_s)
         try:
-            reply = await stub.Verify(convert.verify_request_to_proto(request), timeout=self.timeout_s)
+            reply = await self.liveness.guard(call, {verifier: "verifier"})
         except grpc.aio.AioRpcError as err:
             raise _error(err, "verifier", verifier) from err
         if reply.WhichOneof("outcome") == "cache_mismatch":
@@ -100,7 +104,7 @@ class NodeClients:
         stub, message = self._session_rpcs(role, address)
         request = message("OpenSessionRequest", session_id=session_id, owner=owner, reserve_tokens=reserve_tokens)
         try:
-            reply = await stub.OpenSession(request, timeout=self.timeout_s)
+            reply = await self.liveness.guard(stub.OpenSession(request, timeout=self.timeout_s), {address: role})
         except grpc.aio.AioRpcError as err:
             raise _error(err, role, address) from err
         return reply.cache_length
@@ -126,7 +130,7 @@ class NodeClients:
             token_ids=token_ids,
         )
         try:
-            reply = await stub.Prefill(request, timeout=self.timeout_s)
+            reply = await self.liveness.guard(stub.Prefill(request, timeout=self.timeout_s), {address: role})
         except grpc.aio.AioRpcError as err:
             raise _error(err, role, address) from err
         if reply.WhichOneof("outcome") == "cache_mismatch":
@@ -143,5 +147,6 @@ class NodeClients:
             pass
 
     async def close(self) -> None:
+        await self.liveness.aclose()
         for ch in self._channels.values():
             await ch.close()

@@ -268,6 +268,10 @@ class RoundLoop:
                     ) from full
                 await asyncio.sleep(pause)
                 pause = min(2 * pause, 1.0)
+            except Unavailable as error:  # dead or hung: admit the session on another verifier
+                log.warning("verifier %s unavailable at admission (%s)", verifier, error)
+                self.router.release(verifier)
+                self.router.mark_down(verifier)
             except BaseException:
                 self.router.release(verifier)
                 raise

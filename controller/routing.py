@@ -6,13 +6,21 @@ restarted pod comes back without a discovery event. New sessions go to the least
 
 import time
 from collections import Counter
+from collections.abc import Callable
 
 from controller.discovery import _Discovery
 
 
 class Router:
-    def __init__(self, drafters: _Discovery, verifiers: _Discovery, down_s: float = 5.0):
+    def __init__(
+        self,
+        drafters: _Discovery,
+        verifiers: _Discovery,
+        down_s: float = 5.0,
+        lost: Callable[[str], bool] = lambda address: False,
+    ):
         self.drafters, self.verifiers, self.down_s = drafters, verifiers, down_s
+        self.lost = lost  # whether a node stopped answering health probes (controller.liveness)
         self.load: Counter[str] = Counter()  # sessions this controller has routed to each node
         self._down_until: dict[str, float] = {}
 
@@ -21,9 +29,16 @@ class Router:
         ready = [
             e.address
             for e in discovery.endpoints()
-            if e.ready and e.address != exclude and self._down_until.get(e.address, 0.0) <= now
+            if e.ready
+            and e.address != exclude
+            and self._down_until.get(e.address, 0.0) <= now
+            and not self.lost(e.address)
         ]
         return min(ready, key=lambda address: (self.load[address], address)) if ready else None
+
+    def addresses(self) -> list[str]:
+        """Every drafter and verifier discovery reports (ready or not)."""
+        return [e.address for discovery in (self.drafters, self.verifiers) for e in discovery.endpoints()]
 
     def pick_drafter(self, exclude: str = "") -> str | None:
         return self._pick(self.drafters, exclude)

@@ -181,5 +181,7 @@ class Lookaheads:
         lookaheads = self._sessions.pop(key, {}).values()
         for lookahead in lookaheads:
             lookahead.stopped.set()
+            if lookahead.answer is not None:  # a verdict nobody will take; its verifier may hang
+                lookahead.answer.cancel()
         tasks = [t for la in lookaheads for t in (la.guess, la.ahead, la.answer) if t is not None]
         await asyncio.gather(*tasks, return_exceptions=True)

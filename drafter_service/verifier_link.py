@@ -118,10 +118,11 @@ class VerifierLink:
         try:
             answer = await asyncio.wait_for(waiter, self.timeout_s)
         except TimeoutError as err:
-            self._waiters.pop(key, None)
             raise Unavailable(
                 f"verifier {self.address} gave no verdict in {self.timeout_s} s", peer="verifier"
             ) from err
+        finally:  # answered, timed out, or the caller went away: the round waits no more
+            self._waiters.pop(key, None)
         if answer.WhichOneof("kind") == "round_error":
             raise verifier_error(answer.round_error.code, answer.round_error.message)
         return answer

@@ -22,6 +22,11 @@ CHANNEL_OPTIONS = [
     ("grpc.max_receive_message_length", MAX_MESSAGE_BYTES),
     ("grpc.keepalive_time_ms", 30_000),
     ("grpc.keepalive_permit_without_calls", 1),
+    # A peer that was down reconnects within a second or two of coming back (gRPC's default backoff grows
+    # to 120 s, so a node down for minutes was not used again for most of a minute after its restart).
+    ("grpc.initial_reconnect_backoff_ms", 250),
+    ("grpc.min_reconnect_backoff_ms", 250),
+    ("grpc.max_reconnect_backoff_ms", 2000),
 ]
 
 
@@ -39,10 +44,12 @@ async def serve(
     on_stop: Callable[[], Awaitable[None]] | None = None,
     metrics_port: int = 0,
     stalled: Callable[[], bool] = lambda: False,
+    drain: Callable[[], None] = lambda: None,
 ) -> None:
     """Serves until SIGTERM/SIGINT. `register` adds the servicers and returns their full service names.
     With `metrics_port` > 0, Prometheus /metrics is served over HTTP on it (same host). While `stalled()`
-    says the process makes no progress, health answers NOT_SERVING (so liveness probes see it)."""
+    says the process makes no progress, health answers NOT_SERVING (so liveness probes see it). On SIGTERM,
+    `drain()` asks long-lived streams to end once their work in flight is done."""
     start_exporter(metrics_port, address.rpartition(":")[0].strip("[]") or "0.0.0.0")
     server = aio.server(interceptors=[DomainErrorInterceptor()], options=CHANNEL_OPTIONS)
     services = register(server)
@@ -74,6 +81,7 @@ async def serve(
     log.info("%s draining for up to %.0f s", name, grace_s)
     watchdog.cancel()
     await health.enter_graceful_shutdown()
+    drain()
     await server.stop(grace_s)
     if on_stop is not None:
         await on_stop()

@@ -34,6 +34,7 @@ async def main() -> None:
         config.grace_s,
         metrics_port=config.metrics_port,
         stalled=lambda: node.stalled(config.max_pass_s),
+        drain=servicer.drain,
     )
     node.shutdown()
 

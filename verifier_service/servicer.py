@@ -13,12 +13,22 @@ from serving.errors import status_of
 from serving.node import ModelNode
 from serving.session_rpcs import SessionRpcs
 
+DRAIN = object()  # put in a stream's answer queue on SIGTERM: finish the rounds in flight, then end
+
 
 class VerifierServicer(SessionRpcs, verifier_pb2_grpc.VerifierServiceServicer):
     messages, prefix, role = verifier_pb2, "VerifierService", common_pb2.NODE_ROLE_VERIFIER
 
     def __init__(self, node: ModelNode):
         self.node = node
+        self._streams: dict[asyncio.Queue, set[asyncio.Task]] = {}  # open streams: answers -> rounds in flight
+
+    def drain(self) -> None:
+        """On SIGTERM: every VerifyStream ends once its rounds in flight are answered, so that the server
+        stops as soon as no round is left instead of waiting out its grace period for the drafters'
+        persistent streams. The drafters' next rounds go to another verifier."""
+        for answers in self._streams:
+            answers.put_nowait(DRAIN)
 
     async def Verify(self, request: verifier_pb2.VerifyRequest, context: aio.ServicerContext):
         return verifier_pb2.VerifyResponse(**await self._verify(request))
@@ -38,20 +48,30 @@ class VerifierServicer(SessionRpcs, verifier_pb2_grpc.VerifierServiceServicer):
                 mode=verifier_pb2.VERIFY_MODE_RECOMPUTE,
             )
         )
-        answers: asyncio.Queue = asyncio.Queue()  # responses, then None (end) or an exception (stream failed)
-        reader = asyncio.create_task(self._answer_all(request_iterator, answers))
+        # Responses, then None (end), an exception (stream failed) or DRAIN.
+        answers: asyncio.Queue = asyncio.Queue()
+        rounds: set[asyncio.Task] = set()
+        self._streams[answers] = rounds
+        reader = asyncio.create_task(self._answer_all(request_iterator, answers, rounds))
         try:
             while (answer := await answers.get()) is not None:
+                if answer is DRAIN:
+                    await asyncio.gather(*rounds, return_exceptions=True)
+                    while not answers.empty():
+                        if isinstance(answer := answers.get_nowait(), verifier_pb2.VerifyStreamResponse):
+                            yield answer
+                    return
                 if isinstance(answer, BaseException):
                     raise answer
                 yield answer
         finally:
+            del self._streams[answers]
             reader.cancel()
             await asyncio.gather(reader, return_exceptions=True)
 
-    async def _answer_all(self, request_iterator, answers: asyncio.Queue) -> None:
-        """Verifies every round of the stream as it arrives; puts each answer, then the end."""
-        rounds: set[asyncio.Task] = set()
+    async def _answer_all(self, request_iterator, answers: asyncio.Queue, rounds: set[asyncio.Task]) -> None:
+        """Verifies every round of the stream as it arrives (holding them in `rounds`); puts each answer,
+        then the end."""
 
         async def answer(request: verifier_pb2.VerifyRequest) -> None:
             try:

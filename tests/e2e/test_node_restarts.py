@@ -8,6 +8,9 @@ waits for its restarted verifier and re-prefills it, or decodes verifier-only wh
 """
 
 import asyncio
+import concurrent.futures
+import signal
+import time
 
 import pytest
 from eesd_client import EesdClient, SessionState
@@ -124,3 +127,62 @@ def test_round_loop_with_an_unreachable_drafter_decodes_verifier_only(main_stack
     assert finished.stats.drafted == 0 and finished.stats.rounds == 16
     assert not router.is_up(dead)
     assert all(load == 0 for load in router.load.values()), dict(router.load)
+
+
+@pytest.mark.parametrize("role", ["drafter", "verifier"])
+def test_session_moves_off_a_hung_node(main_stack, main_model, role):
+    """SIGSTOP: the node's process is alive but answers nothing (no connection error, no status). The
+    controller's health probes find it lost within node_lost_s, end its calls, and the session moves on;
+    once the node runs again it is used again."""
+    hung = []
+
+    def hang(node):
+        node.process.send_signal(signal.SIGSTOP)
+        hung.append(node)
+
+    try:
+        tokens, before, after = generate_with_restart(main_stack, role, hang)
+    finally:
+        for node in hung:
+            node.process.send_signal(signal.SIGCONT)
+    assert tokens == oracle(main_model, PROMPT, MAX_NEW), log_tails(main_stack)
+    assert after != before
+    controller_log = main_stack.by_role("controller")[0].log.read_text()
+    assert f"node {before} has not answered SERVING" in controller_log
+    deadline = time.monotonic() + 30
+    while f"node {before} answers SERVING again" not in main_stack.by_role("controller")[0].log.read_text():
+        assert time.monotonic() < deadline, "the controller did not notice the node running again"
+        time.sleep(0.2)
+    assert all_alive(main_stack)
+
+
+def test_sigterm_ends_a_verifier_with_open_streams_but_no_rounds_at_once(main_stack, main_model):
+    """The drafters hold persistent VerifyStreams to every verifier they used; on SIGTERM a verifier ends
+    them once their rounds in flight are answered instead of waiting out its grace period for them."""
+    verifier = main_stack.by_role("verifier")[0]
+    grace = ["--grace-s", "600"]  # far longer than the wait below: only draining can end it in time
+    verifier.args += grace
+    try:
+        main_stack.restart_node(verifier)
+        with EesdClient(main_stack.controller_address, timeout=120) as client:
+            # Sessions at once go to the least loaded verifiers, so to both once the controller's probes
+            # found the restarted one SERVING.
+            for _ in range(20):
+                with concurrent.futures.ThreadPoolExecutor(4) as pool:
+                    runs = [
+                        pool.submit(client.generate_text, PROMPT, max_new_tokens=40, policy="fixed", k_max=3)
+                        for _ in range(4)
+                    ]
+                    used = {client.get_session(run.result().session_id).verifier_id for run in runs}
+                if verifier.address in used:
+                    break
+                time.sleep(0.5)
+            else:
+                raise AssertionError("no session was routed to the restarted verifier")
+        verifier.process.send_signal(signal.SIGTERM)
+        verifier.process.wait(timeout=60)
+        assert "verifier stopped" in verifier.log.read_text()[-4000:]
+    finally:
+        del verifier.args[-len(grace) :]
+        main_stack.restart_node(verifier)
+    assert all_alive(main_stack)

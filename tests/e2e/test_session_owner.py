@@ -9,8 +9,8 @@ import threading
 import uuid
 
 import grpc
-
 from eesd_client import EesdClient
+
 from eesd_proto.eesd.v1 import drafter_pb2, drafter_pb2_grpc, verifier_pb2, verifier_pb2_grpc
 from tests.e2e.helpers import all_alive, log_tails, oracle
 
