@@ -19,7 +19,9 @@ from serving.server import serve
 
 async def main() -> None:
     config = load_config(ControllerConfig)
-    store = TimedStateStore(open_state_store(config.redis_url, config.session_ttl_s, config.redis_max_connections))
+    store = TimedStateStore(
+        open_state_store(config.redis_url, config.session_ttl_s, config.redis_max_connections, config.redis_ca_file)
+    )
     nodes = NodeClients(config.round_timeout_s, config.node_probe_s, config.node_lost_s)
     router = Router(
         make_discovery(config.discovery, config.drafters, config.namespace, config.drafter_selector),
@@ -37,6 +39,8 @@ async def main() -> None:
         admission_wait_s=config.admission_wait_s,
         context=facts.context,
         max_sessions=config.max_sessions,
+        store_wait_s=config.store_wait_s,
+        end_retry_s=config.session_ttl_s,
     )
     servicer = ControllerServicer(
         loop,
@@ -48,12 +52,17 @@ async def main() -> None:
         config.auth_token,
     )
 
+    shared_load: list[asyncio.Task] = []
+
     async def warmup() -> None:
         await store.ping()  # SERVING only once the state store answers
         router.start()
         nodes.liveness.start(router.addresses)  # hung nodes are found within node_lost_s
+        shared_load.append(asyncio.ensure_future(router.share_load(store)))  # other replicas' load
 
     async def stop() -> None:
+        for task in shared_load:
+            task.cancel()
         router.stop()
         await loop.aclose()
         await nodes.close()

@@ -15,8 +15,18 @@ class ControllerConfig:
     host: str = field("0.0.0.0", "address to listen on")
     port: int = field(50051, "gRPC port")
     metrics_port: int = field(9100, "Prometheus /metrics port (0: off)")
-    redis_url: str = field("memory://", "state store: memory:// (embedded) or redis://host:6379/0")
+    redis_url: str = field(
+        "memory://",
+        "state store: memory:// (embedded), redis://host:6379/0, rediss:// (TLS) or "
+        "redis+sentinel://host:26379[,host:26379]/service_name[/db] (Redis Sentinel)",
+    )
     redis_max_connections: int = field(256, "Redis connections at most; a burst beyond waits for a free one")
+    redis_ca_file: str = field("", "CA file that verifies a rediss:// Redis's certificate (empty: the system's CAs)")
+    store_wait_s: float = field(
+        30.0,
+        "how long a running session waits for an unreachable state store, retrying with backoff, before it "
+        "stops with UNAVAILABLE (longer than a Redis restart or failover)",
+    )
     drafters: str = field("", "drafter addresses host:port,... (static/dns discovery, k8s fallback)")
     verifiers: str = field("", "verifier addresses host:port,...")
     discovery: str = field("static", "static, dns or kubernetes")
@@ -72,5 +82,7 @@ class ControllerConfig:
                 raise InvalidArgument(name, f"must be > 0, got {getattr(self, name)}")
         if self.admission_wait_s < 0:
             raise InvalidArgument("admission_wait_s", f"must be >= 0, got {self.admission_wait_s}")
+        if self.store_wait_s < 0:
+            raise InvalidArgument("store_wait_s", f"must be >= 0, got {self.store_wait_s}")
         if self.discovery != "kubernetes" and not self.verifiers:
             raise InvalidArgument("verifiers", "at least one verifier address is required")

@@ -8,15 +8,17 @@ replaced, and the output stays the same because every round's randomness derives
 
 import asyncio
 import contextlib
+import functools
 import logging
 import secrets
 import time
 import uuid
 from collections import deque
 from collections.abc import AsyncIterator, Awaitable
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, replace
 
 from controller.nodes import Mismatch, NodeClients, RoundOutcome
+from controller.patience import StorePatience
 from controller.routing import Router
 from controller.state_store import SessionRecord, StateStore
 from eesd.errors import EesdError, FailedPrecondition, InvalidArgument, ResourceExhausted, Unavailable
@@ -70,8 +72,14 @@ class RoundLoop:
         admission_wait_s: float = 30.0,
         context: int | None = None,
         max_sessions: int = 1024,
+        store_wait_s: float = 30.0,
+        end_retry_s: float = 3600.0,
     ):
         self.store, self.router, self.nodes = store, router, nodes
+        # Store calls of running sessions wait out an unreachable store for store_wait_s and write back a
+        # session the store lost (controller/patience.py); _records: each running session's stored record.
+        self.patience = StorePatience(store, store_wait_s, end_retry_s)
+        self._records: dict[str, SessionRecord] = {}
         self.eos_token_ids, self.vocab_size = eos_token_ids, vocab_size
         self.unavailable_wait_s, self.admission_wait_s = unavailable_wait_s, admission_wait_s
         self.context = context  # the model's context, when known: longer requests are refused up front
@@ -141,7 +149,7 @@ class RoundLoop:
                 if session.speculates and pair.drafter is None and (drafter := self.router.pick_drafter()):
                     if await self._open_drafter(session, drafter):  # a drafter is back: speculate again
                         pair.drafter, session.drafter_length = drafter, 0
-                        await self.store.set_route(session_id, drafter, pair.verifier)
+                        await self._set_route(session, pair)
                 outcome = await self._run_round(session, pair)
                 call_done = time.perf_counter()
                 result = session.settle(
@@ -152,7 +160,10 @@ class RoundLoop:
                     outcome.verify_ms / 1e3,
                 )
                 try:
-                    await self.store.commit_round(session_id, session.round_index, result.tokens, result.policy_state)
+                    commit = functools.partial(
+                        self.store.commit_round, session_id, session.round_index, result.tokens, result.policy_state
+                    )
+                    await self.patience.call(commit, lambda: self._snapshot(session, pair))
                 except FailedPrecondition:  # cancelled through another controller
                     session.finish_reason = "cancelled"
                     break
@@ -167,22 +178,25 @@ class RoundLoop:
             stats = session.stats
             stats.elapsed_s = time.perf_counter() - start
             finish_reason = session.finish_reason
-            await self.store.finish(
-                session_id, "cancelled" if finish_reason == "cancelled" else "finished", finish_reason
-            )
+            status = "cancelled" if finish_reason == "cancelled" else "finished"
+            at = self._snapshot(session, pair)
+            # Written in the background if the store is down now: the client has every token already.
+            await self.patience.end(session_id, lambda: self.store.finish(session_id, status, finish_reason, at), at)
             yield Finished(session_id, finish_reason, session.prompt_length, stats, transport_ms, controller_ms)
         except (asyncio.CancelledError, GeneratorExit):
             # The client went away mid-stream: what was committed stays, the session ends as cancelled. A
             # closing generator cannot await, so the store write runs as a tracked task.
-            self._spawn(self.store.finish(session_id, "cancelled", "cancelled"))
+            at = self._snapshot(session, pair)
+            self.patience.end_later(session_id, lambda: self.store.finish(session_id, "cancelled", "cancelled", at), at)
             raise
         except Exception as error:
             # What was committed stays; GetSession says FAILED with the status the client got.
             domain = isinstance(error, EesdError)
             code, message = (error.status, str(error)) if domain else ("INTERNAL", "internal error")
-            await self._record_failure(session_id, code, message)
+            await self._record_failure(session_id, code, message, self._snapshot(session, pair))
             raise
         finally:
+            self._records.pop(session_id, None)
             self._running.discard(session_id)
             self._cancelled.discard(session_id)
             self._leave(session, pair)
@@ -200,12 +214,34 @@ class RoundLoop:
             log.warning("background cleanup failed: %r", task.exception())
 
     async def aclose(self) -> None:
-        """Waits for the background cleanup still in flight (at shutdown, before the store closes)."""
+        """Waits for the background cleanup still in flight (at shutdown, before the store closes), and a
+        little for session ends that wait for the store."""
+        await self.patience.aclose()
         await asyncio.gather(*self._tasks, return_exceptions=True)
 
-    async def _record_failure(self, session_id: str, code: str, message: str) -> None:
+    def _snapshot(self, session: Session, pair: _Pair) -> SessionRecord:
+        """The session's record as this controller holds it now: what its client has been sent. The store
+        gets it back when it lost the session, and a session's end is written at this point."""
+        return replace(
+            self._records[session.session_id],
+            committed=list(session.committed),
+            next_round=session.round_index,
+            policy_state=dict(session.policy_state),
+            drafter=pair.drafter or "",
+            verifier=pair.verifier,
+        )
+
+    async def _set_route(self, session: Session, pair: _Pair) -> None:
+        await self.patience.call(
+            lambda: self.store.set_route(session.session_id, pair.drafter or "", pair.verifier),
+            lambda: self._snapshot(session, pair),
+        )
+
+    async def _record_failure(self, session_id: str, code: str, message: str, at: SessionRecord) -> None:
+        """Ends the session as failed at `at`; in the background when the store is down (the round may
+        have failed for just that), so that it does not stay active in the store."""
         try:
-            await self.store.fail(session_id, code, message)
+            await self.patience.end(session_id, lambda: self.store.fail(session_id, code, message, at), at)
         except EesdError as store_error:  # the store is down too: the client still gets the first error
             log.warning("session %r: could not record its failure (%s): %s", session_id[:64], code, store_error)
 
@@ -228,9 +264,12 @@ class RoundLoop:
             pair.drafter or "",
             pair.verifier,
         )
+        self._records[session.session_id] = replace(record, created_at=time.time())
+        token = uuid.uuid4().hex  # a create retried after a lost reply is recognised as this one
         try:
-            await self.store.create_session(record)
+            await self.patience.call(lambda: self.store.create_session(record, token))
         except BaseException:
+            self._records.pop(session.session_id, None)
             self._leave(session, pair)
             raise
 
@@ -363,4 +402,4 @@ class RoundLoop:
             pair.drafter, session.drafter_length = self.router.pick_drafter(exclude=failed), 0
         # Only the replacement takes the released load; the node that did not fail already holds it.
         self.router.acquire(pair.verifier if error.peer == "verifier" else pair.drafter or "")
-        await self.store.set_route(session_id, pair.drafter or "", pair.verifier)
+        await self._set_route(session, pair)

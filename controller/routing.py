@@ -1,14 +1,25 @@
 """Routing of sessions to (drafter, verifier) pairs: spread over ready pods, sticky per session.
 
 Discovery says which pods are ready; a node that failed a call is kept out for `down_s` seconds, so a
-restarted pod comes back without a discovery event. New sessions go to the least-loaded node.
+restarted pod comes back without a discovery event. New sessions go to the least-loaded node, counting
+every controller's sessions: this controller's own exactly (`load`), the other replicas' from the state
+store (`share_load` reads the route index, `count_routes`, every `SHARED_LOAD_EVERY_S`; sessions not
+written for `SHARED_LOAD_WRITTEN_WITHIN_S`, e.g. of a controller that died, stop counting).
 """
 
+import asyncio
+import logging
 import time
 from collections import Counter
 from collections.abc import Callable
 
 from controller.discovery import _Discovery
+from eesd.errors import EesdError
+
+log = logging.getLogger(__name__)
+
+SHARED_LOAD_EVERY_S = 1.0
+SHARED_LOAD_WRITTEN_WITHIN_S = 120.0  # a live session writes at every round; a controller's crash stops that
 
 
 class Router:
@@ -22,6 +33,7 @@ class Router:
         self.drafters, self.verifiers, self.down_s = drafters, verifiers, down_s
         self.lost = lost  # whether a node stopped answering health probes (controller.liveness)
         self.load: Counter[str] = Counter()  # sessions this controller has routed to each node
+        self.others: dict[str, int] = {}  # the other controllers' sessions per node, as the store last said
         self._down_until: dict[str, float] = {}
 
     def _pick(self, discovery: _Discovery, exclude: str = "") -> str | None:
@@ -34,7 +46,27 @@ class Router:
             and self._down_until.get(e.address, 0.0) <= now
             and not self.lost(e.address)
         ]
-        return min(ready, key=lambda address: (self.load[address], address)) if ready else None
+        return min(ready, key=lambda address: (self.total_load(address), address)) if ready else None
+
+    def total_load(self, address: str) -> int:
+        """Sessions on the node: this controller's, plus the other controllers' as last read from the store."""
+        return self.load[address] + self.others.get(address, 0)
+
+    def update_shared(self, stored: dict[str, int], own: Counter[str]) -> None:
+        """Takes the store's sessions per node (every controller's) read while this one had `own` of them:
+        the difference is the other controllers' load."""
+        self.others = {address: n - own[address] for address, n in stored.items() if n > own[address]}
+
+    async def share_load(self, store, every_s: float = SHARED_LOAD_EVERY_S) -> None:
+        """Runs until cancelled: keeps `others` current from the store's route index. While the store does
+        not answer, the last counts stay (routing goes on with them)."""
+        while True:
+            own = Counter(self.load)
+            try:
+                self.update_shared(await store.count_routes(SHARED_LOAD_WRITTEN_WITHIN_S), own)
+            except EesdError as error:
+                log.debug("shared load not refreshed: %s", error)
+            await asyncio.sleep(every_s)
 
     def addresses(self) -> list[str]:
         """Every drafter and verifier discovery reports (ready or not)."""

@@ -7,7 +7,18 @@ interface (`StateStore`), two implementations run by the same tests:
   the session's contents, which Redis Cluster would refuse).
 - `MemoryStateStore()`: the embedded default for a single machine; same semantics, TTL included.
 
-`open_state_store(url)` picks one by scheme: ``memory://`` or ``redis://``/``rediss://``/``unix://``.
+`open_state_store(url)` picks one by scheme: ``memory://``, ``redis://``/``rediss://`` (TLS)/``unix://``,
+or ``redis+sentinel://[[user]:password@]host:port[,host:port...]/service_name[/db]`` (``rediss+sentinel://``
+for TLS to the sentinels and the master), a highly available Redis found through its sentinels with
+redis-py's `redis.asyncio.sentinel.Sentinel`. The URL's password authenticates to Redis and, unless the
+query says ``?sentinel_auth=no``, to the sentinels too (the Bitnami chart's default). A CA file for
+``rediss`` URLs is the `ca_file` argument (the controller's ``--redis-ca-file``).
+
+Outages: every call raises `Unavailable` while Redis cannot be reached (a connection error, a timeout,
+``LOADING`` after a restart, a read-only replica after a failover). Waiting for it to come back is the
+caller's job (the controller's round loop, `controller/patience.py`); every write is safe to repeat for
+that: create carries a token the caller may choose, commits are guarded by the round number, and the end
+of a session carries the round it ends at.
 
 Redis layout, every key under `prefix` (default ``eesd:``):
 
@@ -27,6 +38,13 @@ Redis layout, every key under `prefix` (default ``eesd:``):
 
 `commit_round` is one Lua script: a single round trip that appends the tokens, replaces the policy
 state, advances `next_round` and refreshes the TTL only when the round number is the expected one.
+
+A controller holds every active session's state in memory, so Redis losing it (a restart without
+persistence, an AOF that lost its last second, a failover to a lagging replica) is repaired from there:
+`commit_round` on a missing record raises `NotFound`, on a record behind the round `StaleRecord`, and
+`restore_session` writes the controller's record back (only over a missing, or an active and older,
+record). Ending a session at a point (`at`, the record as the client saw it) also takes back a commit
+applied whose reply never came (see `_END`): Redis never keeps a round the client did not get.
 """
 
 from __future__ import annotations
@@ -42,12 +60,14 @@ import uuid
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
 from typing import Any, Protocol
-from urllib.parse import urlsplit, urlunsplit
+from urllib.parse import parse_qs, unquote, urlsplit, urlunsplit
 
 import redis.asyncio as aioredis
 from redis.asyncio.retry import Retry
+from redis.asyncio.sentinel import Sentinel, SentinelConnectionPool
 from redis.backoff import ExponentialBackoff
 from redis.exceptions import ConnectionError as RedisConnectionError
+from redis.exceptions import MasterDownError, ReadOnlyError
 from redis.exceptions import TimeoutError as RedisTimeoutError
 
 from eesd.errors import AlreadyExists, FailedPrecondition, InvalidArgument, NotFound, Unavailable
@@ -59,10 +79,19 @@ ERROR_MESSAGE_CHARS = 1024  # a failed session's stored message is cut here: mes
 DEFAULT_SESSION_TTL_S = 3600.0
 DEFAULT_PREFIX = "eesd:"
 REDIS_SCHEMES = ("redis://", "rediss://", "unix://")
+SENTINEL_SCHEMES = ("redis+sentinel://", "rediss+sentinel://")
+DEFAULT_SENTINEL_PORT = 26379
 MEMORY_SCHEME = "memory://"
 _MAX_TOKEN = 2**32 - 1
-# What an unreachable Redis raises, after redis-py's own retries: mapped to Unavailable.
-_REDIS_DOWN = (RedisConnectionError, RedisTimeoutError, TimeoutError, OSError)
+# What an unreachable Redis raises, after redis-py's own retries: mapped to Unavailable. ConnectionError
+# covers BusyLoadingError (LOADING: a restarted Redis reads its AOF) and MasterNotFoundError (no sentinel
+# knows a master); ReadOnlyError and MasterDownError come from a replica during a failover.
+_REDIS_DOWN = (RedisConnectionError, RedisTimeoutError, TimeoutError, OSError, ReadOnlyError, MasterDownError)
+
+
+class StaleRecord(FailedPrecondition):
+    """The stored session is behind the caller: Redis lost writes the caller saw applied (an AOF restart
+    that lost its last second, a failover to a replica that lagged). The caller restores its own record."""
 
 
 @dataclass
@@ -95,17 +124,20 @@ class CommitResult:
 
 
 class StateStore(Protocol):
-    async def create_session(self, record: SessionRecord) -> None: ...
+    async def create_session(self, record: SessionRecord, token: str = "") -> None: ...
+    async def restore_session(self, record: SessionRecord) -> bool: ...
     async def get_session(self, session_id: str) -> SessionRecord: ...
     async def commit_round(
         self, session_id: str, round_index: int, tokens: list[int], policy_state: dict[str, float]
     ) -> CommitResult: ...
     async def set_route(self, session_id: str, drafter: str, verifier: str) -> None: ...
-    async def finish(self, session_id: str, status: str, finish_reason: str) -> None: ...
-    async def fail(self, session_id: str, code: str, message: str) -> None: ...
+    async def finish(
+        self, session_id: str, status: str, finish_reason: str, at: SessionRecord | None = None
+    ) -> None: ...
+    async def fail(self, session_id: str, code: str, message: str, at: SessionRecord | None = None) -> None: ...
     async def cancel(self, session_id: str) -> bool: ...
     async def delete_session(self, session_id: str) -> None: ...
-    async def count_routes(self) -> dict[str, int]: ...
+    async def count_routes(self, written_within_s: float | None = None) -> dict[str, int]: ...
     async def merge_global_posterior(self, model_key: str, delta: dict[str, float]) -> None: ...
     async def global_posterior(self, model_key: str) -> dict[str, float]: ...
     async def ping(self) -> float: ...
@@ -113,17 +145,19 @@ class StateStore(Protocol):
 
 
 def open_state_store(
-    url: str, session_ttl_s: float = DEFAULT_SESSION_TTL_S, max_connections: int = 256
+    url: str, session_ttl_s: float = DEFAULT_SESSION_TTL_S, max_connections: int = 256, ca_file: str = ""
 ) -> MemoryStateStore | RedisStateStore:
     """The store a URL names; connects lazily (``await store.ping()`` checks the connection).
-    `max_connections` bounds a Redis store's connection pool."""
+    `max_connections` bounds a Redis store's connection pool; `ca_file` verifies a TLS Redis."""
     if not isinstance(url, str):
         raise InvalidArgument("redis_url", f"expected a URL string, got {type(url).__name__}")
     if url.startswith(MEMORY_SCHEME):
         return MemoryStateStore(session_ttl_s)
-    if url.startswith(REDIS_SCHEMES):
-        return RedisStateStore(url, session_ttl_s, max_connections=max_connections)
-    raise InvalidArgument("redis_url", f"{url!r}: expected memory://, redis://, rediss:// or unix://")
+    if url.startswith(REDIS_SCHEMES + SENTINEL_SCHEMES):
+        return RedisStateStore(url, session_ttl_s, max_connections=max_connections, ca_file=ca_file)
+    raise InvalidArgument(
+        "redis_url", f"{_redact(url)!r}: expected memory://, redis://, rediss://, unix:// or redis+sentinel://"
+    )
 
 
 # -- validation shared by both stores ------------------------------------------------------------------
@@ -184,6 +218,24 @@ def _route_addresses(drafter: str, verifier: str) -> set[str]:
     return {a for a in (drafter, verifier) if a}
 
 
+def _check_at(session_id: str, at: SessionRecord | None) -> SessionRecord | None:
+    if at is not None and at.session_id != session_id:
+        raise InvalidArgument("at", f"is a record of session {at.session_id!r}, not {session_id!r}")
+    return at
+
+
+def _behind(session_id: str, stored: int | None, at: int) -> StaleRecord:
+    where = "" if stored is None else f" at round {stored}"
+    return StaleRecord(f"session {session_id!r} is stored{where}, behind its controller's round {at}")
+
+
+def _ahead(session_id: str, stored: int | None, at: int) -> FailedPrecondition:
+    where = "" if stored is None else f" at round {stored}"
+    return FailedPrecondition(
+        f"session {session_id!r} is stored{where}, past round {at} + 1: another controller drives it"
+    )
+
+
 # -- in memory -----------------------------------------------------------------------------------------
 
 
@@ -206,6 +258,7 @@ class MemoryStateStore:
         self._wall = wall_clock
         self._lock = threading.Lock()
         self._sessions: dict[str, tuple[SessionRecord, float]] = {}  # id -> (record, deadline)
+        self._create_tokens: dict[str, str] = {}  # id -> the token it was created with
         self._posteriors: dict[str, dict[str, float]] = {}
         self._next_purge = clock() + min(self.session_ttl_s, self.PURGE_EVERY_S)
 
@@ -220,6 +273,7 @@ class MemoryStateStore:
         entry = self._sessions.get(session_id)
         if entry is not None and self._clock() >= entry[1]:
             del self._sessions[session_id]
+            self._create_tokens.pop(session_id, None)
             entry = None
         if entry is None:
             raise NotFound(f"session {session_id!r} not found")
@@ -237,8 +291,11 @@ class MemoryStateStore:
         self._next_purge = now + min(self.session_ttl_s, self.PURGE_EVERY_S)
         for session_id in [sid for sid, (_, deadline) in self._sessions.items() if now >= deadline]:
             del self._sessions[session_id]
+            self._create_tokens.pop(session_id, None)
 
-    async def create_session(self, record: SessionRecord) -> None:
+    async def create_session(self, record: SessionRecord, token: str = "") -> None:
+        """Creates the session; AlreadyExists if its id is taken, unless by a create with this same
+        non-empty `token` (a retry of this create)."""
         rec = _check_record(record)
         with self._lock:
             self._purge()
@@ -247,9 +304,30 @@ class MemoryStateStore:
             except NotFound:
                 pass
             else:
+                if token and self._create_tokens.get(rec.session_id) == token:
+                    return
                 raise AlreadyExists("session_id", f"session {rec.session_id!r} already exists")
             rec.created_at = rec.created_at or self._wall()
             self._touch(rec)
+            self._create_tokens[rec.session_id] = token
+
+    async def restore_session(self, record: SessionRecord) -> bool:
+        """Writes `record` (an active session's state as its controller holds it) when the stored one is
+        missing, or active and at an earlier round; True when written, False when left alone (the stored
+        session has ended, or is at this round or later)."""
+        rec = _check_record(record)
+        with self._lock:
+            try:
+                stored = self._live(rec.session_id)
+            except NotFound:
+                pass
+            else:
+                if stored.status != ACTIVE or stored.next_round >= rec.next_round:
+                    return False
+                rec.created_at = stored.created_at
+            rec.created_at = rec.created_at or self._wall()
+            self._touch(rec)
+            return True
 
     async def get_session(self, session_id: str) -> SessionRecord:
         _check_session_id(session_id)
@@ -270,7 +348,7 @@ class MemoryStateStore:
             if rec.status != ACTIVE:
                 raise FailedPrecondition(f"session {session_id!r} is {rec.status}")
             if round_index > rec.next_round:
-                raise FailedPrecondition(f"round {round_index} is ahead of the next round {rec.next_round}")
+                raise _behind(session_id, rec.next_round, round_index)
             rec.committed.extend(tokens)
             rec.policy_state = policy_state
             rec.next_round += 1
@@ -284,24 +362,40 @@ class MemoryStateStore:
             rec.drafter, rec.verifier = drafter, verifier
             self._touch(rec)
 
-    def _end(self, session_id: str, status: str, finish_reason: str, code: str = "", message: str = "") -> bool:
+    def _end(
+        self,
+        session_id: str,
+        status: str,
+        finish_reason: str,
+        code: str = "",
+        message: str = "",
+        at: SessionRecord | None = None,
+    ) -> bool:
         with self._lock:
             rec = self._live(session_id)
             if rec.status != ACTIVE:
                 return False
+            if at is not None:  # see _END
+                if rec.next_round < at.next_round:
+                    raise _behind(session_id, rec.next_round, at.next_round)
+                if rec.next_round > at.next_round + 1:
+                    raise _ahead(session_id, rec.next_round, at.next_round)
+                if rec.next_round == at.next_round + 1:
+                    del rec.committed[len(at.committed) :]
+                    rec.next_round, rec.policy_state = at.next_round, dict(at.policy_state)
             rec.status, rec.finish_reason = status, finish_reason
             rec.error_code, rec.error_message = code, message[:ERROR_MESSAGE_CHARS]
             self._touch(rec)
             return True
 
-    async def finish(self, session_id: str, status: str, finish_reason: str) -> None:
+    async def finish(self, session_id: str, status: str, finish_reason: str, at: SessionRecord | None = None) -> None:
         _check_session_id(session_id)
         _check_end_status(status)
-        self._end(session_id, status, finish_reason)
+        self._end(session_id, status, finish_reason, at=_check_at(session_id, at))
 
-    async def fail(self, session_id: str, code: str, message: str) -> None:
+    async def fail(self, session_id: str, code: str, message: str, at: SessionRecord | None = None) -> None:
         _check_session_id(session_id)
-        self._end(session_id, FAILED, "error", code, message)
+        self._end(session_id, FAILED, "error", code, message, _check_at(session_id, at))
 
     async def cancel(self, session_id: str) -> bool:
         _check_session_id(session_id)
@@ -311,14 +405,18 @@ class MemoryStateStore:
         _check_session_id(session_id)
         with self._lock:
             self._sessions.pop(session_id, None)
+            self._create_tokens.pop(session_id, None)
 
-    async def count_routes(self) -> dict[str, int]:
+    async def count_routes(self, written_within_s: float | None = None) -> dict[str, int]:
         counts: dict[str, int] = {}
         with self._lock:
             now = self._clock()
             for sid, (rec, deadline) in list(self._sessions.items()):
                 if now >= deadline:
                     del self._sessions[sid]
+                    self._create_tokens.pop(sid, None)
+                elif written_within_s is not None and deadline - self.session_ttl_s < now - written_within_s:
+                    continue
                 elif rec.status == ACTIVE:
                     for addr in _route_addresses(rec.drafter, rec.verifier):
                         counts[addr] = counts.get(addr, 0) + 1
@@ -384,6 +482,26 @@ if v[1] == 'active' then index_routes(ARGV[3], ARGV[4], v[2], v[3], expiry_ms(AR
 return 1
 """
 
+# ARGV: ttl ms, prefix, sid, packed tokens, next round, field/value pairs... -> 1 written, 0 left alone.
+# Writes the controller's record over a missing one, or over an active one at an earlier round (Redis lost
+# writes); an ended record, or one at this round or later, stays. The create token survives.
+_RESTORE = """
+local key = KEYS[1]
+local v = redis.call('HMGET', key, 'status', 'next_round', 'drafter', 'verifier', 'create_token', 'created_at')
+if v[1] then
+  if v[1] ~= 'active' or tonumber(v[2]) >= tonumber(ARGV[5]) then return 0 end
+  unindex_routes(ARGV[2], ARGV[3], v[3], v[4])
+  redis.call('DEL', key)
+end
+redis.call('HSET', key, unpack(ARGV, 6))
+if v[5] then redis.call('HSET', key, 'create_token', v[5], 'created_at', v[6]) end
+redis.call('SET', KEYS[2], ARGV[4], 'PX', ARGV[1])
+redis.call('PEXPIRE', key, ARGV[1])
+local r = redis.call('HMGET', key, 'drafter', 'verifier')
+index_routes(ARGV[2], ARGV[3], r[1], r[2], expiry_ms(ARGV[1]), nil)
+return 1
+"""
+
 # ARGV: round, packed tokens, policy JSON, ttl ms, updated_at, prefix, sid.
 # -> {code, committed length, next round}; code 1 applied, 0 already applied, -1 missing, -2 ahead, -3 ended.
 _COMMIT = """
@@ -421,15 +539,32 @@ if v[1] == 'active' then index_routes(ARGV[5], ARGV[6], ARGV[1], ARGV[2], expiry
 return 1
 """
 
-# ARGV: status, reason, ttl ms, updated_at, prefix, sid, end token, error code, error message.
-# -> 1 ended now (or by this same call, retried), 0 had already ended, -1 missing.
+# ARGV: status, reason, ttl ms, updated_at, prefix, sid, end token, error code, error message, and the
+# point the session ends at ('' for none): next round, committed length, policy JSON.
+# -> 1 ended now (or by this same call, retried), 0 had already ended, -1 missing, -2 stored behind the
+# point, -4 stored more than one round ahead of it (another controller drives the session).
+# One round ahead is a commit whose reply the controller never got, so the client never got its tokens
+# either: it is taken back (tokens cut to the point's length, round and policy set back) as the session
+# ends. Any copy of that commit still on its way is refused afterwards: the session is no longer active.
 _END = """
 local key = KEYS[1]
-local v = redis.call('HMGET', key, 'status', 'drafter', 'verifier', 'end_token')
+local v = redis.call('HMGET', key, 'status', 'drafter', 'verifier', 'end_token', 'next_round')
 if not v[1] then return -1 end
 if v[1] ~= 'active' then
   if v[4] == ARGV[7] then return 1 end
   return 0
+end
+if ARGV[10] ~= '' then
+  local nr, at = tonumber(v[5]), tonumber(ARGV[10])
+  if nr < at then return -2 end
+  if nr > at + 1 then return -4 end
+  if nr == at + 1 then
+    local len = tonumber(ARGV[11]) * 4
+    local kept = ''
+    if len > 0 then kept = redis.call('GETRANGE', KEYS[2], 0, len - 1) end
+    redis.call('SET', KEYS[2], kept)
+    redis.call('HSET', key, 'next_round', at, 'policy', ARGV[12])
+  end
 end
 redis.call('HSET', key, 'status', ARGV[1], 'finish_reason', ARGV[2], 'updated_at', ARGV[4], 'end_token', ARGV[7],
   'error_code', ARGV[8], 'error_message', ARGV[9])
@@ -446,7 +581,8 @@ unindex_routes(ARGV[1], ARGV[2], v[1], v[2])
 return redis.call('DEL', KEYS[1], KEYS[2])
 """
 
-# ARGV: prefix. -> flat list address, count (addresses with no live session are dropped).
+# ARGV: prefix, and '' or ttl ms minus a window ms (count only sessions written within the window).
+# -> flat list address, count (addresses with no live session are dropped).
 _COUNT_ROUTES = """
 local now = expiry_ms(0)
 local out = {}
@@ -455,7 +591,10 @@ for _, addr in ipairs(redis.call('SMEMBERS', ARGV[1] .. 'nodes')) do
   redis.call('ZREMRANGEBYSCORE', k, '-inf', now)
   local n = redis.call('ZCARD', k)
   if n == 0 then redis.call('SREM', ARGV[1] .. 'nodes', addr)
-  else table.insert(out, addr); table.insert(out, n) end
+  else
+    if ARGV[2] ~= '' then n = redis.call('ZCOUNT', k, now + tonumber(ARGV[2]), '+inf') end
+    if n > 0 then table.insert(out, addr); table.insert(out, n) end
+  end
 end
 return out
 """
@@ -485,10 +624,76 @@ def _redact(url: str) -> str:
     return urlunsplit(parts._replace(netloc=f"{parts.username or ''}:***@{host}"))
 
 
+class _BlockingSentinelPool(SentinelConnectionPool, aioredis.BlockingConnectionPool):
+    """redis-py's sentinel pool (connections go to the master the sentinels name now, and move when a
+    failover names another) that waits for a free connection like the plain URL's pool."""
+
+
+@dataclass(frozen=True)
+class SentinelUrl:
+    """A parsed ``redis+sentinel://`` URL."""
+
+    sentinels: list[tuple[str, int]]
+    service_name: str
+    db: int
+    username: str | None
+    password: str | None
+    ssl: bool
+    sentinel_auth: bool  # the sentinels take the URL's credentials too
+
+
+def parse_sentinel_url(url: str) -> SentinelUrl:
+    """``redis+sentinel://[[user]:password@]host[:port][,host[:port]...]/service_name[/db][?sentinel_auth=no]``;
+    ``rediss+sentinel://`` speaks TLS to the sentinels and the master. Ports default to 26379."""
+    parts = urlsplit(url)
+    userinfo, _, hosts = parts.netloc.rpartition("@")
+    username, password = None, None
+    if userinfo:
+        user, _, pw = userinfo.partition(":")
+        username, password = (unquote(user) or None), (unquote(pw) or None)
+    sentinels = []
+    for item in hosts.split(","):
+        host, port = item, DEFAULT_SENTINEL_PORT
+        if item.startswith("["):  # [ipv6]:port
+            host, _, rest = item[1:].partition("]")
+            if rest:
+                port = _port(rest.removeprefix(":"), url)
+        elif item.count(":") == 1:
+            host, text = item.split(":")
+            port = _port(text, url)
+        if not host:
+            raise InvalidArgument("redis_url", f"{_redact(url)!r}: a sentinel address has no host")
+        sentinels.append((host, port))
+    path = [p for p in parts.path.split("/") if p]
+    if not 1 <= len(path) <= 2:
+        raise InvalidArgument("redis_url", f"{_redact(url)!r}: expected /service_name[/db] after the hosts")
+    db = 0
+    if len(path) == 2:
+        if not path[1].isdigit():
+            raise InvalidArgument("redis_url", f"{_redact(url)!r}: the db must be a number, got {path[1]!r}")
+        db = int(path[1])
+    query = parse_qs(parts.query)
+    unknown = set(query) - {"sentinel_auth"}
+    if unknown:
+        raise InvalidArgument("redis_url", f"{_redact(url)!r}: unknown option(s) {sorted(unknown)}")
+    sentinel_auth = query.get("sentinel_auth", ["yes"])[-1].lower() not in ("no", "false", "0")
+    return SentinelUrl(sentinels, unquote(path[0]), db, username, password, url.startswith("rediss+"), sentinel_auth)
+
+
+def _port(text: str, url: str) -> int:
+    if not text.isdigit() or not 0 < int(text) < 65536:
+        raise InvalidArgument("redis_url", f"{_redact(url)!r}: bad port {text!r}")
+    return int(text)
+
+
 class RedisStateStore:
     """The store in Redis. Redis-py retries a command on connection errors (`retries`, short backoff);
     every write is safe to retry: commits are guarded by the round number, create/cancel/merge carry a
-    token. When Redis stays unreachable, methods raise `Unavailable`."""
+    token. When Redis stays unreachable, methods raise `Unavailable`.
+
+    `url`: ``redis://``, ``rediss://`` (TLS; `ca_file` names the CA that signed the server's certificate,
+    else the system's CAs), ``unix://``, or ``redis+sentinel://`` / ``rediss+sentinel://`` (see
+    `parse_sentinel_url`)."""
 
     def __init__(
         self,
@@ -499,9 +704,12 @@ class RedisStateStore:
         command_timeout_s: float = 5.0,
         retries: int = 2,
         max_connections: int = 256,
+        ca_file: str = "",
     ):
-        if not isinstance(url, str) or not url.startswith(REDIS_SCHEMES):
-            raise InvalidArgument("redis_url", f"{url!r}: expected redis://, rediss:// or unix://")
+        if not isinstance(url, str) or not url.startswith(REDIS_SCHEMES + SENTINEL_SCHEMES):
+            raise InvalidArgument(
+                "redis_url", f"{_redact(str(url))!r}: expected redis://, rediss://, unix:// or redis+sentinel://"
+            )
         if session_ttl_s <= 0:
             raise InvalidArgument("session_ttl_s", f"must be > 0, got {session_ttl_s!r}")
         self.session_ttl_s = float(session_ttl_s)
@@ -509,18 +717,26 @@ class RedisStateStore:
         self._ttl_ms = max(1, int(self.session_ttl_s * 1000))
         if max_connections < 1:
             raise InvalidArgument("redis_max_connections", f"must be >= 1, got {max_connections!r}")
+        tls = url.startswith(("rediss://", "rediss+sentinel://"))
+        if ca_file and not tls:
+            raise InvalidArgument("redis_ca_file", "a CA file verifies TLS: it needs a rediss:// URL")
+        options: dict[str, Any] = {
+            "socket_connect_timeout": connect_timeout_s,
+            "socket_timeout": command_timeout_s,
+            "retry": Retry(ExponentialBackoff(cap=0.2, base=0.01), retries),
+            "decode_responses": False,
+        }
+        if ca_file:
+            options["ssl_ca_certs"] = ca_file
         try:
             # A blocking pool: a burst of sessions beyond max_connections waits for a free connection
             # (up to the command timeout) instead of failing with "Too many connections".
-            pool = aioredis.BlockingConnectionPool.from_url(
-                url,
-                max_connections=max_connections,
-                timeout=command_timeout_s,
-                socket_connect_timeout=connect_timeout_s,
-                socket_timeout=command_timeout_s,
-                retry=Retry(ExponentialBackoff(cap=0.2, base=0.01), retries),
-                decode_responses=False,
-            )
+            if url.startswith(SENTINEL_SCHEMES):
+                pool = self._sentinel_pool(parse_sentinel_url(url), options, max_connections, command_timeout_s)
+            else:
+                pool = aioredis.BlockingConnectionPool.from_url(
+                    url, max_connections=max_connections, timeout=command_timeout_s, **options
+                )
             self._redis = aioredis.Redis(connection_pool=pool)
         except ValueError as e:
             raise InvalidArgument("redis_url", str(e)) from e
@@ -530,6 +746,32 @@ class RedisStateStore:
         self._set_route, self._end = lib(_LUA_LIB + _SET_ROUTE), lib(_LUA_LIB + _END)
         self._delete, self._count_routes = lib(_LUA_LIB + _DELETE), lib(_LUA_LIB + _COUNT_ROUTES)
         self._merge, self._get = lib(_MERGE), lib(_GET)
+        self._restore = lib(_LUA_LIB + _RESTORE)
+
+    @staticmethod
+    def _sentinel_pool(
+        parsed: SentinelUrl, options: dict[str, Any], max_connections: int, wait_s: float
+    ) -> _BlockingSentinelPool:
+        """A pool over the master that the sentinels name (redis-py's `Sentinel`, asyncio flavour)."""
+        auth = {"username": parsed.username, "password": parsed.password}
+        tls = {"ssl": True, **({"ssl_ca_certs": options["ssl_ca_certs"]} if "ssl_ca_certs" in options else {})}
+        sentinel_options = {
+            "socket_connect_timeout": options["socket_connect_timeout"],
+            "socket_timeout": options["socket_timeout"],
+            **(auth if parsed.sentinel_auth else {}),
+            **(tls if parsed.ssl else {}),
+        }
+        sentinel = Sentinel(parsed.sentinels, sentinel_kwargs=sentinel_options)
+        return _BlockingSentinelPool(
+            parsed.service_name,
+            sentinel,
+            max_connections=max_connections,
+            timeout=wait_s,
+            db=parsed.db,
+            ssl=parsed.ssl,
+            **auth,
+            **options,
+        )
 
     async def __aenter__(self) -> RedisStateStore:
         return self
@@ -550,9 +792,9 @@ class RedisStateStore:
     async def _call(self, script: Any, keys: list[str], args: list[Any]) -> Any:
         return await self._io(script(keys=keys, args=args))
 
-    async def create_session(self, record: SessionRecord) -> None:
-        rec = _check_record(record)
-        now = time.time()
+    @staticmethod
+    def _fields(rec: SessionRecord, now: float) -> list[Any]:
+        """The session hash's fields as flat name/value pairs (create and restore)."""
         fields = {
             "prompt_length": rec.prompt_length,
             "next_round": rec.next_round,
@@ -567,11 +809,23 @@ class RedisStateStore:
             "created_at": repr(rec.created_at or now),
             "updated_at": repr(now),
         }
-        args: list[Any] = [uuid.uuid4().hex, self._ttl_ms, self.prefix, rec.session_id, _pack(rec.committed)]
-        for name, value in fields.items():
-            args += [name, value]
-        if not await self._call(self._create, self._keys(rec.session_id), args):
+        return [x for pair in fields.items() for x in pair]
+
+    async def create_session(self, record: SessionRecord, token: str = "") -> None:
+        """Creates the session; AlreadyExists if its id is taken, unless by a create with this same
+        `token` (a retry of this create: pass the same token to repeat a create whose reply was lost)."""
+        rec = _check_record(record)
+        args: list[Any] = [token or uuid.uuid4().hex, self._ttl_ms, self.prefix, rec.session_id, _pack(rec.committed)]
+        if not await self._call(self._create, self._keys(rec.session_id), args + self._fields(rec, time.time())):
             raise AlreadyExists("session_id", f"session {rec.session_id!r} already exists")
+
+    async def restore_session(self, record: SessionRecord) -> bool:
+        """Writes `record` (an active session's state as its controller holds it) when the stored one is
+        missing, or active and at an earlier round; True when written, False when left alone (the stored
+        session has ended, or is at this round or later)."""
+        rec = _check_record(record)
+        args: list[Any] = [self._ttl_ms, self.prefix, rec.session_id, _pack(rec.committed), rec.next_round]
+        return await self._call(self._restore, self._keys(rec.session_id), args + self._fields(rec, time.time())) == 1
 
     async def get_session(self, session_id: str) -> SessionRecord:
         _check_session_id(session_id)
@@ -608,7 +862,7 @@ class RedisStateStore:
         if code == -1:
             raise NotFound(f"session {session_id!r} not found")
         if code == -2:
-            raise FailedPrecondition(f"round {round_index} is ahead of the next round {next_round}")
+            raise _behind(session_id, int(next_round), round_index)
         if code == -3:
             raise FailedPrecondition(f"session {session_id!r} has ended")
         return CommitResult(applied=code == 1, committed_length=int(length), next_round=int(next_round))
@@ -620,23 +874,41 @@ class RedisStateStore:
             raise NotFound(f"session {session_id!r} not found")
 
     async def _end_session(
-        self, session_id: str, status: str, finish_reason: str, code: str = "", message: str = ""
+        self,
+        session_id: str,
+        status: str,
+        finish_reason: str,
+        code: str = "",
+        message: str = "",
+        at: SessionRecord | None = None,
     ) -> bool:
         args = [status, finish_reason, self._ttl_ms, repr(time.time()), self.prefix, session_id, uuid.uuid4().hex]
         args += [code, message[:ERROR_MESSAGE_CHARS]]
-        code = await self._call(self._end, self._keys(session_id), args)
-        if code == -1:
+        if at is None:
+            args += ["", "", ""]
+        else:
+            _check_round(at.next_round)
+            args += [at.next_round, len(at.committed), json.dumps(_check_floats("policy_state", at.policy_state))]
+        result = await self._call(self._end, self._keys(session_id), args)
+        if result == -1:
             raise NotFound(f"session {session_id!r} not found")
-        return code == 1
+        if result == -2:
+            raise _behind(session_id, None, at.next_round)
+        if result == -4:
+            raise _ahead(session_id, None, at.next_round)
+        return result == 1
 
-    async def finish(self, session_id: str, status: str, finish_reason: str) -> None:
+    async def finish(self, session_id: str, status: str, finish_reason: str, at: SessionRecord | None = None) -> None:
+        """Ends an active session (a no-op on an ended one). With `at` (the session as its client saw it),
+        a commit applied beyond that point, whose reply was lost, is taken back (see `_END`)."""
         _check_session_id(session_id)
         _check_end_status(status)
-        await self._end_session(session_id, status, finish_reason)
+        await self._end_session(session_id, status, finish_reason, at=_check_at(session_id, at))
 
-    async def fail(self, session_id: str, code: str, message: str) -> None:
+    async def fail(self, session_id: str, code: str, message: str, at: SessionRecord | None = None) -> None:
+        """Ends an active session as failed with a gRPC status name and message; `at` as in `finish`."""
         _check_session_id(session_id)
-        await self._end_session(session_id, FAILED, "error", code, message)
+        await self._end_session(session_id, FAILED, "error", code, message, _check_at(session_id, at))
 
     async def cancel(self, session_id: str) -> bool:
         _check_session_id(session_id)
@@ -646,8 +918,12 @@ class RedisStateStore:
         _check_session_id(session_id)
         await self._call(self._delete, self._keys(session_id), [self.prefix, session_id])
 
-    async def count_routes(self) -> dict[str, int]:
-        flat = await self._call(self._count_routes, [], [self.prefix])
+    async def count_routes(self, written_within_s: float | None = None) -> dict[str, int]:
+        """Active sessions per node address, over every controller. With `written_within_s`, only those
+        written (a commit, a route change) that recently: a session whose controller died stops counting
+        then, not when its record expires."""
+        window = "" if written_within_s is None else self._ttl_ms - int(written_within_s * 1000)
+        flat = await self._call(self._count_routes, [], [self.prefix, window])
         return {flat[i].decode(): int(flat[i + 1]) for i in range(0, len(flat), 2)}
 
     async def merge_global_posterior(self, model_key: str, delta: dict[str, float]) -> None:
