@@ -9,7 +9,7 @@ import helm_python
 import kubernetes_validate
 import pytest
 import yaml
-from deploy_helpers import EXAMPLES, ROLES, ROOT, SERVICE_FIELDS, release_for, render
+from deploy_helpers import EXAMPLES, ROLES, ROOT, SERVICE_FIELDS, Release, release_for, render
 
 from controller.discovery import GRPC_PORT_NAME
 
@@ -87,7 +87,7 @@ def test_configmaps_carry_exactly_the_service_fields(release):
         fields = {key.removeprefix("EESD_").lower() for key in data}
         # Optional fields left empty are not rendered: the service default applies.
         assert fields <= SERVICE_FIELDS[role]
-        assert fields >= SERVICE_FIELDS[role] - {"exit_head"}, role
+        assert fields >= SERVICE_FIELDS[role] - {"exit_head", "redis_ca_file"}, role
         assert "EESD_AUTH_TOKEN" not in data  # from the Secret, never a ConfigMap
         env_from = release.pod_spec(role)["containers"][0]["envFrom"]
         assert env_from == [{"configMapRef": {"name": release.component("ConfigMap", role)["metadata"]["name"]}}]
@@ -295,6 +295,46 @@ def test_redis_built_in_with_pvc_or_external_url():
     assert external.of_kind("StatefulSet") == []
     assert not any(p["metadata"]["name"].endswith("-redis") for p in external.of_kind("NetworkPolicy"))
     assert external.config("controller")["EESD_REDIS_URL"] == "redis://redis-master.data.svc.cluster.local:6379/0"
+
+
+def test_built_in_redis_keeps_an_aof_on_its_volume():
+    for values, volume in (({}, "pvc"), ({"redis": {"persistence": {"enabled": False}}}, "emptyDir")):
+        (sts,) = Release(values).of_kind("StatefulSet")
+        (container,) = sts["spec"]["template"]["spec"]["containers"]
+        args = container["args"]
+        assert args[args.index("--appendonly") + 1] == "yes"
+        assert args[args.index("--appendfsync") + 1] == "everysec"
+        assert args[args.index("--dir") + 1] == "/data"
+        assert {"name": "data", "mountPath": "/data"} in container["volumeMounts"]
+        if volume == "pvc":
+            assert sts["spec"]["volumeClaimTemplates"][0]["metadata"]["name"] == "data"
+        else:
+            assert {"name": "data", "emptyDir": {}} in sts["spec"]["template"]["spec"]["volumes"]
+    with pytest.raises(helm_python.HelmValuesError):
+        render.render({"redis": {"appendfsync": "sometimes"}})
+
+
+def test_sentinel_and_tls_redis_urls_and_a_ca_secret():
+    ha = release_for("ha-redis")
+    assert ha.of_kind("StatefulSet") == []
+    config = ha.config("controller")
+    assert config["EESD_REDIS_URL"].startswith("redis+sentinel://") and config["EESD_STORE_WAIT_S"] == "90"
+    values = {
+        "redis": {"enabled": False, "caSecret": "redis-ca"},
+        "controller": {"config": {"redisUrl": "rediss://r:6380/0"}},
+    }
+    rel = Release(values)
+    assert rel.config("controller")["EESD_REDIS_CA_FILE"] == "/etc/eesd/redis-ca/ca.crt"
+    spec = rel.pod_spec("controller")
+    assert {"name": "redis-ca", "mountPath": "/etc/eesd/redis-ca", "readOnly": True} in spec["containers"][0][
+        "volumeMounts"
+    ]
+    (volume,) = [v for v in spec["volumes"] if v["name"] == "redis-ca"]
+    assert volume["secret"]["secretName"] == "redis-ca"
+    assert not any(v["name"] == "redis-ca" for v in rel.pod_spec("drafter")["volumes"])
+    assert "EESD_REDIS_CA_FILE" not in release_for(None).config("controller")
+    with pytest.raises(helm_python.HelmValuesError):
+        render.render({"controller": {"config": {"redisUrl": "redis-sentinel://h:26379/m"}}})
 
 
 def test_memory_state_needs_a_single_controller():

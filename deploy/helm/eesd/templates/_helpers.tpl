@@ -70,6 +70,9 @@ controller where left empty. Argument: dict "root" $ "role" <role>.
       {{- $_ := set $cfg "redisUrl" "memory://" -}}
     {{- end -}}
   {{- end -}}
+  {{- if and $root.Values.redis.caSecret (not $cfg.redisCaFile) -}}
+    {{- $_ := set $cfg "redisCaFile" "/etc/eesd/redis-ca/ca.crt" -}}
+  {{- end -}}
   {{- if and (hasPrefix "memory://" $cfg.redisUrl) (or (gt (int $v.replicas) 1) $v.autoscaling.enabled) -}}
     {{- fail "controller: memory:// keeps sessions in one process; run one replica or use Redis" -}}
   {{- end -}}
@@ -256,6 +259,11 @@ spec:
               mountPath: /models
               readOnly: true
             {{- end }}
+            {{- if and (eq $role "controller") $root.Values.redis.caSecret }}
+            - name: redis-ca
+              mountPath: /etc/eesd/redis-ca
+              readOnly: true
+            {{- end }}
       volumes:
         - name: tmp
           emptyDir: {}
@@ -272,5 +280,13 @@ spec:
             claimName: {{ $root.Values.model.claimName }}
             readOnly: true
           {{- end }}
+        {{- end }}
+        {{- if and (eq $role "controller") $root.Values.redis.caSecret }}
+        - name: redis-ca
+          secret:
+            secretName: {{ $root.Values.redis.caSecret }}
+            items:
+              - key: ca.crt
+                path: ca.crt
         {{- end }}
 {{- end -}}
