@@ -349,7 +349,9 @@ def test_cancelling_a_finished_session_does_not_cancel_a_later_one_with_its_id(t
     assert list(controller.Generate(generate(session_id=session_id), timeout=60))[-1].WhichOneof("event") == "summary"
     cancelled = controller.Cancel(controller_pb2.CancelRequest(session_id=session_id), timeout=30)
     assert cancelled.state == controller_pb2.SESSION_STATE_FINISHED
-    assert call_error(controller.Generate, generate(session_id=session_id)).code() == grpc.StatusCode.ALREADY_EXISTS
+    # Another request with the id while its record lives (the same request again would resume it).
+    other = generate(prompt=(7, 8, 9), session_id=session_id)
+    assert call_error(controller.Generate, other).code() == grpc.StatusCode.ALREADY_EXISTS
     assert (
         call_error(controller.Cancel, controller_pb2.CancelRequest(session_id=unknown)).code()
         == grpc.StatusCode.NOT_FOUND
