@@ -126,43 +126,75 @@ def session_state_from_proto(value: int) -> SessionState:
 
 
 class ResultBuilder:
-    """Folds the messages of one Generate stream into chunks and, at the end, a GenerationResult."""
+    """Folds the messages of one Generate call, over all its attempts, into chunks and a GenerationResult.
 
-    def __init__(self) -> None:
-        self.session_id: str | None = None
+    Each committed token is counted once: a resumed attempt starts with a catch-up chunk holding only the
+    tokens this builder does not have yet (`completion_tokens` is what the resume request says it has).
+    """
+
+    def __init__(self, session_id: str | None = None) -> None:
+        # The caller's choice, else the server's from the first message.
+        self.session_id = session_id
+        # A message arrived (so the server holds the session under `session_id`).
+        self.streamed = False
         self._token_ids: list[int] = []
         self._text: list[str] = []
         self._rounds: list[RoundStats] = []
         self._stats: FinalStats | None = None
 
-    def add(self, message: controller_pb2.GenerateResponse) -> GenerationChunk | None:
-        """Returns the chunk the message carries, or None for the summary."""
+    @property
+    def completion_tokens(self) -> int:
+        """Generated tokens received so far."""
+        return len(self._token_ids)
+
+    @property
+    def done(self) -> bool:
+        """The summary arrived."""
+        return self._stats is not None
+
+    def add(self, message: controller_pb2.GenerateResponse, *, catch_up: bool = False) -> GenerationChunk | None:
+        """Returns the chunk the message carries, or None for the summary.
+
+        `catch_up`: the message opens a resumed request; a chunk is the catch-up chunk, yielded with
+        `resumed` set when it holds tokens and dropped when the client had missed nothing. It may span
+        several rounds, so its stats are not one round's and stay out of the result's `rounds`.
+        """
         if self._stats is not None:
             raise ProtocolError("Generate stream sent a message after its summary")
-        self.session_id = message.session_id
+        if message.session_id:
+            if self.session_id and message.session_id != self.session_id:
+                raise ProtocolError(
+                    f"Generate stream of session {self.session_id!r} sent a message of {message.session_id!r}"
+                )
+            self.session_id = message.session_id
+        self.streamed = True
         event = message.WhichOneof("event")
         if event == "summary":
             self._stats = final_stats_from_proto(message.summary)
             return None
         if event != "chunk":
             raise ProtocolError(f"Generate stream sent a message without an event: {message}")
+        if catch_up and not message.chunk.token_ids and not message.chunk.text:
+            return None
         chunk = GenerationChunk(
-            session_id=message.session_id,
+            session_id=self.session_id or "",
             round=message.chunk.round,
             token_ids=tuple(message.chunk.token_ids),
             text=message.chunk.text,
             stats=round_stats_from_proto(message.chunk.stats),
+            resumed=catch_up,
         )
         self._token_ids.extend(chunk.token_ids)
         self._text.append(chunk.text)
-        self._rounds.append(chunk.stats)
+        if not catch_up:
+            self._rounds.append(chunk.stats)
         return chunk
 
     def result(self) -> GenerationResult:
-        if self._stats is None or self.session_id is None:
+        if self._stats is None:
             raise ProtocolError("Generate stream ended without a summary")
         return GenerationResult(
-            session_id=self.session_id,
+            session_id=self.session_id or "",
             token_ids=tuple(self._token_ids),
             text="".join(self._text),
             rounds=tuple(self._rounds),

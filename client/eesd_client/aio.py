@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import random
 from collections.abc import AsyncIterator, Awaitable, Callable, Sequence
 from types import TracebackType
@@ -11,9 +12,8 @@ from typing import Self, TypeVar, Unpack
 import grpc
 import grpc.aio
 
-from eesd_client._call import CallBudget, ClientSettings, require_session_id
+from eesd_client._call import ClientSettings, GenerateAttempts, StreamInfo, require_session_id
 from eesd_client._convert import (
-    ResultBuilder,
     generate_request_to_proto,
     session_from_proto,
     session_state_from_proto,
@@ -40,27 +40,19 @@ Response = TypeVar("Response")
 StreamCall = grpc.aio.UnaryStreamCall
 
 
-class AsyncGenerationStream:
-    """Async iterator over the chunks of one Generate call; see GenerationStream for the retry rule."""
+StartCall = Callable[[controller_pb2.GenerateRequest, float | None], StreamCall]
 
-    def __init__(self, start: Callable[[float | None], StreamCall], budget: CallBudget) -> None:
+
+class AsyncGenerationStream(StreamInfo):
+    """Async iterator over the chunks of one Generate call; see GenerationStream for retries and resumes."""
+
+    def __init__(self, start: StartCall, attempts: GenerateAttempts) -> None:
         self._start = start
-        self._budget = budget
-        self._builder = ResultBuilder()
+        self._attempts = attempts
         self._call: StreamCall | None = None
-        self._cancelled = False
+        self._cancel = asyncio.Event()
         self._failure: EesdError | None = None
         self._chunks = self._run()
-
-    @property
-    def session_id(self) -> str | None:
-        """The session's id, known once the first message arrived."""
-        return self._builder.session_id
-
-    @property
-    def attempts(self) -> int:
-        """Calls made so far (1 + retries)."""
-        return self._budget.attempts
 
     def __aiter__(self) -> AsyncIterator[GenerationChunk]:
         return self
@@ -78,11 +70,12 @@ class AsyncGenerationStream:
             pass
         if self._failure is not None:  # the stream already failed: say why, again
             raise self._failure
-        return self._builder.result()
+        return self._attempts.builder.result()
 
     def cancel(self) -> None:
         """Abandons the call from this side; a pending iteration raises CancelledError."""
-        self._cancelled = True
+        self._attempts.cancelled = True
+        self._cancel.set()
         if self._call is not None:
             self._call.cancel()
 
@@ -93,32 +86,29 @@ class AsyncGenerationStream:
         self.cancel()
 
     async def _run(self) -> AsyncIterator[GenerationChunk]:
-        received = False
+        attempts = self._attempts
         while True:
-            if self._cancelled:
-                raise CancelledError("generation cancelled by the client")
-            call = self._call = self._start(self._budget.start_attempt())
+            call = self._call = self._start(*attempts.next_request())
             try:
                 async for message in call:
-                    received = True
-                    chunk = self._builder.add(message)
+                    chunk = attempts.on_message(message)
                     if chunk is not None:
                         yield chunk
                 break
             except grpc.RpcError as rpc_error:
-                error = from_rpc_error(rpc_error)
-                delay = None if received else self._budget.retry_delay(error)
+                delay = attempts.on_error(rpc_error)
                 if delay is None:
-                    raise error from rpc_error
-                await asyncio.sleep(delay)
+                    break
+                with contextlib.suppress(TimeoutError):  # a cancel() during the backoff ends it at once
+                    await asyncio.wait_for(self._cancel.wait(), delay)
             except asyncio.CancelledError:
                 # grpc.aio reports a cancelled call as asyncio.CancelledError; only ours becomes an EesdError.
-                if not self._cancelled:
+                if not attempts.cancelled:
                     raise
                 raise CancelledError("generation cancelled by the client") from None
             finally:
                 call.cancel()
-        self._builder.result()  # a stream that ended without its summary is a ProtocolError
+        attempts.builder.result()  # a stream that ended without its summary is a ProtocolError
 
 
 class AsyncEesdClient:
@@ -155,6 +145,7 @@ class AsyncEesdClient:
             else grpc.aio.secure_channel(target, tls.credentials(), options)
         )
         self._stub = controller_pb2_grpc.ControllerServiceStub(self._channel)
+        self._closed = False
 
     def generate(
         self, prompt: str | Sequence[int], *, timeout: float | None = None, **options: Unpack[GenerateOptions]
@@ -163,10 +154,12 @@ class AsyncEesdClient:
         request = generate_request_to_proto(GenerationRequest(prompt, **options))
         metadata = self._settings.metadata
 
-        def start(attempt_timeout: float | None) -> StreamCall:
-            return self._stub.Generate(request, timeout=attempt_timeout, metadata=metadata)
+        def start(attempt: controller_pb2.GenerateRequest, attempt_timeout: float | None) -> StreamCall:
+            if self._closed:  # a stream resuming after close() stops instead of using the closed channel
+                raise CancelledError("the client was closed")
+            return self._stub.Generate(attempt, timeout=attempt_timeout, metadata=metadata)
 
-        return AsyncGenerationStream(start, self._settings.budget(timeout))
+        return AsyncGenerationStream(start, self._settings.generate_attempts(request, timeout))
 
     async def generate_text(
         self, prompt: str | Sequence[int], *, timeout: float | None = None, **options: Unpack[GenerateOptions]
@@ -190,6 +183,7 @@ class AsyncEesdClient:
         return session_from_proto((await self._unary(self._stub.GetSession, request, timeout)).session)
 
     async def close(self) -> None:
+        self._closed = True
         await self._channel.close()
 
     async def __aenter__(self) -> Self:

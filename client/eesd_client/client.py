@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import random
+import threading
 import time
 from collections.abc import Callable, Iterator, Sequence
 from types import TracebackType
@@ -10,9 +11,8 @@ from typing import Self, TypeVar, Unpack
 
 import grpc
 
-from eesd_client._call import CallBudget, ClientSettings, require_session_id
+from eesd_client._call import ClientSettings, GenerateAttempts, StreamInfo, require_session_id
 from eesd_client._convert import (
-    ResultBuilder,
     generate_request_to_proto,
     session_from_proto,
     session_state_from_proto,
@@ -38,32 +38,24 @@ from eesd_client.types import (
 Response = TypeVar("Response")
 
 
-class GenerationStream:
+StartCall = Callable[[controller_pb2.GenerateRequest, float | None], grpc.Call]
+
+
+class GenerationStream(StreamInfo):
     """The chunks of one Generate call, as they arrive; `result()` drains the rest into a GenerationResult.
 
     The call starts on the first iteration. The retry policy's codes (UNAVAILABLE, RESOURCE_EXHAUSTED) are
-    retried with backoff until the first response message arrives, never after, so no token is streamed
-    twice.
+    retried with backoff; after the first response a failed stream is resumed where it broke, so the
+    chunks read as one uninterrupted stream: no token twice, none missing (`resumes` counts the resumes).
     """
 
-    def __init__(self, start: Callable[[float | None], grpc.Call], budget: CallBudget) -> None:
+    def __init__(self, start: StartCall, attempts: GenerateAttempts) -> None:
         self._start = start
-        self._budget = budget
-        self._builder = ResultBuilder()
+        self._attempts = attempts
         self._call: grpc.Call | None = None
-        self._cancelled = False
+        self._cancel = threading.Event()
         self._failure: EesdError | None = None
         self._chunks = self._run()
-
-    @property
-    def session_id(self) -> str | None:
-        """The session's id, known once the first message arrived."""
-        return self._builder.session_id
-
-    @property
-    def attempts(self) -> int:
-        """Calls made so far (1 + retries)."""
-        return self._budget.attempts
 
     def __iter__(self) -> Iterator[GenerationChunk]:
         return self
@@ -81,14 +73,15 @@ class GenerationStream:
             pass
         if self._failure is not None:  # the stream already failed: say why, again
             raise self._failure
-        return self._builder.result()
+        return self._attempts.builder.result()
 
     def cancel(self) -> None:
         """Abandons the call from this side (thread-safe); a blocked iteration raises CancelledError.
 
         EesdClient.cancel(session_id) stops the session on the server from anywhere.
         """
-        self._cancelled = True
+        self._attempts.cancelled = True
+        self._cancel.set()
         if self._call is not None:
             self._call.cancel()
 
@@ -99,30 +92,26 @@ class GenerationStream:
         self.cancel()
 
     def _run(self) -> Iterator[GenerationChunk]:
-        received = False
+        attempts = self._attempts
         while True:
-            if self._cancelled:
-                raise CancelledError("generation cancelled by the client")
-            call = self._call = self._start(self._budget.start_attempt())
-            if self._cancelled:  # cancel() raced with the start of this attempt
+            call = self._call = self._start(*attempts.next_request())
+            if attempts.cancelled:  # cancel() raced with the start of this attempt
                 call.cancel()
             try:
                 for message in call:
-                    received = True
-                    chunk = self._builder.add(message)
+                    chunk = attempts.on_message(message)
                     if chunk is not None:
                         yield chunk
                 break
             except grpc.RpcError as rpc_error:
-                error = from_rpc_error(rpc_error)
-                delay = None if received else self._budget.retry_delay(error)
+                delay = attempts.on_error(rpc_error)
                 if delay is None:
-                    raise error from rpc_error
-                time.sleep(delay)
+                    break
+                self._cancel.wait(delay)  # a cancel() during the backoff ends it at once
             finally:
                 # Ends the RPC when the consumer stopped early; a no-op on a finished call.
                 call.cancel()
-        self._builder.result()  # a stream that ended without its summary is a ProtocolError
+        attempts.builder.result()  # a stream that ended without its summary is a ProtocolError
 
 
 class EesdClient:
@@ -159,6 +148,7 @@ class EesdClient:
             else grpc.secure_channel(target, tls.credentials(), options)
         )
         self._stub = controller_pb2_grpc.ControllerServiceStub(self._channel)
+        self._closed = False
 
     def generate(
         self, prompt: str | Sequence[int], *, timeout: float | None = None, **options: Unpack[GenerateOptions]
@@ -167,10 +157,12 @@ class EesdClient:
         request = generate_request_to_proto(GenerationRequest(prompt, **options))
         metadata = self._settings.metadata
 
-        def start(attempt_timeout: float | None) -> grpc.Call:
-            return self._stub.Generate(request, timeout=attempt_timeout, metadata=metadata)
+        def start(attempt: controller_pb2.GenerateRequest, attempt_timeout: float | None) -> grpc.Call:
+            if self._closed:  # a stream resuming after close() stops instead of using the closed channel
+                raise CancelledError("the client was closed")
+            return self._stub.Generate(attempt, timeout=attempt_timeout, metadata=metadata)
 
-        return GenerationStream(start, self._settings.budget(timeout))
+        return GenerationStream(start, self._settings.generate_attempts(request, timeout))
 
     def generate_text(
         self, prompt: str | Sequence[int], *, timeout: float | None = None, **options: Unpack[GenerateOptions]
@@ -194,6 +186,7 @@ class EesdClient:
         return session_from_proto(self._unary(self._stub.GetSession, request, timeout).session)
 
     def close(self) -> None:
+        self._closed = True
         self._channel.close()
 
     def __enter__(self) -> Self:

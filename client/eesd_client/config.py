@@ -47,13 +47,18 @@ class TlsConfig:
 
 @dataclass(frozen=True)
 class RetryPolicy:
-    """Exponential backoff with jitter for calls that failed before any response arrived.
+    """Exponential backoff with jitter for calls that failed with a transient status (`retryable_codes`).
 
-    A Generate call is retried only until its first response message: after that the server has
-    committed tokens, and a new attempt would stream them again.
+    Before the first response of a Generate call arrived, a failed attempt is retried: as a fresh request,
+    or, when the caller chose the session id, as a resume of that session (the server treats a repeated
+    request as the same session, so a lost first attempt never turns into ALREADY_EXISTS). After the first
+    response, a stream that fails with one of these codes is resumed (`resume`): the same request again
+    with the session's id and the number of tokens already received, so the server sends only what the
+    client missed. Every attempt that brings new tokens starts the attempt count and the backoff afresh;
+    the call's deadline bounds everything, backoff included.
     """
 
-    # Attempts in all, the first included; 1 disables retries.
+    # Attempts in a row without new tokens, the first included; 1 disables retries and resumes.
     max_attempts: int = 4
     initial_backoff_s: float = 0.1
     max_backoff_s: float = 5.0
@@ -62,9 +67,15 @@ class RetryPolicy:
     jitter: float = 0.5
     # UNAVAILABLE: no controller or verifier reachable now; RESOURCE_EXHAUSTED: the server's KV memory or
     # queue is full and refused the session before it started. Both may pass on their own.
+    # A controller that crashes, is killed or shuts down ends its streams with UNAVAILABLE ("Stream removed",
+    # "Cancelling all calls"), so the defaults resume across a controller restart. A proxy that resets
+    # streams as CANCELLED or INTERNAL needs those codes added; a call this client cancelled itself, or one
+    # on a closed client, is never retried.
     retryable_codes: frozenset[grpc.StatusCode] = frozenset(
         {grpc.StatusCode.UNAVAILABLE, grpc.StatusCode.RESOURCE_EXHAUSTED}
     )
+    # Resume a Generate stream that failed after its first response; False raises the error instead.
+    resume: bool = True
 
     def __post_init__(self) -> None:
         if self.max_attempts < 1:

@@ -64,7 +64,7 @@ class ResourceExhaustedError(EesdError):
 
 
 class UnavailableError(EesdError):
-    """The server cannot be reached; retried automatically until the first token arrived."""
+    """The server cannot be reached; retried, and a broken Generate stream resumed, automatically."""
 
     code = grpc.StatusCode.UNAVAILABLE
 

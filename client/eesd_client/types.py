@@ -62,7 +62,8 @@ class GenerationRequest:
     policy_options: Mapping[str, float] = field(default_factory=dict)
     # Upper bound on drafts per round (0: no speculation); None lets the server choose.
     k_max: int | None = None
-    # Client-chosen id, so the session can be cancelled before its first token arrives.
+    # Client-chosen id, so the session can be cancelled before its first token arrives; a retry after a
+    # lost first attempt then resumes that session instead of starting another.
     session_id: str | None = None
     stop_on_eos: bool = True
 
@@ -126,6 +127,9 @@ class GenerationChunk:
     # Text delta; may be empty while a multi-byte character is incomplete.
     text: str
     stats: RoundStats
+    # The catch-up chunk of a resumed stream: every token the session committed while the stream was down,
+    # possibly several rounds, so `round` and `stats` are what the server reported for it, not one round's.
+    resumed: bool = False
 
 
 @dataclass(frozen=True)
@@ -178,6 +182,8 @@ class GenerationResult:
     session_id: str
     token_ids: tuple[int, ...]
     text: str
+    # Stats of the rounds streamed live, in order; a resumed stream's catch-up chunk adds none (the rounds
+    # it spans arrived as one chunk), while `stats.speculation` always covers every round.
     rounds: tuple[RoundStats, ...]
     stats: FinalStats
 

@@ -17,7 +17,6 @@ from eesd_client import (
     RetryPolicy,
     SessionState,
     UnauthenticatedError,
-    UnavailableError,
 )
 
 FAST_RETRY = RetryPolicy(max_attempts=4, initial_backoff_s=0.01, max_backoff_s=0.02)
@@ -55,21 +54,6 @@ def test_retries_unavailable_before_the_first_token(controller: Server) -> None:
 
     assert asyncio.run(run()) == 4
     assert controller.fake.generate_attempts == 4
-
-
-def test_never_retries_after_the_first_token(controller: Server) -> None:
-    controller.fake.behaviour.unavailable_after_chunks = 2
-
-    async def run() -> None:
-        async with client_for(controller) as client:
-            stream = client.generate("hi", max_new_tokens=20)
-            assert (await anext(stream)).round == 0
-            assert (await anext(stream)).round == 1
-            with pytest.raises(UnavailableError):
-                await anext(stream)
-
-    asyncio.run(run())
-    assert controller.fake.generate_attempts == 1
 
 
 def test_deadline_and_error_mapping(controller: Server) -> None:

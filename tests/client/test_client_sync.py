@@ -112,18 +112,6 @@ def test_gives_up_after_max_attempts(controller: Server, code: grpc.StatusCode, 
     assert controller.fake.generate_attempts == 3
 
 
-def test_never_retries_after_the_first_token(controller: Server) -> None:
-    controller.fake.behaviour.unavailable_after_chunks = 1
-    with client_for(controller) as client:
-        stream = client.generate("hi", max_new_tokens=10)
-        assert next(stream).token_ids == (100,)
-        with pytest.raises(UnavailableError, match="verifier lost"):
-            next(stream)
-        with pytest.raises(UnavailableError):  # the failure sticks to the stream
-            stream.result()
-    assert controller.fake.generate_attempts == 1
-
-
 def test_deadline_covers_the_whole_stream(controller: Server) -> None:
     controller.fake.behaviour.chunk_delay_s = 0.2
     with client_for(controller) as client:
