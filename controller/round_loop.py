@@ -1,9 +1,12 @@
 """The controller's core (transport-free): one session's rounds over a (drafter, verifier) pair.
 
 Committed tokens and the policy posterior are the hard state, written to the store in one atomic step
-per round guarded by the round number. KV caches are soft state: a node whose cache disagrees is told
-what to prefill; a lost drafter is replaced (or the session decodes verifier-only), a lost verifier is
-replaced, and the output stays the same because every round's randomness derives from (seed, round).
+per round guarded by the round number and the driver's epoch. KV caches are soft state: a node whose
+cache disagrees is told what to prefill; a lost drafter is replaced (or the session decodes
+verifier-only), a lost verifier is replaced, and the output stays the same because every round's
+randomness derives from (seed, round). A session whose stream was lost is resumed from the store by any
+controller (docs/architecture.md §8.7): it takes the session over under a new epoch, sends the client the
+tokens it missed and goes on from the stored round.
 """
 
 import asyncio
@@ -15,18 +18,27 @@ import time
 import uuid
 from collections import deque
 from collections.abc import AsyncIterator, Awaitable
-from dataclasses import asdict, dataclass, replace
+from dataclasses import asdict, dataclass, field, replace
 
 from controller.nodes import Mismatch, NodeClients, RoundOutcome
 from controller.patience import StorePatience
 from controller.routing import Router
-from controller.state_store import SessionRecord, StateStore
-from eesd.errors import EesdError, FailedPrecondition, InvalidArgument, ResourceExhausted, Unavailable
+from controller.state_store import ACTIVE, SessionRecord, StateStore
+from eesd.errors import (
+    Aborted,
+    AlreadyExists,
+    EesdError,
+    FailedPrecondition,
+    InvalidArgument,
+    NotFound,
+    ResourceExhausted,
+    Unavailable,
+)
 from eesd.generation import GenerationStats
 from eesd.load import Ewma
 from eesd.params import GenerationParams, check_context, new_owner, validate_prompt
 from eesd.rounds import RoundStats
-from eesd.session import Session
+from eesd.session import Session, reproducible
 from serving.metrics import controller_metrics
 
 log = logging.getLogger(__name__)
@@ -40,6 +52,8 @@ class RoundEvent:
     stats: RoundStats
     transport_ms: float
     controller_ms: float
+    # A resumed stream's first event: the generated tokens its client already has, which its text continues.
+    context: list[int] = field(default_factory=list)
 
 
 @dataclass(frozen=True)
@@ -50,6 +64,28 @@ class Finished:
     stats: GenerationStats
     transport_ms: float
     controller_ms: float
+
+
+STREAM_ENDED = "the client's stream ended before the session did; resume it with its session id and received_tokens"
+
+
+def _request(params: GenerationParams, seed: int) -> dict:
+    """A session's request as stored (JSON-able): what a resuming request must repeat."""
+    return {
+        "max_new_tokens": params.max_new_tokens,
+        "sampling": asdict(params.sampling),
+        "seed": seed,
+        "policy": asdict(params.policy),
+        "stop_on_eos": params.stop_on_eos,
+    }
+
+
+def _replayed(session: Session, tokens: list[int]) -> RoundEvent:
+    """A resumed stream's first event: the committed tokens its client missed, as of the last round."""
+    last_round = max(session.round_index - 1, 0)
+    stats = RoundStats(last_round, 0, 0, 0, len(tokens), 0.0, 0.0)
+    had = session.generated[: len(session.generated) - len(tokens)]
+    return RoundEvent(session.session_id, last_round, tokens, stats, 0.0, 0.0, had)
 
 
 @dataclass
@@ -105,8 +141,10 @@ class RoundLoop:
             self._cancelled.add(session_id)
 
     async def generate(
-        self, prompt_ids: list[int], params: GenerationParams, session_id: str = ""
+        self, prompt_ids: list[int], params: GenerationParams, session_id: str = "", received_tokens: int = 0
     ) -> AsyncIterator[RoundEvent | Finished]:
+        """A new session's events; or, when `session_id` names a stored session with this very request, the
+        resumed session's: first the tokens after the `received_tokens` its client has, then the rest."""
         params.validate()
         if self.vocab_size is not None:
             validate_prompt(prompt_ids, self.vocab_size)
@@ -119,24 +157,84 @@ class RoundLoop:
                 f"this controller serves its maximum of {self.max_sessions} sessions (running or waiting "
                 "for KV room); retry later"
             )
-        seed = params.sampling.seed if params.sampling.seed is not None else secrets.randbits(63)
-        session_id = session_id or uuid.uuid4().hex
-        session = Session.start(session_id, prompt_ids, params, seed, self.eos_token_ids, new_owner())
         self._generating += 1
         try:
+            stored = await self._stored(session_id) if session_id else None
+            if stored is None:
+                if received_tokens:
+                    raise InvalidArgument("received_tokens", "must be 0 for a new session")
+                seed = params.sampling.seed if params.sampling.seed is not None else secrets.randbits(63)
+                session = Session.start(
+                    session_id or uuid.uuid4().hex, prompt_ids, params, seed, self.eos_token_ids, new_owner()
+                )
+                events = self._drive(session)
+            else:
+                events = self._resume(stored, prompt_ids, params, received_tokens)
             # aclosing: a client that hangs up closes this generator, and the session's own cleanup (ended
-            # as cancelled, nodes released) must run then, not whenever the inner generator is collected.
-            async with contextlib.aclosing(self._drive(session)) as events:
+            # resumable, nodes released) must run then, not whenever the inner generator is collected.
+            async with contextlib.aclosing(events) as events:
                 async for event in events:
                     yield event
         finally:
             self._generating -= 1
 
-    async def _drive(self, session: Session) -> AsyncIterator[RoundEvent | Finished]:
-        """Admits the session, stores it, runs its rounds and ends it in the store."""
+    async def _stored(self, session_id: str) -> SessionRecord | None:
+        try:
+            return await self.patience.call(lambda: self.store.get_session(session_id))
+        except NotFound:
+            return None
+
+    async def _resume(
+        self, stored: SessionRecord, prompt_ids: list[int], params: GenerationParams, received_tokens: int
+    ) -> AsyncIterator[RoundEvent | Finished]:
+        """Takes `stored` over (it must be the session of this very request) and drives it on; a session
+        that finished or was cancelled only replays what its client missed."""
+        session_id = stored.session_id
+        seed = stored.params.get("seed") if params.sampling.seed is None else params.sampling.seed
+        same = stored.committed[: stored.prompt_length] == list(prompt_ids)
+        if not same or stored.params != _request(reproducible(params), seed):
+            raise AlreadyExists("session_id", f"session {session_id!r} exists, with another request")
+        generated = len(stored.committed) - stored.prompt_length
+        if received_tokens > generated:
+            raise InvalidArgument("received_tokens", f"must be <= {generated}, the tokens the session generated")
+        owner = new_owner()
+        record = await self.patience.call(lambda: self.store.take_over(session_id, owner))
+        session = Session.resume(
+            session_id,
+            record.committed,
+            record.prompt_length,
+            params,
+            seed,
+            record.policy_state,
+            record.next_round,
+            self.eos_token_ids,
+            owner,
+        )
+        log.info(
+            "session %s: resumed at round %d (%s, epoch %d)", session_id, record.next_round, record.status, record.epoch
+        )
+        missed = session.generated[received_tokens:]
+        if record.status != ACTIVE:  # finished or cancelled: nothing more to generate
+            yield _replayed(session, missed)
+            yield Finished(session_id, record.finish_reason, session.prompt_length, session.stats, 0.0, 0.0)
+            return
+        for role, address in (("drafter", stored.drafter), ("verifier", stored.verifier)):
+            if address and stored.owner:  # the previous driver's caches: this one opens its own
+                self._spawn(self.nodes.close_session(role, address, session_id, stored.owner))
+        async with contextlib.aclosing(self._drive(session, record, missed)) as events:
+            async for event in events:
+                yield event
+
+    async def _drive(
+        self, session: Session, resumed: SessionRecord | None = None, missed: list[int] | None = None
+    ) -> AsyncIterator[RoundEvent | Finished]:
+        """Admits the session, stores it (or, `resumed`, its taken-over record), sends a resumed session's
+        `missed` tokens, runs its rounds and ends it in the store."""
         session_id = session.session_id
-        pair = await self._admit(session)
-        await self._create_session(session, pair)
+        if missed is not None:
+            yield _replayed(session, missed)
+        pair = await self._admit(session) if session.finish_reason is None else _Pair(None, "")
+        await self._register(session, pair, resumed)
         self._running.add(session_id)
         transport_ms = controller_ms = 0.0
         start = time.perf_counter()
@@ -160,8 +258,14 @@ class RoundLoop:
                     outcome.verify_ms / 1e3,
                 )
                 try:
+                    epoch = self._records[session_id].epoch
                     commit = functools.partial(
-                        self.store.commit_round, session_id, session.round_index, result.tokens, result.policy_state
+                        self.store.commit_round,
+                        session_id,
+                        session.round_index,
+                        result.tokens,
+                        result.policy_state,
+                        epoch,
                     )
                     await self.patience.call(commit, lambda: self._snapshot(session, pair))
                 except FailedPrecondition:  # cancelled through another controller
@@ -184,10 +288,14 @@ class RoundLoop:
             await self.patience.end(session_id, lambda: self.store.finish(session_id, status, finish_reason, at), at)
             yield Finished(session_id, finish_reason, session.prompt_length, stats, transport_ms, controller_ms)
         except (asyncio.CancelledError, GeneratorExit):
-            # The client went away mid-stream: what was committed stays, the session ends as cancelled. A
-            # closing generator cannot await, so the store write runs as a tracked task.
+            # The client's stream ended (it went away, or this controller is stopping): what was committed
+            # stays and the session ends failed, CANCELLED, which a resume takes up again (a Cancel ends it
+            # for good). A closing generator cannot await, so the store write runs as a tracked task.
             at = self._snapshot(session, pair)
-            self.patience.end_later(session_id, lambda: self.store.finish(session_id, "cancelled", "cancelled", at), at)
+            write = functools.partial(self.store.fail, session_id, "CANCELLED", STREAM_ENDED, at)
+            self.patience.end_later(session_id, write, at)
+            raise
+        except Aborted:  # another controller drives the session now: its end is that controller's to write
             raise
         except Exception as error:
             # What was committed stays; GetSession says FAILED with the status the client got.
@@ -232,8 +340,9 @@ class RoundLoop:
         )
 
     async def _set_route(self, session: Session, pair: _Pair) -> None:
+        epoch = self._records[session.session_id].epoch
         await self.patience.call(
-            lambda: self.store.set_route(session.session_id, pair.drafter or "", pair.verifier),
+            lambda: self.store.set_route(session.session_id, pair.drafter or "", pair.verifier, epoch),
             lambda: self._snapshot(session, pair),
         )
 
@@ -245,24 +354,30 @@ class RoundLoop:
         except EesdError as store_error:  # the store is down too: the client still gets the first error
             log.warning("session %r: could not record its failure (%s): %s", session_id[:64], code, store_error)
 
+    async def _register(self, session: Session, pair: _Pair, resumed: SessionRecord | None) -> None:
+        """Stores a new session, or pins a resumed one's nodes under its epoch; on failure the nodes are left."""
+        if resumed is None:
+            await self._create_session(session, pair)
+            return
+        self._records[session.session_id] = resumed
+        try:
+            await self._set_route(session, pair)
+        except BaseException:
+            self._records.pop(session.session_id, None)
+            self._leave(session, pair)
+            raise
+
     async def _create_session(self, session: Session, pair: _Pair) -> None:
-        params = session.params
-        request = {
-            "max_new_tokens": params.max_new_tokens,
-            "sampling": asdict(params.sampling),
-            "seed": session.seed,
-            "policy": asdict(params.policy),
-            "stop_on_eos": params.stop_on_eos,
-        }
         record = SessionRecord(
             session.session_id,
             list(session.committed),
             session.prompt_length,
             0,
             session.policy_state,
-            request,
+            _request(session.params, session.seed),
             pair.drafter or "",
             pair.verifier,
+            owner=session.owner,
         )
         self._records[session.session_id] = replace(record, created_at=time.time())
         token = uuid.uuid4().hex  # a create retried after a lost reply is recognised as this one

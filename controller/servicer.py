@@ -92,9 +92,10 @@ class ControllerServicer(controller_pb2_grpc.ControllerServiceServicer):
         text = TextStream(self.codec)
         if request.session_id:
             check_session_id(request.session_id)
-        events = self.loop.generate(await self._prompt(request), params, request.session_id)
+        events = self.loop.generate(await self._prompt(request), params, request.session_id, request.received_tokens)
         async for event in controller_metrics().track(events):
             if isinstance(event, RoundEvent):
+                text.skip(event.context)  # a resumed stream's text goes on from what its client has
                 yield controller_pb2.GenerateResponse(
                     session_id=event.session_id,
                     chunk=controller_pb2.GenerationChunk(

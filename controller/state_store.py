@@ -70,8 +70,8 @@ from redis.exceptions import ConnectionError as RedisConnectionError
 from redis.exceptions import MasterDownError, ReadOnlyError
 from redis.exceptions import TimeoutError as RedisTimeoutError
 
-from eesd.errors import AlreadyExists, FailedPrecondition, InvalidArgument, NotFound, Unavailable
-from eesd.params import check_session_id
+from eesd.errors import Aborted, AlreadyExists, FailedPrecondition, InvalidArgument, NotFound, Unavailable
+from eesd.params import check_session_id, check_session_key
 
 ACTIVE, FINISHED, CANCELLED, FAILED = "active", "finished", "cancelled", "failed"
 STATUSES = (ACTIVE, FINISHED, CANCELLED, FAILED)
@@ -110,6 +110,11 @@ class SessionRecord:
     error_message: str = ""
     created_at: float = 0.0  # unix seconds; the store fills 0.0 in at creation
     updated_at: float = 0.0
+    # The driving controller: its node owner token (eesd.params.session_key) and its epoch, which a
+    # controller that takes the session over bumps; commits, route changes and ends of another epoch are
+    # refused (Aborted), so two controllers never drive one session.
+    owner: str = ""
+    epoch: int = 0
 
     @property
     def generated(self) -> list[int]:
@@ -128,9 +133,10 @@ class StateStore(Protocol):
     async def restore_session(self, record: SessionRecord) -> bool: ...
     async def get_session(self, session_id: str) -> SessionRecord: ...
     async def commit_round(
-        self, session_id: str, round_index: int, tokens: list[int], policy_state: dict[str, float]
+        self, session_id: str, round_index: int, tokens: list[int], policy_state: dict[str, float], epoch: int = 0
     ) -> CommitResult: ...
-    async def set_route(self, session_id: str, drafter: str, verifier: str) -> None: ...
+    async def set_route(self, session_id: str, drafter: str, verifier: str, epoch: int | None = None) -> None: ...
+    async def take_over(self, session_id: str, owner: str) -> SessionRecord: ...
     async def finish(
         self, session_id: str, status: str, finish_reason: str, at: SessionRecord | None = None
     ) -> None: ...
@@ -199,6 +205,10 @@ def _check_record(record: SessionRecord) -> SessionRecord:
     if not isinstance(rec.prompt_length, int) or not 0 <= rec.prompt_length <= len(rec.committed):
         raise InvalidArgument("prompt_length", f"must be in [0, {len(rec.committed)}], got {rec.prompt_length!r}")
     _check_round(rec.next_round)
+    if not isinstance(rec.epoch, int) or not 0 <= rec.epoch <= _MAX_TOKEN:
+        raise InvalidArgument("epoch", f"must be in [0, {_MAX_TOKEN}], got {rec.epoch!r}")
+    if rec.owner:
+        check_session_key(f"{rec.session_id}/{rec.owner}")
     rec.policy_state = _check_floats("policy_state", rec.policy_state)
     if rec.status not in STATUSES:
         raise InvalidArgument("status", f"must be one of {STATUSES}, got {rec.status!r}")
@@ -234,6 +244,13 @@ def _ahead(session_id: str, stored: int | None, at: int) -> FailedPrecondition:
     return FailedPrecondition(
         f"session {session_id!r} is stored{where}, past round {at} + 1: another controller drives it"
     )
+
+
+def _taken_over(session_id: str) -> Aborted:
+    return Aborted(f"session {session_id!r} was taken over by another controller (a client resumed it there)")
+
+
+RESUMABLE = (ACTIVE, FAILED)  # a session that did not finish and was not cancelled can be taken over
 
 
 # -- in memory -----------------------------------------------------------------------------------------
@@ -322,7 +339,7 @@ class MemoryStateStore:
             except NotFound:
                 pass
             else:
-                if stored.status != ACTIVE or stored.next_round >= rec.next_round:
+                if stored.status != ACTIVE or stored.epoch > rec.epoch or stored.next_round >= rec.next_round:
                     return False
                 rec.created_at = stored.created_at
             rec.created_at = rec.created_at or self._wall()
@@ -335,7 +352,7 @@ class MemoryStateStore:
             return copy.deepcopy(self._live(session_id))
 
     async def commit_round(
-        self, session_id: str, round_index: int, tokens: list[int], policy_state: dict[str, float]
+        self, session_id: str, round_index: int, tokens: list[int], policy_state: dict[str, float], epoch: int = 0
     ) -> CommitResult:
         _check_session_id(session_id)
         _check_round(round_index)
@@ -343,6 +360,8 @@ class MemoryStateStore:
         policy_state = _check_floats("policy_state", policy_state)
         with self._lock:
             rec = self._live(session_id)
+            if rec.epoch != epoch:
+                raise _taken_over(session_id)
             if round_index < rec.next_round:
                 return CommitResult(False, len(rec.committed), rec.next_round)
             if rec.status != ACTIVE:
@@ -355,12 +374,27 @@ class MemoryStateStore:
             self._touch(rec)
             return CommitResult(True, len(rec.committed), rec.next_round)
 
-    async def set_route(self, session_id: str, drafter: str, verifier: str) -> None:
+    async def set_route(self, session_id: str, drafter: str, verifier: str, epoch: int | None = None) -> None:
+        """Pins the session's nodes; with `epoch`, only while that epoch drives it."""
         _check_session_id(session_id)
         with self._lock:
             rec = self._live(session_id)
+            if epoch is not None and rec.epoch != epoch:
+                raise _taken_over(session_id)
             rec.drafter, rec.verifier = drafter, verifier
             self._touch(rec)
+
+    async def take_over(self, session_id: str, owner: str) -> SessionRecord:
+        """Makes the caller the session's driver: a resumable session (active or failed) becomes active
+        under a new epoch and `owner`; a finished or cancelled one is returned as it is."""
+        _check_session_id(session_id)
+        with self._lock:
+            rec = self._live(session_id)
+            if rec.status in RESUMABLE:
+                rec.epoch, rec.owner, rec.status = rec.epoch + 1, owner, ACTIVE
+                rec.finish_reason = rec.error_code = rec.error_message = ""
+                self._touch(rec)
+            return copy.deepcopy(rec)
 
     def _end(
         self,
@@ -376,6 +410,8 @@ class MemoryStateStore:
             if rec.status != ACTIVE:
                 return False
             if at is not None:  # see _END
+                if rec.epoch != at.epoch:
+                    raise _taken_over(session_id)
                 if rec.next_round < at.next_round:
                     raise _behind(session_id, rec.next_round, at.next_round)
                 if rec.next_round > at.next_round + 1:
@@ -482,18 +518,21 @@ if v[1] == 'active' then index_routes(ARGV[3], ARGV[4], v[2], v[3], expiry_ms(AR
 return 1
 """
 
-# ARGV: ttl ms, prefix, sid, packed tokens, next round, field/value pairs... -> 1 written, 0 left alone.
-# Writes the controller's record over a missing one, or over an active one at an earlier round (Redis lost
-# writes); an ended record, or one at this round or later, stays. The create token survives.
+# ARGV: ttl ms, prefix, sid, packed tokens, next round, epoch, field/value pairs... -> 1 written, 0 left
+# alone. Writes the controller's record over a missing one, or over an active one of its epoch or an
+# older one at an earlier round (Redis lost writes); an ended record, one another controller took over, or
+# one at this round or later, stays. The create token survives.
 _RESTORE = """
 local key = KEYS[1]
-local v = redis.call('HMGET', key, 'status', 'next_round', 'drafter', 'verifier', 'create_token', 'created_at')
+local v = redis.call('HMGET', key, 'status', 'next_round', 'drafter', 'verifier', 'create_token', 'created_at', 'epoch')
 if v[1] then
-  if v[1] ~= 'active' or tonumber(v[2]) >= tonumber(ARGV[5]) then return 0 end
+  if v[1] ~= 'active' or tonumber(v[7] or 0) > tonumber(ARGV[6]) or tonumber(v[2]) >= tonumber(ARGV[5]) then
+    return 0
+  end
   unindex_routes(ARGV[2], ARGV[3], v[3], v[4])
   redis.call('DEL', key)
 end
-redis.call('HSET', key, unpack(ARGV, 6))
+redis.call('HSET', key, unpack(ARGV, 7))
 if v[5] then redis.call('HSET', key, 'create_token', v[5], 'created_at', v[6]) end
 redis.call('SET', KEYS[2], ARGV[4], 'PX', ARGV[1])
 redis.call('PEXPIRE', key, ARGV[1])
@@ -502,12 +541,14 @@ index_routes(ARGV[2], ARGV[3], r[1], r[2], expiry_ms(ARGV[1]), nil)
 return 1
 """
 
-# ARGV: round, packed tokens, policy JSON, ttl ms, updated_at, prefix, sid.
-# -> {code, committed length, next round}; code 1 applied, 0 already applied, -1 missing, -2 ahead, -3 ended.
+# ARGV: round, packed tokens, policy JSON, ttl ms, updated_at, prefix, sid, epoch.
+# -> {code, committed length, next round}; code 1 applied, 0 already applied, -1 missing, -2 ahead, -3 ended,
+# -5 another epoch drives the session.
 _COMMIT = """
 local key = KEYS[1]
-local v = redis.call('HMGET', key, 'next_round', 'status', 'drafter', 'verifier')
+local v = redis.call('HMGET', key, 'next_round', 'status', 'drafter', 'verifier', 'epoch')
 if not v[1] then return {-1, 0, 0} end
+if tonumber(v[5] or 0) ~= tonumber(ARGV[8]) then return {-5, 0, 0} end
 local nr = tonumber(v[1])
 local r = tonumber(ARGV[1])
 if r < nr then return {0, redis.call('STRLEN', KEYS[2]) / 4, nr} end
@@ -526,11 +567,13 @@ _GET = """
 return {redis.call('HGETALL', KEYS[1]), redis.call('GET', KEYS[2])}
 """
 
-# ARGV: drafter, verifier, ttl ms, updated_at, prefix, sid. -> 1, or -1 missing.
+# ARGV: drafter, verifier, ttl ms, updated_at, prefix, sid, epoch ('' for any). -> 1, -1 missing, -5 another
+# epoch drives the session.
 _SET_ROUTE = """
 local key = KEYS[1]
-local v = redis.call('HMGET', key, 'status', 'drafter', 'verifier')
+local v = redis.call('HMGET', key, 'status', 'drafter', 'verifier', 'epoch')
 if not v[1] then return -1 end
+if ARGV[7] ~= '' and tonumber(v[4] or 0) ~= tonumber(ARGV[7]) then return -5 end
 unindex_routes(ARGV[5], ARGV[6], v[2], v[3])
 redis.call('HSET', key, 'drafter', ARGV[1], 'verifier', ARGV[2], 'updated_at', ARGV[4])
 redis.call('PEXPIRE', key, ARGV[3])
@@ -540,21 +583,23 @@ return 1
 """
 
 # ARGV: status, reason, ttl ms, updated_at, prefix, sid, end token, error code, error message, and the
-# point the session ends at ('' for none): next round, committed length, policy JSON.
+# point the session ends at ('' for none): next round, committed length, policy JSON, epoch.
 # -> 1 ended now (or by this same call, retried), 0 had already ended, -1 missing, -2 stored behind the
-# point, -4 stored more than one round ahead of it (another controller drives the session).
+# point, -4 stored more than one round ahead of it (another controller drives the session), -5 another
+# epoch drives it.
 # One round ahead is a commit whose reply the controller never got, so the client never got its tokens
 # either: it is taken back (tokens cut to the point's length, round and policy set back) as the session
 # ends. Any copy of that commit still on its way is refused afterwards: the session is no longer active.
 _END = """
 local key = KEYS[1]
-local v = redis.call('HMGET', key, 'status', 'drafter', 'verifier', 'end_token', 'next_round')
+local v = redis.call('HMGET', key, 'status', 'drafter', 'verifier', 'end_token', 'next_round', 'epoch')
 if not v[1] then return -1 end
 if v[1] ~= 'active' then
   if v[4] == ARGV[7] then return 1 end
   return 0
 end
 if ARGV[10] ~= '' then
+  if tonumber(v[6] or 0) ~= tonumber(ARGV[13]) then return -5 end
   local nr, at = tonumber(v[5]), tonumber(ARGV[10])
   if nr < at then return -2 end
   if nr > at + 1 then return -4 end
@@ -572,6 +617,21 @@ redis.call('PEXPIRE', key, ARGV[3])
 redis.call('PEXPIRE', KEYS[2], ARGV[3])
 unindex_routes(ARGV[5], ARGV[6], v[2], v[3])
 return 1
+"""
+
+# ARGV: owner, updated_at, ttl ms. -> {status, epoch}: a resumable (active or failed) session becomes active
+# under the next epoch and this owner; a finished or cancelled one is left alone.
+_TAKE_OVER = """
+local key = KEYS[1]
+local v = redis.call('HMGET', key, 'status', 'epoch')
+if not v[1] then return {'', 0} end
+if v[1] ~= 'active' and v[1] ~= 'failed' then return {v[1], tonumber(v[2] or 0)} end
+local epoch = redis.call('HINCRBY', key, 'epoch', 1)
+redis.call('HSET', key, 'owner', ARGV[1], 'status', 'active', 'finish_reason', '', 'error_code', '',
+  'error_message', '', 'end_token', '', 'updated_at', ARGV[2])
+redis.call('PEXPIRE', key, ARGV[3])
+redis.call('PEXPIRE', KEYS[2], ARGV[3])
+return {'active', epoch}
 """
 
 # ARGV: prefix, sid.
@@ -747,6 +807,7 @@ class RedisStateStore:
         self._delete, self._count_routes = lib(_LUA_LIB + _DELETE), lib(_LUA_LIB + _COUNT_ROUTES)
         self._merge, self._get = lib(_MERGE), lib(_GET)
         self._restore = lib(_LUA_LIB + _RESTORE)
+        self._take_over = lib(_LUA_LIB + _TAKE_OVER)
 
     @staticmethod
     def _sentinel_pool(
@@ -808,6 +869,8 @@ class RedisStateStore:
             "error_message": rec.error_message,
             "created_at": repr(rec.created_at or now),
             "updated_at": repr(now),
+            "owner": rec.owner,
+            "epoch": rec.epoch,
         }
         return [x for pair in fields.items() for x in pair]
 
@@ -824,7 +887,7 @@ class RedisStateStore:
         missing, or active and at an earlier round; True when written, False when left alone (the stored
         session has ended, or is at this round or later)."""
         rec = _check_record(record)
-        args: list[Any] = [self._ttl_ms, self.prefix, rec.session_id, _pack(rec.committed), rec.next_round]
+        args: list[Any] = [self._ttl_ms, self.prefix, rec.session_id, _pack(rec.committed), rec.next_round, rec.epoch]
         return await self._call(self._restore, self._keys(rec.session_id), args + self._fields(rec, time.time())) == 1
 
     async def get_session(self, session_id: str) -> SessionRecord:
@@ -848,17 +911,23 @@ class RedisStateStore:
             error_message=s.get("error_message", b"").decode(),
             created_at=float(s["created_at"]),
             updated_at=float(s["updated_at"]),
+            owner=s.get("owner", b"").decode(),
+            epoch=int(s.get("epoch", 0)),
         )
 
     async def commit_round(
-        self, session_id: str, round_index: int, tokens: list[int], policy_state: dict[str, float]
+        self, session_id: str, round_index: int, tokens: list[int], policy_state: dict[str, float], epoch: int = 0
     ) -> CommitResult:
+        """Appends round `round_index`'s tokens, once: a retry of an applied round changes nothing. Aborted
+        when another epoch than `epoch` drives the session."""
         _check_session_id(session_id)
         _check_round(round_index)
         packed = _pack(_check_tokens("tokens", tokens))
         policy = json.dumps(_check_floats("policy_state", policy_state))
-        args = [round_index, packed, policy, self._ttl_ms, repr(time.time()), self.prefix, session_id]
+        args = [round_index, packed, policy, self._ttl_ms, repr(time.time()), self.prefix, session_id, epoch]
         code, length, next_round = await self._call(self._commit, self._keys(session_id), args)
+        if code == -5:
+            raise _taken_over(session_id)
         if code == -1:
             raise NotFound(f"session {session_id!r} not found")
         if code == -2:
@@ -867,11 +936,29 @@ class RedisStateStore:
             raise FailedPrecondition(f"session {session_id!r} has ended")
         return CommitResult(applied=code == 1, committed_length=int(length), next_round=int(next_round))
 
-    async def set_route(self, session_id: str, drafter: str, verifier: str) -> None:
+    async def set_route(self, session_id: str, drafter: str, verifier: str, epoch: int | None = None) -> None:
+        """Pins the session's nodes; with `epoch`, only while that epoch drives it."""
         _check_session_id(session_id)
-        args = [drafter, verifier, self._ttl_ms, repr(time.time()), self.prefix, session_id]
-        if await self._call(self._set_route, self._keys(session_id), args) == -1:
+        any_epoch = "" if epoch is None else epoch
+        args = [drafter, verifier, self._ttl_ms, repr(time.time()), self.prefix, session_id, any_epoch]
+        result = await self._call(self._set_route, self._keys(session_id), args)
+        if result == -1:
             raise NotFound(f"session {session_id!r} not found")
+        if result == -5:
+            raise _taken_over(session_id)
+
+    async def take_over(self, session_id: str, owner: str) -> SessionRecord:
+        """Makes the caller the session's driver: a resumable session (active or failed) becomes active
+        under a new epoch and `owner`; a finished or cancelled one is returned as it is."""
+        _check_session_id(session_id)
+        args = [owner, repr(time.time()), self._ttl_ms]
+        status, epoch = await self._call(self._take_over, self._keys(session_id), args)
+        if not status:
+            raise NotFound(f"session {session_id!r} not found")
+        record = await self.get_session(session_id)
+        if status == b"active":  # ours, even if yet another controller took it over since: then we are refused
+            record.epoch, record.owner = int(epoch), owner
+        return record
 
     async def _end_session(
         self,
@@ -885,11 +972,14 @@ class RedisStateStore:
         args = [status, finish_reason, self._ttl_ms, repr(time.time()), self.prefix, session_id, uuid.uuid4().hex]
         args += [code, message[:ERROR_MESSAGE_CHARS]]
         if at is None:
-            args += ["", "", ""]
+            args += ["", "", "", ""]
         else:
             _check_round(at.next_round)
-            args += [at.next_round, len(at.committed), json.dumps(_check_floats("policy_state", at.policy_state))]
+            policy = json.dumps(_check_floats("policy_state", at.policy_state))
+            args += [at.next_round, len(at.committed), policy, at.epoch]
         result = await self._call(self._end, self._keys(session_id), args)
+        if result == -5:
+            raise _taken_over(session_id)
         if result == -1:
             raise NotFound(f"session {session_id!r} not found")
         if result == -2:

@@ -28,9 +28,16 @@ class TextStream:
         self._stream = decoders.DecodeStream(skip_special_tokens=True)
 
     def push(self, ids: list[int]) -> str:
-        if self.codec is None or not ids:
+        """The text `ids` add. Token by token, so that the text sent after any prefix of the sequence does not
+        depend on how it was cut into pushes (a list that ends inside a character is held back whole), and a
+        resumed stream can continue exactly where its client's text stopped (`skip`)."""
+        if self.codec is None:
             return ""
-        return self._stream.step(self.codec.tokenizer, ids) or ""
+        return "".join(self._stream.step(self.codec.tokenizer, token) or "" for token in ids)
+
+    def skip(self, ids: list[int]) -> None:
+        """Takes `ids` as sent already (a resumed stream's client has their text)."""
+        self.push(ids)
 
 
 @dataclass(frozen=True)

@@ -54,6 +54,12 @@ class Unavailable(EesdError):
         self.peer = peer
 
 
+class Aborted(EesdError):
+    """Another controller took the session over (a client resumed it there): this one stops driving it."""
+
+    status = "ABORTED"
+
+
 class Unauthenticated(EesdError):
     """The caller did not present valid credentials."""
 
@@ -72,5 +78,6 @@ ERRORS: tuple[type[EesdError], ...] = (
     FailedPrecondition,
     ResourceExhausted,
     Unavailable,
+    Aborted,
     Unauthenticated,
 )

@@ -92,6 +92,35 @@ class Session:
             session_id, list(prompt_ids), len(prompt_ids), params, seed, state, frozenset(eos_token_ids), owner=owner
         )
 
+    @classmethod
+    def resume(
+        cls,
+        session_id: str,
+        committed: list[int],
+        prompt_length: int,
+        params: GenerationParams,
+        seed: int,
+        policy_state: dict[str, float],
+        rounds: int,
+        eos_token_ids=frozenset(),
+        owner: str = "",
+    ) -> "Session":
+        """A session that already ran `rounds` rounds (under another controller, or before a failure), from
+        its stored state: the next round is the one it would have run, with the same randomness."""
+        params = reproducible(params)
+        session = cls(
+            session_id, list(committed), prompt_length, params, seed, dict(policy_state), frozenset(eos_token_ids)
+        )
+        session.owner = owner
+        session.stats.rounds, session.stats.generated = rounds, len(session.generated)
+        generated = session.generated
+        # As `finish` decides at the end of a round: EOS first (it was within the budget), then the budget.
+        if params.stop_on_eos and generated and generated[-1] in session.eos_token_ids:
+            session.finish_reason = "eos"
+        elif len(generated) >= params.max_new_tokens:
+            session.finish_reason = "length"
+        return session
+
     @property
     def key(self) -> str:
         """The nodes' name for the session."""

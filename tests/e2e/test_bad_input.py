@@ -106,12 +106,16 @@ def test_generate_rejects_bad_requests(controller, request_, field):
     assert field in error.details()
 
 
-def test_generate_rejects_a_session_id_in_use(controller):
+def test_generate_rejects_a_session_id_in_use_by_another_request(controller):
     session_id = uuid.uuid4().hex
     first = list(controller.Generate(generate(prompt_ids=ids(3, 4), session_id=session_id), timeout=60))
     assert first[-1].WhichOneof("event") == "summary"
-    error = call_error(controller.Generate, generate(prompt_ids=ids(3, 4), session_id=session_id))
+    error = call_error(controller.Generate, generate(prompt_ids=ids(3, 5), session_id=session_id))
     assert error.code() == grpc.StatusCode.ALREADY_EXISTS, error
+    # The same request again resumes the (finished) session: it replays what the client says it lacks.
+    again = list(controller.Generate(generate(prompt_ids=ids(3, 4), session_id=session_id), timeout=60))
+    assert [t for r in again[:-1] for t in r.chunk.token_ids] == [t for r in first[:-1] for t in r.chunk.token_ids]
+    assert again[-1].summary.finish_reason == first[-1].summary.finish_reason
 
 
 @pytest.mark.parametrize("method", ["GetSession", "Cancel"])

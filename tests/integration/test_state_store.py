@@ -7,7 +7,7 @@ import functools
 import socket
 import uuid
 from collections.abc import Awaitable, Callable
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 
 import pytest
 import redis.asyncio as aioredis
@@ -19,7 +19,7 @@ from controller.state_store import (
     SessionRecord,
     open_state_store,
 )
-from eesd.errors import FailedPrecondition, InvalidArgument, NotFound, Unavailable
+from eesd.errors import Aborted, FailedPrecondition, InvalidArgument, NotFound, Unavailable
 
 PROMPT = [5, 6, 7, 8]
 
@@ -373,3 +373,49 @@ async def test_a_burst_beyond_the_redis_pool_waits_for_connections(redis_server:
         await asyncio.gather(*(store.create_session(record(session_id=f"burst{i}")) for i in range(60)))
         records = await asyncio.gather(*(store.get_session(f"burst{i}") for i in range(60)))
         assert [r.session_id for r in records] == [f"burst{i}" for i in range(60)]
+
+
+OWNER_A, OWNER_B = "a" * 22, "b" * 22
+
+
+@aio
+async def test_take_over_bumps_the_epoch_and_refuses_the_previous_driver(backend: Backend) -> None:
+    """Two controllers race on one session: the one that took it over last drives it; every write of the
+    other (commit, route change, end) is refused with ABORTED, whatever its round."""
+    async with backend.open() as store:
+        await store.create_session(record(owner=OWNER_A, drafter="d0:1", verifier="v0:1"))
+        await store.commit_round("s1", 0, [10], {"alpha": 2.0}, epoch=0)
+        taken = await store.take_over("s1", OWNER_B)
+        assert (taken.epoch, taken.owner, taken.status) == (1, OWNER_B, "active")
+        assert taken.committed == PROMPT + [10] and taken.next_round == 1
+        for stale in (
+            store.commit_round("s1", 1, [11], {"alpha": 3.0}, epoch=0),
+            store.commit_round("s1", 0, [10], {"alpha": 2.0}, epoch=0),  # a retry of an applied round too
+            store.set_route("s1", "d1:1", "v1:1", epoch=0),
+            store.finish("s1", "finished", "length", at=replace(taken, epoch=0)),
+            store.fail("s1", "UNAVAILABLE", "gone", at=replace(taken, epoch=0)),
+        ):
+            with pytest.raises(Aborted):
+                await stale
+        assert (await store.commit_round("s1", 1, [11], {"alpha": 3.0}, epoch=1)).applied
+        await store.set_route("s1", "d1:1", "v1:1", epoch=1)
+        got = await store.get_session("s1")
+        assert got.committed == PROMPT + [10, 11] and (got.drafter, got.verifier) == ("d1:1", "v1:1")
+        assert not await store.restore_session(replace(got, epoch=0, next_round=5))  # no write back over it
+
+
+@aio
+async def test_take_over_resumes_failed_sessions_but_not_ended_ones(backend: Backend) -> None:
+    async with backend.open() as store:
+        for session_id in ("failed", "finished", "cancelled"):
+            await store.create_session(record(session_id))
+        await store.fail("failed", "UNAVAILABLE", "no verifier")
+        await store.finish("finished", "finished", "eos")
+        await store.cancel("cancelled")
+        resumed = await store.take_over("failed", OWNER_A)
+        assert (resumed.status, resumed.epoch, resumed.error_code, resumed.error_message) == ("active", 1, "", "")
+        for session_id, status in (("finished", "finished"), ("cancelled", "cancelled")):
+            left = await store.take_over(session_id, OWNER_A)
+            assert (left.status, left.epoch, left.owner) == (status, 0, "")
+        with pytest.raises(NotFound):
+            await store.take_over("nobody", OWNER_A)

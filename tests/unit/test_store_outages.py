@@ -67,17 +67,17 @@ class FlakyStore(MemoryStateStore):
         self._gate("restore_session")
         return await super().restore_session(record)
 
-    async def commit_round(self, session_id, round_index, tokens, policy_state):
+    async def commit_round(self, session_id, round_index, tokens, policy_state, epoch=0):
         self._gate("commit_round")
-        result = await super().commit_round(session_id, round_index, tokens, policy_state)
+        result = await super().commit_round(session_id, round_index, tokens, policy_state, epoch)
         if self.lose_commit_replies:
             self.down = True
             raise Unavailable("redis at 127.0.0.1:1 is unreachable: Timeout reading from socket")
         return result
 
-    async def set_route(self, session_id, drafter, verifier):
+    async def set_route(self, session_id, drafter, verifier, epoch=None):
         self._gate("set_route")
-        return await super().set_route(session_id, drafter, verifier)
+        return await super().set_route(session_id, drafter, verifier, epoch)
 
     async def finish(self, session_id, status, finish_reason, at=None):
         self._gate("finish")

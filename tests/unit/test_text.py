@@ -55,3 +55,18 @@ def test_special_tokens_are_skipped_and_no_codec_means_no_text(tokenizer):
     assert stream.push(tokenizer.encode("café").ids + [eos]) == "café"
     assert TextStream(None).push([1, 2, 3]) == ""
     assert TextStream(None).push([]) == ""
+
+
+@pytest.mark.parametrize("cut", [1, 3, 5, 8, 13])
+def test_a_stream_primed_with_what_the_client_has_continues_its_text(tokenizer, cut):
+    """A resumed stream's text (the controller pushes the tokens its client already has, and sends only
+    what follows) equals the rest of an uninterrupted stream's, even when the cut splits a character."""
+    ids = tokenizer.encode(TEXT).ids
+    whole, rng, before, sent = TextStream(CountingCodec(tokenizer)), random.Random(cut), "", 0
+    while sent < cut:  # rounds of any size: what was sent must not depend on them
+        size = min(rng.randint(1, 4), cut - sent)
+        before += whole.push(ids[sent : sent + size])
+        sent += size
+    resumed = TextStream(CountingCodec(tokenizer))
+    resumed.skip(ids[:cut])
+    assert before + resumed.push(ids[cut:]) == TEXT
