@@ -99,8 +99,11 @@ async def _decoded_each(requests: AsyncIterator[Any]) -> AsyncIterator[Any]:
         yield _decoded(request)
 
 
-async def _abort(status: list, context: aio.ServicerContext, error: Exception, method: str, request) -> None:
-    """Records the status `error` maps to in `status[0]` and aborts the call with it."""
+def _fail(status: list, context: aio.ServicerContext, error: Exception, method: str, request) -> None:
+    """Records the status `error` maps to in `status[0]` and sets it on the call, which the handler then
+    ends. Not `context.abort`: the AbortError it raises from inside the handler's `except` block chains the
+    error, whose traceback keeps every frame of the call (the parsed request with them) alive until the
+    cyclic GC runs; refused maximum-size requests then held gigabytes."""
     if isinstance(error, EesdError):
         code, message = status_of(error), _bounded(str(error))
         if isinstance(error, Unavailable) and error.peer:
@@ -111,7 +114,8 @@ async def _abort(status: list, context: aio.ServicerContext, error: Exception, m
         session_id = str(getattr(request, "session_id", ""))[:_LOGGED_ID_CHARS]
         log.error("%s (session %r) failed", method, session_id, exc_info=error)
     status[0] = code
-    await context.abort(code, message)
+    context.set_code(code)
+    context.set_details(message)
 
 
 def _bounded(message: str) -> str:
@@ -128,7 +132,8 @@ def _wrap_unary(behavior, method: str):
             except aio.AbortError:  # the handler chose its status itself
                 raise
             except Exception as error:
-                await _abort(status, context, error, method, request)
+                _fail(status, context, error, method, request)
+            return None
 
     return wrapper
 
@@ -145,6 +150,6 @@ def _wrap_stream(behavior, method: str, decoded: Callable[[Any], Any]):
             except aio.AbortError:
                 raise
             except Exception as error:
-                await _abort(status, context, error, method, request)
+                _fail(status, context, error, method, request)
 
     return wrapper

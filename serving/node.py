@@ -37,7 +37,7 @@ class _Work:
     """A job to join a pass, or a call to run between passes; resolves `future` on the event loop."""
 
     loop: asyncio.AbstractEventLoop
-    future: asyncio.Future
+    future: asyncio.Future | None  # None once the caller stopped waiting
     op: str
     key: str = ""  # a job's session (eesd.params.session_key): one job per session runs at a time
     job: Job | None = None
@@ -48,12 +48,13 @@ class _Work:
 
     def resolve(self, result: Any = None, error: BaseException | None = None) -> None:
         def settle() -> None:
-            if self.future.done():  # the caller went away
+            future = self.future
+            if future is None or future.done():  # the caller went away
                 return
             if error is not None:
-                self.future.set_exception(error)
+                future.set_exception(error)
             else:
-                self.future.set_result(result)
+                future.set_result(result)
 
         self.loop.call_soon_threadsafe(settle)
 
@@ -133,6 +134,9 @@ class ModelNode:
             return await work.future
         finally:
             self.queued -= 1
+            # The future holds a failed call's error, whose traceback holds this frame, which holds the
+            # work: a cycle that would keep the caller's request alive until the cyclic GC runs.
+            work.future = None
 
     def stalled(self, bound_s: float) -> bool:
         """True while one pass or call has been running for more than `bound_s` seconds: the compute thread

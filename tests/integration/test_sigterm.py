@@ -16,19 +16,24 @@ GRACE_S = 1.0
 
 WEDGED_NODE = textwrap.dedent(
     f"""
-    import asyncio, threading
+    import asyncio, signal, threading
     from serving.node import ModelNode
     from serving.server import serve
 
     async def main():
         node = ModelNode("wedged", session_idle_s=0)
+        tasks = []  # held: the loop keeps only weak references to tasks
+
+        async def wedged():
+            # Once serve() handles SIGTERM and the compute thread is stuck: the test may signal.
+            while signal.getsignal(signal.SIGTERM) is signal.SIG_DFL or not node.stalled(0.0):
+                await asyncio.sleep(0.01)
+            print("wedged", flush=True)
 
         async def warmup():
             # A call that never returns holds the compute thread, as a runaway model call would.
-            asyncio.get_running_loop().create_task(node.run(threading.Event().wait, op="wedge"))
-            while not node.stalled(0.0):
-                await asyncio.sleep(0.01)
-            print("wedged", flush=True)
+            loop = asyncio.get_running_loop()
+            tasks.extend([loop.create_task(node.run(threading.Event().wait, op="wedge")), loop.create_task(wedged())])
 
         stalled = lambda: node.stalled(1)
         await serve("wedged", "127.0.0.1:0", lambda server: [], warmup, grace_s={GRACE_S}, stalled=stalled)
