@@ -3,7 +3,7 @@
 import asyncio
 import logging
 
-from controller.config import ControllerConfig
+from controller.config import ControllerConfig, max_request_bytes
 from controller.discovery import make_discovery
 from controller.nodes import NodeClients
 from controller.round_loop import RoundLoop
@@ -80,6 +80,7 @@ async def main() -> None:
         config.grace_s,
         stop,
         metrics_port=config.metrics_port,
+        max_receive_bytes=max_request_bytes(config.prompt_limit(facts.context)),
     )
 
 

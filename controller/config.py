@@ -2,10 +2,19 @@ from dataclasses import dataclass
 
 from controller.discovery import DISCOVERY_MODES
 from eesd.errors import InvalidArgument
-from eesd.params import POLICY_NAMES, PolicyParams
+from eesd.params import MAX_CHARS_PER_TOKEN, POLICY_NAMES, PolicyParams
 from serving.config import field
 
 UNKNOWN_CONTEXT_PROMPT_LIMIT = 65536  # prompts beyond it are refused by a controller without the model's config
+REQUEST_OVERHEAD_BYTES = 64 * 1024  # a request's fields besides its prompt (parameters, policy options, id)
+
+
+def max_request_bytes(prompt_limit: int) -> int:
+    """The largest Generate request a prompt within `prompt_limit` tokens can need: its text (MAX_CHARS_PER_TOKEN
+    characters a token, 4 UTF-8 bytes each at most; token ids take 5 bytes at most) plus the other fields.
+    gRPC refuses a larger message (RESOURCE_EXHAUSTED) before the controller parses it, so a client cannot
+    make the controller hold megabytes of prompt it will refuse anyway."""
+    return prompt_limit * MAX_CHARS_PER_TOKEN * 4 + REQUEST_OVERHEAD_BYTES
 
 
 @dataclass(frozen=True)

@@ -45,6 +45,7 @@ class DrafterServicer(SessionRpcs, drafter_pb2_grpc.DrafterServiceServicer):
         request), streams it to the verifier, drafts the next round ahead while it waits, and reports the
         verdict."""
         common = dict(session_id=request.session_id, round=request.round, base_length=request.base_length)
+        self._check_fits("pending_tokens", len(request.pending_token_ids))
         draft_request = convert.draft_request_from_proto(request)
         overhead = draft_request.round_overhead_s
         if not (math.isfinite(overhead) and 0.0 <= overhead <= MAX_ROUND_OVERHEAD_S):

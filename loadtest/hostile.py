@@ -47,6 +47,7 @@ from google.protobuf.descriptor import Descriptor, FieldDescriptor, MethodDescri
 from google.protobuf.message import Message
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 
+from controller.config import ControllerConfig, max_request_bytes
 from eesd.policies import POLICIES
 from eesd_proto.eesd.v1 import common_pb2, controller_pb2, controller_pb2_grpc, drafter_pb2, verifier_pb2
 from serving.server import MAX_MESSAGE_BYTES
@@ -420,6 +421,14 @@ class Stack:
         named.update({f"drafter{i}": a for i, a in enumerate(self.drafters)})
         named.update({f"verifier{i}": a for i, a in enumerate(self.verifiers)})
         return named
+
+    def request_limit(self) -> int:
+        """The largest request the controller accepts: sized from its prompt limit (the served model's context,
+        when this stack knows the model), else gRPC's message limit."""
+        if self.model_dir is None:
+            return MAX_MESSAGE_BYTES
+        context = json.loads((Path(self.model_dir) / "config.json").read_text())["max_position_embeddings"]
+        return max_request_bytes(ControllerConfig().prompt_limit(context))
 
     def pid(self, name: str) -> int | None:
         p = self.processes.get(name)
@@ -1064,7 +1073,7 @@ def max_size_prompts(
     count: int = 100,
     deadline_s: float = 120.0,
     settle_s: float = 5.0,
-    limit: int = MAX_MESSAGE_BYTES,
+    limit: int | None = None,
     rss_cap_mb: float | None = None,
 ) -> dict:
     """`count` maximum-size token-id prompts (the controller's message limit, ids far beyond the context),
@@ -1072,7 +1081,8 @@ def max_size_prompts(
     within 10% of its baseline. Then one byte more than the limit, which gRPC itself must refuse
     (RESOURCE_EXHAUSTED). The run stops early when the controller's RSS passes `rss_cap_mb` (default: its
     baseline plus a quarter of the available memory, at most 2 GB), so a controller that keeps what it
-    refused cannot exhaust a shared machine."""
+    refused cannot exhaust a shared machine. `limit`: the controller's (default `stack.request_limit()`)."""
+    limit = stack.request_limit() if limit is None else limit
     payload, ids = max_prompt_payload(limit)
     method = next(m for m in methods() if m.key == "controller.Generate")
     pid = stack.pid("controller")

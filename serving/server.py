@@ -2,6 +2,8 @@
 health checking (SERVING only once `warmup` succeeded), server reflection, graceful SIGTERM shutdown."""
 
 import asyncio
+import ctypes
+import ctypes.util
 import logging
 import signal
 from collections.abc import Awaitable, Callable
@@ -30,6 +32,22 @@ CHANNEL_OPTIONS = [
 ]
 
 
+M_MMAP_THRESHOLD = -3  # glibc mallopt parameter
+MMAP_THRESHOLD_BYTES = 256 * 1024
+
+
+def return_large_allocations() -> None:
+    """Makes glibc serve every allocation of 256 KiB or more (request and response buffers) with its own
+    mapping, given back to the system when freed. By default the threshold rises to the size of the largest
+    block freed so far, so after a few large requests their buffers come from the heap, which keeps them:
+    100 refused 16.8 MB requests left a controller at 176 MB (baseline 60), 75 to 90 MB with this. A no-op where
+    the C library is not glibc."""
+    libc = ctypes.util.find_library("c")
+    mallopt = getattr(ctypes.CDLL(libc), "mallopt", None) if libc else None
+    if mallopt is not None:
+        mallopt(M_MMAP_THRESHOLD, MMAP_THRESHOLD_BYTES)
+
+
 def channel(address: str) -> aio.Channel:
     """Insecure loopback/cluster-internal channel; services talk inside the release's NetworkPolicy."""
     return aio.insecure_channel(address, options=CHANNEL_OPTIONS)
@@ -45,13 +63,18 @@ async def serve(
     metrics_port: int = 0,
     stalled: Callable[[], bool] = lambda: False,
     drain: Callable[[], None] = lambda: None,
+    max_receive_bytes: int = MAX_MESSAGE_BYTES,
 ) -> None:
     """Serves until SIGTERM/SIGINT. `register` adds the servicers and returns their full service names.
     With `metrics_port` > 0, Prometheus /metrics is served over HTTP on it (same host). While `stalled()`
     says the process makes no progress, health answers NOT_SERVING (so liveness probes see it). On SIGTERM,
-    `drain()` asks long-lived streams to end once their work in flight is done."""
+    `drain()` asks long-lived streams to end once their work in flight is done. A request larger than
+    `max_receive_bytes` is refused (RESOURCE_EXHAUSTED) before it is parsed."""
+    return_large_allocations()
     start_exporter(metrics_port, address.rpartition(":")[0].strip("[]") or "0.0.0.0")
-    server = aio.server(interceptors=[DomainErrorInterceptor()], options=CHANNEL_OPTIONS)
+    receive = "grpc.max_receive_message_length"
+    options = [*(o for o in CHANNEL_OPTIONS if o[0] != receive), (receive, max_receive_bytes)]
+    server = aio.server(interceptors=[DomainErrorInterceptor()], options=options)
     services = register(server)
     health = HealthServicer()
     health_pb2_grpc.add_HealthServicer_to_server(health, server)

@@ -8,6 +8,7 @@ from types import ModuleType
 
 from grpc import aio
 
+from eesd.errors import InvalidArgument
 from eesd.kv_cache import CacheBehind
 from eesd.params import session_key
 from eesd_proto.eesd.v1 import common_pb2
@@ -24,6 +25,13 @@ class SessionRpcs:
     def _mismatch(self, request, behind: CacheBehind) -> common_pb2.CacheMismatch:
         """The answer to a round or prefill whose base lies beyond this node's cache."""
         return convert.cache_mismatch(request, behind.cache_length, self.role, self.node.node_id)
+
+    def _check_fits(self, field: str, count: int) -> None:
+        """Refuses `count` tokens beyond the model's context before they are converted to Python: a 16M-id
+        message would take gigabytes as a list, and no round or prefill can hold more than the context."""
+        context = self.node.model.sessions.max_context
+        if count > context:
+            raise InvalidArgument(field, f"{count} tokens: more than the model's context of {context}")
 
     def _message(self, name: str):
         return getattr(self.messages, f"{self.prefix}{name}")
@@ -47,6 +55,7 @@ class SessionRpcs:
     async def Prefill(self, request, context: aio.ServicerContext):
         reply = self._message("PrefillResponse")
         common = dict(session_id=request.session_id, round=request.round, base_length=request.base_length)
+        self._check_fits("token_ids", len(request.token_ids))
         try:
             key = session_key(request.session_id, request.owner)
             length = await self.node.prefill(key, request.base_length, list(request.token_ids))

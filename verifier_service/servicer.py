@@ -106,6 +106,7 @@ class VerifierServicer(SessionRpcs, verifier_pb2_grpc.VerifierServiceServicer):
 
     async def _verify(self, request: verifier_pb2.VerifyRequest) -> dict:
         """{'verdict': ...} or {'cache_mismatch': ...}, the oneof both response messages share."""
+        self._check_fits("pending_tokens", len(request.pending_token_ids) + len(request.draft.token_ids))
         verify_request = convert.verify_request_from_proto(request)
         start, cached = time.perf_counter(), self.node.cache_length(verify_request.key)
         tokens = len(verify_request.pending) + len(verify_request.draft.tokens)
