@@ -10,7 +10,7 @@ from grpc import aio
 
 from eesd.errors import InvalidArgument
 from eesd.kv_cache import CacheBehind
-from eesd.params import session_key
+from eesd.params import check_session_key, session_key
 from eesd_proto.eesd.v1 import common_pb2
 from serving import convert
 from serving.node import ModelNode
@@ -68,5 +68,7 @@ class SessionRpcs:
         return reply(**common, cache_length=length)
 
     async def CloseSession(self, request, context: aio.ServicerContext):
-        await self.node.close_session(session_key(request.session_id, request.owner))
+        key = session_key(request.session_id, request.owner)
+        check_session_key(key)  # refused like every other call's, not a silent no-op
+        await self.node.close_session(key)
         return self._message("CloseSessionResponse")(session_id=request.session_id)

@@ -107,6 +107,10 @@ class VerifierServicer(SessionRpcs, verifier_pb2_grpc.VerifierServiceServicer):
     async def _verify(self, request: verifier_pb2.VerifyRequest) -> dict:
         """{'verdict': ...} or {'cache_mismatch': ...}, the oneof both response messages share."""
         self._check_fits("pending_tokens", len(request.pending_token_ids) + len(request.draft.token_ids))
+        draft, vocab = request.draft, self.node.model.config.vocab_size
+        oversized = any(len(d.token_ids) > vocab or len(d.probs) > vocab for d in draft.q)
+        if len(draft.q) > len(draft.token_ids) or oversized:
+            raise InvalidArgument("draft.q", "at most one distribution over the vocabulary per draft token")
         verify_request = convert.verify_request_from_proto(request)
         start, cached = time.perf_counter(), self.node.cache_length(verify_request.key)
         tokens = len(verify_request.pending) + len(verify_request.draft.tokens)
