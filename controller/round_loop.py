@@ -401,12 +401,17 @@ class RoundLoop:
 
     async def _reserve_verifier(self, session: Session, length: int) -> str:
         """A verifier that opened the session with `length` KV positions reserved; while none has room it
-        waits, at most admission_wait_s, then RESOURCE_EXHAUSTED."""
+        waits, at most admission_wait_s, then RESOURCE_EXHAUSTED; while none is ready (starting, restarting,
+        lost) it waits as long, then UNAVAILABLE."""
         deadline, pause = time.monotonic() + self.admission_wait_s, 0.05
         while True:
             verifier = self.router.pick_verifier()
             if verifier is None:
-                raise Unavailable("no verifier is ready")
+                if time.monotonic() + pause > deadline:
+                    raise Unavailable("no verifier is ready")
+                await asyncio.sleep(pause)
+                pause = min(2 * pause, 1.0)
+                continue
             # Load is taken before the first await: sessions arriving together must see each other's load,
             # or a burst of them all picks the same least-loaded verifier.
             self.router.acquire(verifier)

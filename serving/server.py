@@ -74,6 +74,9 @@ async def serve(
     start_exporter(metrics_port, address.rpartition(":")[0].strip("[]") or "0.0.0.0")
     receive = "grpc.max_receive_message_length"
     options = [*(o for o in CHANNEL_OPTIONS if o[0] != receive), (receive, max_receive_bytes)]
+    # gRPC binds with SO_REUSEPORT by default: a second server on a port in use would start too and take
+    # half of its connections. Without it, that server fails to start.
+    options.append(("grpc.so_reuseport", 0))
     server = aio.server(interceptors=[DomainErrorInterceptor()], options=options)
     services = register(server)
     health = HealthServicer()

@@ -3,6 +3,7 @@ eesd.Verifier on a tiny fp32 model) through a NodeClients stand-in that can take
 caches between rounds. Every scenario must still produce the model's plain greedy output."""
 
 import asyncio
+import time
 from collections.abc import Callable
 
 import pytest
@@ -228,3 +229,21 @@ def test_a_drafter_without_room_leaves_the_session_verifier_only(own_models, ref
     tokens, nodes = asyncio.run(scenario())
     assert tokens == reference
     assert {drafter for drafter, _ in nodes.calls} == {"-"}
+
+
+def test_a_session_waits_for_a_verifier_to_be_ready_then_runs(models, reference):
+    """No verifier is ready when the session arrives (starting, or found lost by the health probes): it
+    waits, within admission_wait_s, instead of failing UNAVAILABLE at once."""
+
+    async def scenario():
+        ready_at = time.monotonic() + 0.3
+        nodes = InProcessNodes(models, lambda r, n: None)
+        router = Router(
+            StaticDiscovery("d1:1"), StaticDiscovery("v1:1"), lost=lambda address: time.monotonic() < ready_at
+        )
+        loop = RoundLoop(MemoryStateStore(), router, nodes, frozenset(), 384, admission_wait_s=10.0)
+        return await tokens_of(loop, "s")
+
+    for model in models.values():
+        wipe(model)
+    assert asyncio.run(scenario()) == reference
