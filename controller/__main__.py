@@ -22,14 +22,14 @@ async def main() -> None:
     store = TimedStateStore(
         open_state_store(config.redis_url, config.session_ttl_s, config.redis_max_connections, config.redis_ca_file)
     )
-    nodes = NodeClients(config.round_timeout_s, config.node_probe_s, config.node_lost_s)
+    facts = model_facts(config.model_dir)
+    nodes = NodeClients(config.round_timeout_s, config.node_probe_s, config.node_lost_s, facts.checkpoint)
     router = Router(
         make_discovery(config.discovery, config.drafters, config.namespace, config.drafter_selector),
         make_discovery(config.discovery, config.verifiers, config.namespace, config.verifier_selector),
         config.node_down_s,
         nodes.liveness.is_lost,
     )
-    facts = model_facts(config.model_dir)
     loop = RoundLoop(
         store,
         router,

@@ -1,16 +1,19 @@
 """The controller's calls to drafters and verifiers, in core dataclasses; gRPC stays in here."""
 
+import logging
 from dataclasses import dataclass
 
 import grpc
 
 from controller.liveness import Liveness
-from eesd.errors import Unavailable
+from eesd.errors import FailedPrecondition, Unavailable
 from eesd.rounds import DraftBlock, DraftRequest, Verdict, VerifyRequest
 from eesd_proto.eesd.v1 import drafter_pb2, drafter_pb2_grpc, verifier_pb2, verifier_pb2_grpc
 from serving import convert
 from serving.errors import UNAVAILABLE_PEER_KEY, error_of
 from serving.server import channel
+
+log = logging.getLogger(__name__)
 
 
 @dataclass(frozen=True)
@@ -47,10 +50,14 @@ def _error(err: grpc.aio.AioRpcError, role: str, address: str) -> Exception:
 class NodeClients:
     """Calls to drafters and verifiers; a call to a node that liveness declares lost ends at once."""
 
-    def __init__(self, timeout_s: float, probe_s: float = 1.0, lost_s: float = 5.0):
+    def __init__(
+        self, timeout_s: float, probe_s: float = 1.0, lost_s: float = 5.0, checkpoint: tuple[str, str] | None = None
+    ):
         self.timeout_s = timeout_s
         self._channels: dict[str, grpc.aio.Channel] = {}
         self.liveness = Liveness(self._channel, probe_s, lost_s)
+        self.checkpoint = checkpoint  # (model_type, tokenizer_hash) of the controller's model_dir, if any
+        self._checked: dict[str, str] = {}  # address -> "" (serves the checkpoint) or why it does not
 
     def _channel(self, address: str) -> grpc.aio.Channel:
         if address not in self._channels:
@@ -99,8 +106,30 @@ class NodeClients:
         )
         return stub_cls(self._channel(address)), lambda name, **fields: getattr(module, prefix + name)(**fields)
 
+    async def check_identity(self, role: str, address: str) -> None:
+        """FailedPrecondition if the node serves another checkpoint than the controller's model_dir (another
+        tokenizer, another model type: a deployment mistake that would stream wrong text); asked once per node."""
+        if self.checkpoint is None:
+            return
+        if address not in self._checked:
+            stub, message = self._session_rpcs(role, address)
+            call = stub.GetModelIdentity(message("GetModelIdentityRequest"), timeout=self.timeout_s)
+            try:
+                reply = await self.liveness.guard(call, {address: role})
+            except grpc.aio.AioRpcError as err:
+                raise _error(err, role, address) from err
+            try:
+                convert.identity_from_proto(reply.identity).check_checkpoint(*self.checkpoint)
+                self._checked[address] = ""
+            except FailedPrecondition as wrong:
+                log.error("%s %s: %s", role, address, wrong)
+                self._checked[address] = str(wrong)
+        if self._checked[address]:
+            raise FailedPrecondition(f"{role} {address}: {self._checked[address]}")
+
     async def open_session(self, role: str, address: str, session_id: str, owner: str, reserve_tokens: int) -> int:
         """Opens the session on a node, reserving its whole length in the node's KV pool."""
+        await self.check_identity(role, address)
         stub, message = self._session_rpcs(role, address)
         request = message("OpenSessionRequest", session_id=session_id, owner=owner, reserve_tokens=reserve_tokens)
         try:

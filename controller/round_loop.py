@@ -404,9 +404,12 @@ class RoundLoop:
         waits, at most admission_wait_s, then RESOURCE_EXHAUSTED; while none is ready (starting, restarting,
         lost) it waits as long, then UNAVAILABLE."""
         deadline, pause = time.monotonic() + self.admission_wait_s, 0.05
+        wrong: FailedPrecondition | None = None  # a verifier that serves another model: said at once
         while True:
             verifier = self.router.pick_verifier()
             if verifier is None:
+                if wrong is not None:
+                    raise wrong
                 if time.monotonic() + pause > deadline:
                     raise Unavailable("no verifier is ready")
                 await asyncio.sleep(pause)
@@ -427,10 +430,11 @@ class RoundLoop:
                     ) from full
                 await asyncio.sleep(pause)
                 pause = min(2 * pause, 1.0)
-            except Unavailable as error:  # dead or hung: admit the session on another verifier
-                log.warning("verifier %s unavailable at admission (%s)", verifier, error)
+            except (Unavailable, FailedPrecondition) as error:  # dead, hung or another model: try another
+                log.warning("verifier %s cannot take sessions (%s)", verifier, error)
                 self.router.release(verifier)
                 self.router.mark_down(verifier)
+                wrong = error if isinstance(error, FailedPrecondition) else wrong
             except BaseException:
                 self.router.release(verifier)
                 raise
@@ -442,12 +446,12 @@ class RoundLoop:
         try:
             await self.nodes.open_session("drafter", drafter, session.session_id, session.owner, length)
             return True
-        except (ResourceExhausted, Unavailable) as error:
+        except (ResourceExhausted, Unavailable, FailedPrecondition) as error:
             log.info(
                 "session %s: drafter %s cannot take it (%s); verifier-only for now", session.session_id, drafter, error
             )
             self.router.release(drafter)
-            if isinstance(error, Unavailable):  # keep it out of routing like a drafter lost mid-round
+            if not isinstance(error, ResourceExhausted):  # out of routing, like a drafter lost mid-round
                 self.router.mark_down(drafter)
             return False
 

@@ -6,6 +6,8 @@ from pathlib import Path
 
 from tokenizers import Tokenizer, decoders
 
+from eesd.identity import tokenizer_hash
+
 
 class TextCodec:
     def __init__(self, tokenizer_file: Path):
@@ -48,6 +50,7 @@ class ModelFacts:
     eos_token_ids: frozenset[int] = frozenset()
     vocab_size: int | None = None  # None: unknown, prompts are checked by the nodes
     context: int | None = None  # max_position_embeddings
+    checkpoint: tuple[str, str] | None = None  # (model_type, tokenizer_hash): the nodes must serve the same
 
 
 def model_facts(model_dir: str) -> ModelFacts:
@@ -61,4 +64,5 @@ def model_facts(model_dir: str) -> ModelFacts:
     eos = config.get("eos_token_id") if eos is None else eos
     eos_ids = frozenset([] if eos is None else [eos] if isinstance(eos, int) else eos)
     codec = TextCodec(root / "tokenizer.json") if (root / "tokenizer.json").is_file() else None
-    return ModelFacts(codec, eos_ids, config["vocab_size"], config.get("max_position_embeddings"))
+    checkpoint = (config.get("model_type", ""), tokenizer_hash(root))
+    return ModelFacts(codec, eos_ids, config["vocab_size"], config.get("max_position_embeddings"), checkpoint)

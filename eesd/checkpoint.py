@@ -105,15 +105,3 @@ class CheckpointReader:
         """All tensors under `prefix`, with the prefix stripped (a submodule's state dict)."""
         names = [n for n in self.files if n.startswith(prefix)]
         return {n[len(prefix) :]: t for n, t in self.read(names, dtype).items()}
-
-
-def tokenizer_hash(model_dir: str | Path) -> str:
-    """Hash of the tokenizer files, empty when the checkpoint ships none (id-only use)."""
-    digest = hashlib.sha256()
-    found = False
-    for name in ("tokenizer.json", "tokenizer.model", "tokenizer_config.json"):
-        path = Path(model_dir) / name
-        if path.is_file():
-            digest.update(path.read_bytes())
-            found = True
-    return digest.hexdigest()[:16] if found else ""

@@ -11,11 +11,11 @@ from collections.abc import Callable
 from pathlib import Path
 
 from eesd.batch import Job, run_job
-from eesd.checkpoint import CheckpointReader, config_hash, load_config, resolve_dtype, tokenizer_hash
+from eesd.checkpoint import CheckpointReader, config_hash, load_config, resolve_dtype
 from eesd.decoder_stack import Row, build_stack
 from eesd.errors import InvalidArgument
 from eesd.exit_layer import load_exit_head, state_hash, untrained_exit_layer, validate_exit_layer
-from eesd.identity import ModelIdentity
+from eesd.identity import ModelIdentity, tokenizer_hash
 from eesd.params import check_token_ids
 from eesd.policies import make_policy
 from eesd.rounds import DraftBlock, DraftRequest

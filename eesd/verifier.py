@@ -11,10 +11,10 @@ import torch
 
 from eesd.acceptance import accept_greedy, accept_stochastic
 from eesd.batch import Job, run_job
-from eesd.checkpoint import CheckpointReader, config_hash, load_config, resolve_dtype, tokenizer_hash
+from eesd.checkpoint import CheckpointReader, config_hash, load_config, resolve_dtype
 from eesd.decoder_stack import Row, build_stack
 from eesd.errors import InvalidArgument
-from eesd.identity import ModelIdentity
+from eesd.identity import ModelIdentity, tokenizer_hash
 from eesd.params import check_token_ids
 from eesd.rounds import DraftBlock, Verdict, VerifyRequest
 from eesd.sampling import densify, round_generator, target_probs

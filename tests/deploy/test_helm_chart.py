@@ -413,3 +413,14 @@ def test_notes_tell_how_to_reach_the_controller():
     notes = release_for(None).files["eesd/templates/NOTES.txt"]
     assert f"port-forward svc/{render.RELEASE}-controller 50051:50051" in notes
     assert f"get secret {render.RELEASE}-auth" in notes
+
+
+def test_every_role_serves_model_dir_unless_it_says_otherwise():
+    """One value names the checkpoint: the controller reads the tokenizer of the model the nodes serve (the
+    GPU example once gave the controller another model than its nodes)."""
+    for example, expected in ((None, "/models/reference"), ("gpu", "/models/llama-3.1-8b-instruct")):
+        release = release_for(example)
+        assert {role: release.config(role)["EESD_MODEL_DIR"] for role in ROLES} == dict.fromkeys(ROLES, expected)
+    own = Release({"model": {"dir": "/models/a"}, "drafter": {"config": {"modelDir": "/models/b"}}})
+    assert own.config("controller")["EESD_MODEL_DIR"] == own.config("verifier")["EESD_MODEL_DIR"] == "/models/a"
+    assert own.config("drafter")["EESD_MODEL_DIR"] == "/models/b"

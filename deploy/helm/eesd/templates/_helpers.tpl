@@ -89,6 +89,9 @@ controller where left empty. Argument: dict "root" $ "role" <role>.
     {{- $_ := set $cfg "namespace" $root.Release.Namespace -}}
   {{- end -}}
 {{- end -}}
+{{- if and (hasKey $cfg "modelDir") (not $cfg.modelDir) -}}
+  {{- $_ := set $cfg "modelDir" $root.Values.model.dir -}}
+{{- end -}}
 {{- if and (eq .role "drafter") (not $cfg.verifiers) -}}
   {{- $_ := set $cfg "verifiers" (printf "%s-verifier:%d" $fn (int $root.Values.verifier.config.port)) -}}
 {{- end -}}
