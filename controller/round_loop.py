@@ -337,6 +337,7 @@ class RoundLoop:
             policy_state=dict(session.policy_state),
             drafter=pair.drafter or "",
             verifier=pair.verifier,
+            stats=session.stats.speculation(session.params.policy.name),
         )
 
     async def _set_route(self, session: Session, pair: _Pair) -> None:

@@ -1,7 +1,6 @@
 """ControllerService: converts messages and calls the round loop; nothing else."""
 
 import asyncio
-from collections import OrderedDict
 
 from grpc import aio
 
@@ -9,7 +8,6 @@ from controller.round_loop import Finished, RoundEvent, RoundLoop
 from controller.state_store import StateStore
 from controller.text import TextCodec, TextStream
 from eesd.errors import InvalidArgument, Unauthenticated
-from eesd.generation import GenerationStats
 from eesd.params import GenerationParams, PolicyParams, check_prompt_size, check_session_id
 from eesd_proto.eesd.v1 import controller_pb2, controller_pb2_grpc
 from serving import convert
@@ -26,17 +24,20 @@ SESSION_STATES = {
     "cancelled": controller_pb2.SESSION_STATE_CANCELLED,
     "failed": controller_pb2.SESSION_STATE_FAILED,
 }
-RECENT_STATS = 4096  # speculation stats of recent sessions kept for GetSession
 
 
-def speculation_to_proto(stats: GenerationStats, policy: str) -> controller_pb2.SpeculationStats:
+def speculation_to_proto(stats: dict) -> controller_pb2.SpeculationStats | None:
+    """A session's speculation statistics (GenerationStats.speculation, as its record keeps them)."""
+    if not stats:  # a session still running: its record gets them when it ends
+        return None
+    rounds = stats["rounds"]
     return controller_pb2.SpeculationStats(
-        rounds=stats.rounds,
-        drafted=stats.drafted,
-        accepted=stats.accepted,
-        mean_accepted_tokens=stats.mean_accepted_tokens,
-        k_histogram=dict(stats.k_histogram),
-        policy=policy,
+        rounds=rounds,
+        drafted=stats["drafted"],
+        accepted=stats["accepted"],
+        mean_accepted_tokens=stats["generated"] / rounds if rounds else 0.0,
+        k_histogram={int(k): n for k, n in stats["k_histogram"].items()},
+        policy=stats["policy"],
     )
 
 
@@ -55,7 +56,6 @@ class ControllerServicer(controller_pb2_grpc.ControllerServiceServicer):
         self.default_policy = default_policy
         self.max_new_tokens_limit, self.max_prompt_tokens = max_new_tokens_limit, max_prompt_tokens
         self.auth_token = auth_token
-        self._recent: OrderedDict[str, controller_pb2.SpeculationStats] = OrderedDict()
 
     def _authorize(self, context: aio.ServicerContext) -> None:
         if not self.auth_token:
@@ -112,10 +112,7 @@ class ControllerServicer(controller_pb2_grpc.ControllerServiceServicer):
 
     def _summary(self, event: Finished, policy: str) -> controller_pb2.GenerationSummary:
         s = event.stats
-        speculation = speculation_to_proto(s, policy)
-        self._recent[event.session_id] = speculation
-        while len(self._recent) > RECENT_STATS:
-            self._recent.popitem(last=False)
+        speculation = speculation_to_proto(s.speculation(policy))
         return controller_pb2.GenerationSummary(
             finish_reason=FINISH_REASONS[event.finish_reason],
             usage=controller_pb2.Usage(prompt_tokens=event.prompt_tokens, completion_tokens=s.generated),
@@ -147,7 +144,7 @@ class ControllerServicer(controller_pb2_grpc.ControllerServiceServicer):
                 state=SESSION_STATES[record.status],
                 finish_reason=FINISH_REASONS.get(record.finish_reason, controller_pb2.FINISH_REASON_UNSPECIFIED),
                 usage=controller_pb2.Usage(prompt_tokens=record.prompt_length, completion_tokens=len(record.generated)),
-                speculation=self._recent.get(record.session_id),
+                speculation=speculation_to_proto(record.stats),
                 drafter_id=record.drafter,
                 verifier_id=record.verifier,
                 committed_token_ids=record.committed if request.include_token_ids else [],

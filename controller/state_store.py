@@ -58,7 +58,7 @@ import threading
 import time
 import uuid
 from collections.abc import Awaitable, Callable
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any, Protocol
 from urllib.parse import parse_qs, unquote, urlsplit, urlunsplit
 
@@ -115,6 +115,9 @@ class SessionRecord:
     # refused (Aborted), so two controllers never drive one session.
     owner: str = ""
     epoch: int = 0
+    # The speculation statistics of its rounds (GenerationStats.speculation), written when it ends, so that
+    # GetSession answers the same on every controller replica.
+    stats: dict = field(default_factory=dict)
 
     @property
     def generated(self) -> list[int]:
@@ -419,6 +422,7 @@ class MemoryStateStore:
                 if rec.next_round == at.next_round + 1:
                     del rec.committed[len(at.committed) :]
                     rec.next_round, rec.policy_state = at.next_round, dict(at.policy_state)
+                rec.stats = copy.deepcopy(at.stats)
             rec.status, rec.finish_reason = status, finish_reason
             rec.error_code, rec.error_message = code, message[:ERROR_MESSAGE_CHARS]
             self._touch(rec)
@@ -583,7 +587,7 @@ return 1
 """
 
 # ARGV: status, reason, ttl ms, updated_at, prefix, sid, end token, error code, error message, and the
-# point the session ends at ('' for none): next round, committed length, policy JSON, epoch.
+# point the session ends at ('' for none): next round, committed length, policy JSON, epoch, stats JSON.
 # -> 1 ended now (or by this same call, retried), 0 had already ended, -1 missing, -2 stored behind the
 # point, -4 stored more than one round ahead of it (another controller drives the session), -5 another
 # epoch drives it.
@@ -610,6 +614,7 @@ if ARGV[10] ~= '' then
     redis.call('SET', KEYS[2], kept)
     redis.call('HSET', key, 'next_round', at, 'policy', ARGV[12])
   end
+  redis.call('HSET', key, 'stats', ARGV[14])
 end
 redis.call('HSET', key, 'status', ARGV[1], 'finish_reason', ARGV[2], 'updated_at', ARGV[4], 'end_token', ARGV[7],
   'error_code', ARGV[8], 'error_message', ARGV[9])
@@ -871,6 +876,7 @@ class RedisStateStore:
             "updated_at": repr(now),
             "owner": rec.owner,
             "epoch": rec.epoch,
+            "stats": json.dumps(rec.stats),
         }
         return [x for pair in fields.items() for x in pair]
 
@@ -913,6 +919,7 @@ class RedisStateStore:
             updated_at=float(s["updated_at"]),
             owner=s.get("owner", b"").decode(),
             epoch=int(s.get("epoch", 0)),
+            stats=json.loads(s.get("stats", b"{}")),
         )
 
     async def commit_round(
@@ -972,11 +979,11 @@ class RedisStateStore:
         args = [status, finish_reason, self._ttl_ms, repr(time.time()), self.prefix, session_id, uuid.uuid4().hex]
         args += [code, message[:ERROR_MESSAGE_CHARS]]
         if at is None:
-            args += ["", "", "", ""]
+            args += ["", "", "", "", ""]
         else:
             _check_round(at.next_round)
             policy = json.dumps(_check_floats("policy_state", at.policy_state))
-            args += [at.next_round, len(at.committed), policy, at.epoch]
+            args += [at.next_round, len(at.committed), policy, at.epoch, json.dumps(at.stats)]
         result = await self._call(self._end, self._keys(session_id), args)
         if result == -5:
             raise _taken_over(session_id)

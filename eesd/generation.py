@@ -43,6 +43,17 @@ class GenerationStats:
             self.accepted_at_position[position] += position < stats.accepted
         self.per_round.append(stats)
 
+    def speculation(self, policy: str) -> dict:
+        """What a session's record keeps of its speculation (JSON-able): GetSession on any replica reads it."""
+        return {
+            "policy": policy,
+            "rounds": self.rounds,
+            "drafted": self.drafted,
+            "accepted": self.accepted,
+            "generated": self.generated,
+            "k_histogram": {str(k): n for k, n in sorted(self.k_histogram.items())},
+        }
+
     def summary(self) -> dict:
         return {
             "rounds": self.rounds,

@@ -419,3 +419,15 @@ async def test_take_over_resumes_failed_sessions_but_not_ended_ones(backend: Bac
             assert (left.status, left.epoch, left.owner) == (status, 0, "")
         with pytest.raises(NotFound):
             await store.take_over("nobody", OWNER_A)
+
+
+@aio
+async def test_a_session_end_keeps_its_speculation_stats(backend: Backend) -> None:
+    stats = {"policy": "beta-ts", "rounds": 3, "drafted": 7, "accepted": 5, "generated": 8, "k_histogram": {"3": 3}}
+    async with backend.open() as store:
+        await store.create_session(record())
+        await store.commit_round("s1", 0, [10, 11], {"alpha": 2.0})
+        at = await store.get_session("s1")
+        assert at.stats == {}
+        await store.finish("s1", "finished", "length", at=replace(at, stats=stats))
+        assert (await store.get_session("s1")).stats == stats

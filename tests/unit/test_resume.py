@@ -11,12 +11,14 @@ import pytest
 from controller.discovery import StaticDiscovery
 from controller.round_loop import Finished, RoundEvent, RoundLoop
 from controller.routing import Router
+from controller.servicer import ControllerServicer
 from controller.state_store import MemoryStateStore
 from eesd.drafter import Drafter
 from eesd.engine import SpeculativeEngine
 from eesd.errors import Aborted, AlreadyExists, InvalidArgument
 from eesd.params import GenerationParams, PolicyParams, SamplingParams
 from eesd.verifier import Verifier
+from eesd_proto.eesd.v1 import controller_pb2
 from tests.unit.test_round_loop_repairs import PROMPT, InProcessNodes, wipe
 
 GREEDY = GenerationParams(40, policy=PolicyParams("fixed", k_max=3), stop_on_eos=False)
@@ -140,3 +142,27 @@ def test_a_used_id_with_another_request_or_too_many_received_tokens_is_refused(f
             await collect(loop.generate(PROMPT, GREEDY, "new", received_tokens=3))
 
     asyncio.run(scenario())
+
+
+def test_get_session_answers_the_same_on_every_replica(fresh):
+    """A session's speculation statistics live in its record, not in the memory of the controller that ran
+    it: another replica's GetSession shows them."""
+
+    class NoMetadata:
+        def invocation_metadata(self):
+            return ()
+
+    async def scenario():
+        store, nodes = MemoryStateStore(), InProcessNodes(fresh, lambda r, n: None)
+        _, finished = await collect(controller(store, nodes).generate(PROMPT, GREEDY, "s"))
+        other = ControllerServicer(controller(store, nodes), store, None, PolicyParams("off", 0), 64, 128)
+        reply = await other.GetSession(controller_pb2.GetSessionRequest(session_id="s"), NoMetadata())
+        return finished, reply.session.speculation
+
+    finished, speculation = asyncio.run(scenario())
+    assert (speculation.rounds, speculation.drafted, speculation.accepted) == (
+        finished.stats.rounds,
+        finished.stats.drafted,
+        finished.stats.accepted,
+    )
+    assert speculation.policy == "fixed" and sum(speculation.k_histogram.values()) == finished.stats.rounds
