@@ -14,7 +14,7 @@ from drafter_service.config import DrafterConfig
 from verifier_service.config import VerifierConfig
 
 ROOT = Path(__file__).resolve().parents[2]
-EXAMPLES = ("cpu", "gpu", "external-redis", "ha-redis", "autoscaling")
+EXAMPLES = ("cpu", "gpu", "external-redis", "ha-redis", "autoscaling", "pod-fields")
 ROLES = ("controller", "drafter", "verifier")
 
 

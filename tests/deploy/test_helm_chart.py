@@ -424,3 +424,19 @@ def test_every_role_serves_model_dir_unless_it_says_otherwise():
     own = Release({"model": {"dir": "/models/a"}, "drafter": {"config": {"modelDir": "/models/b"}}})
     assert own.config("controller")["EESD_MODEL_DIR"] == own.config("verifier")["EESD_MODEL_DIR"] == "/models/a"
     assert own.config("drafter")["EESD_MODEL_DIR"] == "/models/b"
+
+
+def test_standard_pod_fields_reach_every_role():
+    release = release_for("pod-fields")
+    for role in ROLES:
+        spec = release.pod_spec(role)
+        assert spec["priorityClassName"] == "inference-critical"
+    assert release.pod_spec("verifier")["runtimeClassName"] == "nvidia"
+    spread = release.pod_spec("controller")["topologySpreadConstraints"]
+    assert spread[0]["topologyKey"] == "topology.kubernetes.io/zone"
+    drafter = release.pod_spec("drafter")
+    assert {"name": "hf-cache", "emptyDir": {"sizeLimit": "10Gi"}} in drafter["volumes"]
+    assert {"name": "hf-cache", "mountPath": "/cache/hf"} in drafter["containers"][0]["volumeMounts"]
+    assert {"name": "HF_HOME", "value": "/cache/hf"} in drafter["containers"][0]["env"]
+    controller = release.component("Deployment", "controller")["spec"]["template"]
+    assert controller["metadata"]["annotations"]["example.com/team"] == "inference"
