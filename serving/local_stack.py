@@ -1,7 +1,9 @@
 """A whole EESD stack on one machine, as separate processes on loopback: redis-server (optional), the
-controller, drafters and verifiers. `make run` serves one until Ctrl-C; tests and the demo drive it.
+controllers (one by default; several share the state store), drafters and verifiers. `make run` serves one
+until Ctrl-C; tests and the demo drive it.
 
     python -m serving.local_stack [--model-dir DIR --exit-layer N] [--drafters 1] [--verifiers 1] [--redis]
+        [--controllers 1]
 """
 
 import argparse
@@ -91,7 +93,15 @@ class LocalStack:
         controller_args: tuple[str, ...] = (),
         controller_port: int = 0,
         drafter_args: tuple[str, ...] = (),
+        controllers: int = 1,
+        redis_args: tuple[str, ...] = (),
+        store_port: int = 0,
     ):
+        """`controllers` controllers share the state store (with memory:// each has its own); the first one
+        listens on `controller_port` and logs to controller.log, the others to controller1.log, ...
+        `redis_args` are appended to redis-server's flags (its files go to the log directory), e.g.
+        ("--appendonly", "yes"); `store_port`, when set, is the port the controllers reach Redis on instead
+        of Redis's own (a proxy in front of it)."""
         self.log_dir = Path(log_dir or tempfile.mkdtemp(prefix="eesd-stack-"))
         self.log_dir.mkdir(parents=True, exist_ok=True)
         self.threads = threads
@@ -113,6 +123,9 @@ class LocalStack:
                         "",
                         "--appendonly",
                         "no",
+                        "--dir",
+                        str(self.log_dir),
+                        *redis_args,
                     ],
                     self.log_dir / "redis.log",
                 )
@@ -135,26 +148,27 @@ class LocalStack:
                     *drafter_args,
                 ],
             )
-        redis_url = f"redis://127.0.0.1:{self.by_role('redis')[0].port}/0" if redis else "memory://"
-        self._add_service(
-            "controller",
-            "controller",
-            "controller",
-            [
-                "--redis-url",
-                redis_url,
-                "--drafters",
-                ",".join(n.address for n in self.by_role("drafter")),
-                "--verifiers",
-                ",".join(n.address for n in self.by_role("verifier")),
-                "--model-dir",
-                str(model_dir),
-                "--node-down-s",
-                "1",
-                *controller_args,
-            ],
-            controller_port,
-        )
+        redis_url = f"redis://127.0.0.1:{store_port or self.by_role('redis')[0].port}/0" if redis else "memory://"
+        for i in range(controllers):
+            self._add_service(
+                "controller",
+                "controller",
+                f"controller{i or ''}",
+                [
+                    "--redis-url",
+                    redis_url,
+                    "--drafters",
+                    ",".join(n.address for n in self.by_role("drafter")),
+                    "--verifiers",
+                    ",".join(n.address for n in self.by_role("verifier")),
+                    "--model-dir",
+                    str(model_dir),
+                    "--node-down-s",
+                    "1",
+                    *controller_args,
+                ],
+                controller_port if i == 0 else 0,
+            )
 
     def _add_service(self, role: str, module: str, name: str, args: list[str], port: int = 0) -> None:
         """One of the stack's Python services on loopback, with its own log and /metrics port."""
@@ -167,7 +181,18 @@ class LocalStack:
 
     @property
     def controller_address(self) -> str:
+        """The first controller's address."""
         return self.by_role("controller")[0].address
+
+    @property
+    def controller_addresses(self) -> list[str]:
+        return [n.address for n in self.by_role("controller")]
+
+    @property
+    def controller_target(self) -> str:
+        """A gRPC target naming every controller (`ipv4:host:port,host:port`); a client balances over them
+        with the round_robin load-balancing policy and moves to another when one goes away."""
+        return "ipv4:" + ",".join(self.controller_addresses)
 
     def _spawn(self, node: Node) -> None:
         if node.metrics_port and "--metrics-port" not in node.args:
@@ -205,11 +230,15 @@ class LocalStack:
                 node.process.kill()
                 node.process.wait()
 
+    def start_node(self, node: Node, timeout_s: float = 180.0) -> None:
+        """Starts a stopped node again on its port and waits until it serves."""
+        self._spawn(node)
+        self._wait(node, timeout_s)
+
     def restart_node(self, node: Node, timeout_s: float = 180.0) -> None:
         """Kills a node (its KV caches die with it) and starts it again on the same port."""
         self.stop_node(node, signal.SIGKILL)
-        self._spawn(node)
-        self._wait(node, timeout_s)
+        self.start_node(node, timeout_s)
 
     def stop(self) -> None:
         for node in reversed(self.nodes):
@@ -235,7 +264,7 @@ def add_stack_arguments(parser: argparse.ArgumentParser | argparse._ArgumentGrou
     parser.add_argument("--log-dir", default=log_dir, help="the stack's process logs")
 
 
-def stack_from_args(args: argparse.Namespace, controller_port: int = 0) -> LocalStack:
+def stack_from_args(args: argparse.Namespace, controller_port: int = 0, controllers: int = 1) -> LocalStack:
     """The stack the flags describe; without --model-dir, the default served model (serving.models)."""
     if args.model_dir is None:
         model = default_model()
@@ -258,20 +287,22 @@ def stack_from_args(args: argparse.Namespace, controller_port: int = 0) -> Local
         args.log_dir,
         args.threads,
         controller_port=controller_port,
+        controllers=controllers,
     )
 
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     add_stack_arguments(parser, ".cache/stack-logs")
-    parser.add_argument("--controller-port", type=int, default=50051)
+    parser.add_argument("--controller-port", type=int, default=50051, help="the first controller's port")
+    parser.add_argument("--controllers", type=int, default=1, help="controllers sharing the state store (--redis)")
     args = parser.parse_args()
-    stack = stack_from_args(args, args.controller_port)
+    stack = stack_from_args(args, args.controller_port, args.controllers)
     stack.start()
     for node in stack.nodes:
         metrics = f"  metrics {node.metrics_url}" if node.metrics_port else ""
         print(f"{node.role:10s} {node.address}  (log {node.log}){metrics}", flush=True)
-    print(f"controller ready at {stack.controller_address}; Ctrl-C stops the stack", flush=True)
+    print(f"controller ready at {', '.join(stack.controller_addresses)}; Ctrl-C stops the stack", flush=True)
     stopping = []
     signal.signal(signal.SIGTERM, lambda *_: stopping.append(1))
     try:

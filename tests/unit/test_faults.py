@@ -1,0 +1,99 @@
+"""The fault-trial harness's own parts (loadtest/faults.py) and the LocalStack options it uses."""
+
+import socket
+import threading
+
+import pytest
+
+from loadtest.faults import DEFAULT_TRIALS, FAULTS, TcpProxy, align, parse_plan, percentiles
+from serving.local_stack import LocalStack, free_port
+
+
+def test_align_counts_duplicates_gaps_and_wrong_tokens():
+    ref = [1, 2, 3, 4, 5, 6]
+    assert align(ref, ref) == {"duplicated": 0, "extra": 0, "missing": 0, "wrong": 0}
+    assert align([1, 2, 3, 2, 3, 4, 5, 6], ref)["duplicated"] == 2  # a resume that sent 2, 3 twice
+    assert align([1, 2, 5, 6], ref) == {"duplicated": 0, "extra": 0, "missing": 2, "wrong": 0}
+    assert align([1, 2, 9, 4, 5, 6], ref) == {"duplicated": 0, "extra": 0, "missing": 0, "wrong": 1}
+    assert align([1, 2, 3, 4, 5, 6, 7], ref) == {"duplicated": 0, "extra": 1, "missing": 0, "wrong": 0}
+
+
+def test_parse_plan():
+    assert parse_plan("all") == DEFAULT_TRIALS
+    assert list(DEFAULT_TRIALS) == list(FAULTS)
+    assert parse_plan("redis-pause=2, controller-kill") == {"redis-pause": 2, "controller-kill": 100}
+    with pytest.raises(SystemExit, match="unknown fault"):
+        parse_plan("controller-explode=1")
+
+
+def test_percentiles():
+    assert percentiles([]) == {"n": 0, "p50": None, "p95": None, "max": None}
+    assert percentiles([3.0, 1.0, 2.0]) == {"n": 3, "p50": 2.0, "p95": 3.0, "max": 3.0}
+
+
+def _echo(conn: socket.socket) -> None:
+    with conn:
+        while data := conn.recv(1024):
+            conn.sendall(data)
+
+
+def _echo_server() -> tuple[socket.socket, int]:
+    server = socket.socket()
+    server.bind(("127.0.0.1", 0))
+    server.listen(8)
+
+    def serve() -> None:
+        while True:
+            try:
+                conn, _ = server.accept()
+            except OSError:
+                return
+            threading.Thread(target=_echo, args=(conn,), daemon=True).start()
+
+    threading.Thread(target=serve, daemon=True).start()
+    return server, server.getsockname()[1]
+
+
+def test_tcp_proxy_forwards_cuts_and_restores():
+    server, upstream = _echo_server()
+    proxy = TcpProxy(free_port(), upstream).start()
+    try:
+        client = socket.create_connection(("127.0.0.1", proxy.port), timeout=5)
+        client.sendall(b"ping")
+        assert client.recv(16) == b"ping"
+        proxy.cut()
+        assert client.recv(16) == b""  # the open connection is closed
+        with pytest.raises(ConnectionRefusedError):  # and a new one refused
+            socket.create_connection(("127.0.0.1", proxy.port), timeout=5)
+        proxy.restore()
+        again = socket.create_connection(("127.0.0.1", proxy.port), timeout=5)
+        again.sendall(b"pong")
+        assert again.recv(16) == b"pong"
+        again.close()
+        client.close()
+    finally:
+        proxy.close()
+        server.close()
+
+
+def test_local_stack_with_two_controllers_sharing_redis_behind_a_proxy(tmp_path):
+    stack = LocalStack(
+        tmp_path / "model",
+        1,
+        redis=True,
+        log_dir=tmp_path,
+        controllers=2,
+        redis_args=("--appendonly", "yes"),
+        store_port=4242,
+    )
+    controllers = stack.by_role("controller")
+    assert [c.log.name for c in controllers] == ["controller.log", "controller1.log"]
+    for controller in controllers:
+        assert controller.args[controller.args.index("--redis-url") + 1] == "redis://127.0.0.1:4242/0"
+    assert stack.controller_address == controllers[0].address
+    assert stack.controller_target == f"ipv4:{controllers[0].address},{controllers[1].address}"
+    redis = stack.by_role("redis")[0].args
+    assert redis[-2:] == ["--appendonly", "yes"]  # after the defaults: it wins
+    assert redis[redis.index("--dir") + 1] == str(tmp_path)
+    single = LocalStack(tmp_path / "model", 1, log_dir=tmp_path)
+    assert len(single.by_role("controller")) == 1 and single.controller_target == f"ipv4:{single.controller_address}"
