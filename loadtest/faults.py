@@ -24,8 +24,10 @@ every process serves again. The faults:
 
 Counted per fault: outputs identical to the reference, client-visible errors, duplicated, extra, missing and
 wrong tokens (each output aligned with the reference), stored records that differ from what the client got,
-resumes, process deaths, and the extra time of resumed requests (and of every request) over the median
-session of the uninterrupted baseline trials. A failed session's id, error and log lines go to the report.
+resumes, process deaths, what the controllers logged (sessions resumed, moved off a node, nodes found lost,
+sessions written back into Redis), and the extra time of resumed requests (and of every request) over the
+median session of the uninterrupted baseline trials. A failed session's id, error and log lines go to the
+report.
 """
 
 import argparse
@@ -34,6 +36,7 @@ import difflib
 import functools
 import json
 import logging
+import os
 import random
 import shutil
 import signal
@@ -57,7 +60,13 @@ from serving.local_stack import LocalStack, Node, free_port
 
 log = logging.getLogger("loadtest.faults")
 
-ROLES = ("controller", "drafter", "verifier", "redis")
+# What the controllers' logs say happened during a trial (counted lines).
+LOG_EVENTS = {
+    "resumed": ": resumed at round",  # a session taken up by a resuming client
+    "node_replaced": " unavailable (",  # a session moved off a drafter or verifier
+    "node_lost": "has not answered SERVING",  # a hung node found lost by the health probes
+    "written_back": "the state store had lost it",  # a session written back into a Redis that lost it
+}
 
 
 @dataclass(frozen=True)
@@ -324,6 +333,7 @@ class TrialRecord:
     seconds: float = 0.0
     deaths: list[str] = field(default_factory=list)  # processes found dead that the trial did not kill
     sessions: list[SessionOutcome] = field(default_factory=list)
+    events: dict[str, int] = field(default_factory=dict)  # LOG_EVENTS counted in the controllers' logs
 
 
 class FaultBench:
@@ -403,6 +413,7 @@ class FaultBench:
         record = TrialRecord(name, index)
         picks = [(index * self.sessions + i) % len(self.prompts) for i in range(self.sessions)]
         ids = [f"fault-{name}-{index}-{i}-{rng.getrandbits(32):08x}" for i in range(self.sessions)]
+        marks = {n.log: n.log.stat().st_size if n.log.is_file() else 0 for n in self.stack.by_role("controller")}
         with self.client() as client, ThreadPoolExecutor(self.sessions) as pool:
             with contextlib.suppress(EesdError):  # connects the channel to every controller before the trial
                 client.get_session("fault-warmup", timeout=10)
@@ -427,6 +438,7 @@ class FaultBench:
             for outcome in record.sessions:
                 self._check(client, outcome)
         record.deaths = self._settle()
+        record.events = count_events(marks)
         return record
 
     def _check(self, client: EesdClient, outcome: SessionOutcome) -> None:
@@ -469,6 +481,18 @@ class FaultBench:
         return records
 
 
+def count_events(marks: dict[Path, int]) -> dict[str, int]:
+    """LOG_EVENTS in what each log (path -> size before) has written since."""
+    counts = dict.fromkeys(LOG_EVENTS, 0)
+    for path, offset in marks.items():
+        with path.open("rb") as f:
+            f.seek(offset)
+            text = f.read().decode(errors="replace")
+        for name, needle in LOG_EVENTS.items():
+            counts[name] += text.count(needle)
+    return counts
+
+
 # -- the report -------------------------------------------------------------------------------------------------
 
 
@@ -493,6 +517,7 @@ def summarize(records: Sequence[TrialRecord], baseline_s: float | None, fault: F
         "resumes": sum(s.resumes for s in sessions),
         "resumed_sessions": sum(bool(s.resumes) for s in sessions),
         "process_deaths": sum(len(r.deaths) for r in records),
+        "controller_log_events": {name: sum(r.events.get(name, 0) for r in records) for name in LOG_EVENTS},
         "extra_latency_resumed_s": percentiles(resumed),
         "extra_latency_all_s": percentiles(extra),
         "max_chunk_gap_s": percentiles([s.max_gap_s for s in sessions]),
@@ -710,6 +735,7 @@ def main(argv=None) -> int:
 
     def write(results: dict) -> None:
         environment["seconds"] = round(time.perf_counter() - started, 1)
+        environment["load_average_end"] = [round(x, 2) for x in os.getloadavg()]
         out.parent.mkdir(parents=True, exist_ok=True)
         report = {"environment": environment, "config": config, **results}
         out.write_text(json.dumps(report, indent=1, default=_json_default) + "\n")

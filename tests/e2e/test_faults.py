@@ -79,3 +79,8 @@ def test_fault_trials_at_scale(tiny_models, tmp_path_factory, require_redis):
     assert_clean(report, log_dir)
     for name, count in plan.items():
         assert report["faults"][name]["trials"] == count
+    # The controllers' logs show the paths the faults took: resumes, moves off a hung node, write-backs.
+    events = {name: s["controller_log_events"] for name, s in report["faults"].items()}
+    assert events["controller-kill"]["resumed"] >= plan["controller-kill"], events
+    assert events["drafter-hang"]["node_lost"] >= 1 and events["verifier-hang"]["node_lost"] >= 1, events
+    assert events["redis-kill-empty"]["written_back"] >= 1, events
