@@ -7,6 +7,7 @@ import sys
 import time
 from pathlib import Path
 
+from eesd import fetch
 from eesd.errors import EesdError, InvalidArgument
 from eesd.params import POLICY_NAMES, GenerationParams, PolicyParams, SamplingParams
 
@@ -402,6 +403,9 @@ def build_parser() -> argparse.ArgumentParser:
     add_distill_parser(sub)
     add_bench_parser(sub)
     add_model_parser(sub)
+    fetch_parser = sub.add_parser("fetch", help="fetch a checkpoint from the Hugging Face hub or an http(s) archive")
+    fetch.add_arguments(fetch_parser)
+    fetch_parser.set_defaults(func=fetch.run)
     return parser
 
 

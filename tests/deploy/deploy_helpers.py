@@ -14,7 +14,7 @@ from drafter_service.config import DrafterConfig
 from verifier_service.config import VerifierConfig
 
 ROOT = Path(__file__).resolve().parents[2]
-EXAMPLES = ("cpu", "gpu", "external-redis", "ha-redis", "autoscaling", "pod-fields")
+EXAMPLES = ("cpu", "gpu", "external-redis", "ha-redis", "autoscaling", "pod-fields", "model-fetch")
 ROLES = ("controller", "drafter", "verifier")
 
 

@@ -440,3 +440,31 @@ def test_standard_pod_fields_reach_every_role():
     assert {"name": "HF_HOME", "value": "/cache/hf"} in drafter["containers"][0]["env"]
     controller = release.component("Deployment", "controller")["spec"]["template"]
     assert controller["metadata"]["annotations"]["example.com/team"] == "inference"
+
+
+def test_a_model_source_is_fetched_by_the_verifier_and_awaited_by_the_others():
+    release = release_for("model-fetch")
+    for role in ROLES:
+        spec = release.pod_spec(role)
+        (init,) = spec["initContainers"]
+        model_mount = next(m for m in init["volumeMounts"] if m["name"] == "model")
+        claim = next(v for v in spec["volumes"] if v["name"] == "model")["persistentVolumeClaim"]
+        main_mount = next(m for m in spec["containers"][0]["volumeMounts"] if m["name"] == "model")
+        assert main_mount["readOnly"] is True
+        if role == "verifier":
+            assert init["command"][-4:] == [
+                "--source",
+                "meta-llama/Llama-3.1-8B-Instruct",
+                "--dest",
+                "/models/llama-3.1-8b-instruct",
+            ]
+            assert model_mount["readOnly"] is False and claim["readOnly"] is False
+            assert {"name": "HF_TOKEN", "valueFrom": {"secretKeyRef": {"name": "hf-token", "key": "HF_TOKEN"}}} in init[
+                "env"
+            ]
+        else:
+            assert init["command"][-3:] == ["--wait", "--dest", "/models/llama-3.1-8b-instruct"]
+            assert model_mount["readOnly"] is True and claim["readOnly"] is True
+    assert all("initContainers" not in release_for(None).pod_spec(role) for role in ROLES)
+    with pytest.raises(helm_python.HelmError):
+        render.render({"model": {"source": "not a source"}})

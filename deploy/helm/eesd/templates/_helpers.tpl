@@ -211,6 +211,39 @@ spec:
       {{- with $v.runtimeClassName }}
       runtimeClassName: {{ . }}
       {{- end }}
+      {{- if and $root.Values.model.source (hasKey $cfg "modelDir") }}
+      # The checkpoint is fetched into the model volume at first start (eesd/fetch.py): the verifier's pods
+      # fetch it (idempotent, atomic), the other roles wait for it.
+      initContainers:
+        - name: model
+          image: {{ include "eesd.image" (dict "image" $v.image "gpus" $v.gpus "appVersion" $root.Chart.AppVersion) }}
+          imagePullPolicy: {{ $v.image.pullPolicy }}
+          {{- if eq $role "verifier" }}
+          command: ["python", "-m", "eesd.fetch", "--source", {{ $root.Values.model.source | quote }}, "--dest", {{ $cfg.modelDir | quote }}]
+          {{- else }}
+          command: ["python", "-m", "eesd.fetch", "--wait", "--dest", {{ $cfg.modelDir | quote }}]
+          {{- end }}
+          env:
+            - name: HOME
+              value: /tmp
+            - name: HF_HOME
+              value: /tmp/hf
+            {{- if and (eq $role "verifier") $root.Values.model.hfTokenSecret }}
+            - name: HF_TOKEN
+              valueFrom:
+                secretKeyRef:
+                  name: {{ $root.Values.model.hfTokenSecret }}
+                  key: HF_TOKEN
+            {{- end }}
+          securityContext:
+            {{- toYaml $root.Values.securityContext | nindent 12 }}
+          volumeMounts:
+            - name: tmp
+              mountPath: /tmp
+            - name: model
+              mountPath: /models
+              readOnly: {{ ne $role "verifier" }}
+      {{- end }}
       containers:
         - name: {{ $role }}
           image: {{ include "eesd.image" (dict "image" $v.image "gpus" $v.gpus "appVersion" $root.Chart.AppVersion) }}
@@ -294,7 +327,8 @@ spec:
           {{- else }}
           persistentVolumeClaim:
             claimName: {{ $root.Values.model.claimName }}
-            readOnly: true
+            # Writable only where the checkpoint is fetched (the verifier's init container); mounts stay read-only.
+            readOnly: {{ not (and $root.Values.model.source (eq $role "verifier")) }}
           {{- end }}
         {{- end }}
         {{- if and (eq $role "controller") $root.Values.redis.caSecret }}

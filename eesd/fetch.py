@@ -1,0 +1,128 @@
+"""Fetching a checkpoint into a directory: `python -m eesd.fetch` (the chart's model init container) and
+`eesd fetch`.
+
+A source is a Hugging Face model id, `org/name` or `org/name@revision` (optionally `hf://...`), downloaded
+with huggingface_hub (HF_ENDPOINT and HF_TOKEN apply as usual, so a mirror or a private hub works); or an
+http(s) URL of a .tar or .tar.gz archive of the checkpoint directory (a presigned S3 URL, an internal
+artifact store). Fetching is idempotent and safe from many pods at once: the checkpoint is assembled in a
+temporary directory next to the destination and renamed into place, and a destination that already holds
+a checkpoint is kept. `--wait` only waits for another pod's fetch to finish.
+"""
+
+import argparse
+import logging
+import shutil
+import sys
+import tarfile
+import tempfile
+import time
+import urllib.request
+from pathlib import Path
+
+from eesd.errors import EesdError, InvalidArgument, NotFound
+
+log = logging.getLogger(__name__)
+
+# What a checkpoint needs; other files of a hub repository (other weight formats, docs) are skipped.
+HUB_FILES = [
+    "config.json",
+    "generation_config.json",
+    "tokenizer.json",
+    "tokenizer_config.json",
+    "tokenizer.model",
+    "special_tokens_map.json",
+    "*.safetensors",
+    "*.safetensors.index.json",
+]
+
+
+def is_checkpoint(path: Path) -> bool:
+    return (path / "config.json").is_file()
+
+
+def fetch(source: str, dest: str | Path) -> Path:
+    """The checkpoint of `source` in `dest` (kept when it is there already)."""
+    dest = Path(dest)
+    if is_checkpoint(dest):
+        log.info("%s already holds a checkpoint: kept", dest)
+        return dest
+    dest.parent.mkdir(parents=True, exist_ok=True)
+    staging = Path(tempfile.mkdtemp(prefix=f".{dest.name}.", dir=dest.parent))
+    try:
+        if source.startswith(("http://", "https://")):
+            _fetch_archive(source, staging)
+        else:
+            _fetch_hub(source, staging)
+        if not is_checkpoint(staging):
+            raise InvalidArgument("source", f"{source} holds no config.json: not a checkpoint")
+        try:
+            staging.rename(dest)  # atomic on one filesystem
+        except OSError:
+            if not is_checkpoint(dest):  # not another pod that finished first
+                raise
+        log.info("fetched %s into %s", source, dest)
+        return dest
+    finally:
+        shutil.rmtree(staging, ignore_errors=True)
+
+
+def _fetch_hub(source: str, into: Path) -> None:
+    from huggingface_hub import snapshot_download  # only the fetching pod needs it
+
+    repo, _, revision = source.removeprefix("hf://").partition("@")
+    if repo.count("/") != 1:
+        raise InvalidArgument("source", f"{source!r}: expected org/name[@revision] or an http(s) URL")
+    snapshot_download(repo, revision=revision or None, local_dir=into, allow_patterns=HUB_FILES)
+    shutil.rmtree(into / ".cache", ignore_errors=True)  # huggingface_hub's bookkeeping
+
+
+def _fetch_archive(url: str, into: Path) -> None:
+    """Streams a .tar / .tar.gz archive into `into`; a single top-level directory is unwrapped."""
+    with urllib.request.urlopen(url, timeout=60) as response, tarfile.open(fileobj=response, mode="r|*") as archive:
+        archive.extractall(into, filter="data")  # refuses absolute paths, .. and links out of the tree
+    entries = list(into.iterdir())
+    if len(entries) == 1 and entries[0].is_dir() and not is_checkpoint(into):
+        for item in entries[0].iterdir():
+            item.rename(into / item.name)
+        entries[0].rmdir()
+
+
+def wait_for(dest: str | Path, timeout_s: float, period_s: float = 2.0) -> Path:
+    """Blocks until `dest` holds a checkpoint (another pod fetches it); NotFound after `timeout_s`."""
+    dest, deadline = Path(dest), time.monotonic() + timeout_s
+    while not is_checkpoint(dest):
+        if time.monotonic() > deadline:
+            raise NotFound(f"no checkpoint appeared in {dest} within {timeout_s:g} s")
+        time.sleep(period_s)
+    return dest
+
+
+def add_arguments(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--dest", required=True, help="checkpoint directory to fill (kept when it holds one)")
+    what = parser.add_mutually_exclusive_group(required=True)
+    what.add_argument("--source", help="org/name[@revision] on the Hugging Face hub, or an http(s) .tar(.gz) URL")
+    what.add_argument("--wait", action="store_true", help="only wait for --dest to hold a checkpoint")
+    parser.add_argument("--timeout-s", type=float, default=3600.0, help="with --wait: how long")
+
+
+def run(args: argparse.Namespace) -> int:
+    if args.wait:
+        wait_for(args.dest, args.timeout_s)
+    else:
+        fetch(args.source, args.dest)
+    return 0
+
+
+def main(argv: list[str] | None = None) -> int:
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s %(levelname)s %(message)s")
+    parser = argparse.ArgumentParser(prog="python -m eesd.fetch", description=__doc__.split("\n\n")[0])
+    add_arguments(parser)
+    try:
+        return run(parser.parse_args(argv))
+    except EesdError as error:
+        print(f"eesd.fetch: error: {error}", file=sys.stderr)
+        return 2
+
+
+if __name__ == "__main__":
+    sys.exit(main())
