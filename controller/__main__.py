@@ -14,6 +14,7 @@ from controller.text import model_facts
 from eesd_proto.eesd.v1 import controller_pb2, controller_pb2_grpc
 from serving.config import load_config
 from serving.metrics import TimedStateStore
+from serving.security import Peers, Tokens, internal_tokens_of
 from serving.server import serve
 
 
@@ -23,7 +24,9 @@ async def main() -> None:
         open_state_store(config.redis_url, config.session_ttl_s, config.redis_max_connections, config.redis_ca_file)
     )
     facts = model_facts(config.model_dir)
-    nodes = NodeClients(config.round_timeout_s, config.node_probe_s, config.node_lost_s, facts.checkpoint)
+    nodes = NodeClients(
+        config.round_timeout_s, config.node_probe_s, config.node_lost_s, facts.checkpoint, Peers.of(config)
+    )
     router = Router(
         make_discovery(config.discovery, config.drafters, config.namespace, config.drafter_selector),
         make_discovery(config.discovery, config.verifiers, config.namespace, config.verifier_selector),
@@ -49,8 +52,9 @@ async def main() -> None:
         config.default_policy_params(),
         config.max_new_tokens_limit,
         config.prompt_limit(facts.context),
-        config.auth_token,
     )
+    client_tokens = Tokens(config.auth_token, config.auth_token_file)
+    internal_tokens_of(config)  # a bad internal token file fails here, at start
 
     shared_load: list[asyncio.Task] = []
 
@@ -81,6 +85,8 @@ async def main() -> None:
         stop,
         metrics_port=config.metrics_port,
         max_receive_bytes=max_request_bytes(config.prompt_limit(facts.context)),
+        security=config,
+        tokens=client_tokens if client_tokens else None,
     )
 
 

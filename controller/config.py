@@ -1,9 +1,10 @@
+import os
 from dataclasses import dataclass
 
 from controller.discovery import DISCOVERY_MODES
 from eesd.errors import InvalidArgument
 from eesd.params import MAX_CHARS_PER_TOKEN, POLICY_NAMES, PolicyParams
-from serving.config import field
+from serving.config import SecurityConfig, field
 
 UNKNOWN_CONTEXT_PROMPT_LIMIT = 65536  # prompts beyond it are refused by a controller without the model's config
 REQUEST_OVERHEAD_BYTES = 64 * 1024  # a request's fields besides its prompt (parameters, policy options, id)
@@ -18,7 +19,7 @@ def max_request_bytes(prompt_limit: int) -> int:
 
 
 @dataclass(frozen=True)
-class ControllerConfig:
+class ControllerConfig(SecurityConfig):
     """Controller: sessions, committed tokens and policy posteriors (Redis), routing, the round loop."""
 
     host: str = field("0.0.0.0", "address to listen on")
@@ -53,7 +54,12 @@ class ControllerConfig:
         0, "longest prompt in tokens, refused before any work (0: the model's context, 65536 without model_dir)"
     )
     model_dir: str = field("", "checkpoint directory for the tokenizer, EOS ids and vocabulary (optional)")
-    auth_token: str = field("", "bearer token clients must send (empty: no auth)")
+    auth_token: str = field(
+        "",
+        "bearer tokens clients may send, comma-separated: several at once rotate without downtime (empty, and no "
+        "auth_token_file: no auth)",
+    )
+    auth_token_file: str = field("", "file of client bearer tokens, one a line, re-read when it changes")
     round_timeout_s: float = field(60.0, "deadline of one round's RPC")
     max_sessions: int = field(
         1024, "Generate calls this controller serves at once, running or waiting; more is RESOURCE_EXHAUSTED"
@@ -78,6 +84,9 @@ class ControllerConfig:
         return PolicyParams(self.default_policy, self.k_max, options)
 
     def validate(self) -> None:
+        self.validate_security()
+        if self.auth_token_file and not os.path.isfile(self.auth_token_file):
+            raise InvalidArgument("auth_token_file", f"no such file: {self.auth_token_file}")
         if self.discovery not in DISCOVERY_MODES:
             raise InvalidArgument("discovery", f"must be one of {DISCOVERY_MODES}")
         if self.default_policy not in POLICY_NAMES:

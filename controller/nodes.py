@@ -11,6 +11,7 @@ from eesd.rounds import DraftBlock, DraftRequest, Verdict, VerifyRequest
 from eesd_proto.eesd.v1 import drafter_pb2, drafter_pb2_grpc, verifier_pb2, verifier_pb2_grpc
 from serving import convert
 from serving.errors import UNAVAILABLE_PEER_KEY, error_of
+from serving.security import Peers
 from serving.server import channel
 
 log = logging.getLogger(__name__)
@@ -51,9 +52,15 @@ class NodeClients:
     """Calls to drafters and verifiers; a call to a node that liveness declares lost ends at once."""
 
     def __init__(
-        self, timeout_s: float, probe_s: float = 1.0, lost_s: float = 5.0, checkpoint: tuple[str, str] | None = None
+        self,
+        timeout_s: float,
+        probe_s: float = 1.0,
+        lost_s: float = 5.0,
+        checkpoint: tuple[str, str] | None = None,
+        peers: Peers | None = None,
     ):
         self.timeout_s = timeout_s
+        self.peers = peers  # TLS and the internal token of the calls (serving/security.py)
         self._channels: dict[str, grpc.aio.Channel] = {}
         self.liveness = Liveness(self._channel, probe_s, lost_s)
         self.checkpoint = checkpoint  # (model_type, tokenizer_hash) of the controller's model_dir, if any
@@ -61,7 +68,7 @@ class NodeClients:
 
     def _channel(self, address: str) -> grpc.aio.Channel:
         if address not in self._channels:
-            self._channels[address] = channel(address)
+            self._channels[address] = channel(address, self.peers)
         return self._channels[address]
 
     async def draft(self, drafter: str, request: DraftRequest, verifier: str) -> RoundOutcome | Mismatch:

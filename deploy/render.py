@@ -31,6 +31,7 @@ KIND_ORDER = [
     "PodDisruptionBudget",
     "ServiceAccount",
     "Secret",
+    "Certificate",
     "ConfigMap",
     "PersistentVolumeClaim",
     "Role",
@@ -74,6 +75,7 @@ def manifest(example: str) -> str:
         f"# (release {RELEASE!r}, namespace {NAMESPACE!r}). Do not edit: change the chart or the example.\n"
         f"#   kubectl create namespace {NAMESPACE}\n"
         f"#   kubectl -n {NAMESPACE} create secret generic eesd-auth --from-literal=token=<token>\n"
+        f"#   kubectl -n {NAMESPACE} create secret generic eesd-internal --from-literal=token=<another token>\n"
         f"#   kubectl apply -f deploy/k8s/{example}.yaml\n"
     )
     docs = objects(render(example_values(example)))

@@ -10,13 +10,16 @@ from eesd.drafter import Drafter
 from eesd_proto.eesd.v1 import drafter_pb2, drafter_pb2_grpc
 from serving.config import load_config
 from serving.node import ModelNode
+from serving.security import Peers, internal_tokens_of
 from serving.server import serve
 
 
 async def main() -> None:
     config = load_config(DrafterConfig)
     node = ModelNode.from_config(config, "drafter")
-    servicer = DrafterServicer(node, config.verify_timeout_s, VerifierAllowlist(config.verifiers), config.pipeline)
+    servicer = DrafterServicer(
+        node, config.verify_timeout_s, VerifierAllowlist(config.verifiers), config.pipeline, Peers.of(config)
+    )
 
     async def load() -> None:
         await node.load(
@@ -45,6 +48,9 @@ async def main() -> None:
         servicer.close,
         metrics_port=config.metrics_port,
         stalled=lambda: node.stalled(config.max_pass_s),
+        security=config,
+        tokens=internal_tokens_of(config) or None,
+        token_kind="internal token",
     )
     node.shutdown()
 

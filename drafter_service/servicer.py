@@ -18,6 +18,7 @@ from eesd.session import drafter_cache_after
 from eesd_proto.eesd.v1 import common_pb2, drafter_pb2, drafter_pb2_grpc, verifier_pb2
 from serving import convert
 from serving.node import ModelNode
+from serving.security import Peers
 from serving.session_rpcs import SessionRpcs
 
 MAX_ROUND_OVERHEAD_S = 60.0  # a measured per-round overhead beyond a minute is not a measurement
@@ -26,8 +27,15 @@ MAX_ROUND_OVERHEAD_S = 60.0  # a measured per-round overhead beyond a minute is 
 class DrafterServicer(SessionRpcs, drafter_pb2_grpc.DrafterServiceServicer):
     messages, prefix, role = drafter_pb2, "DrafterService", common_pb2.NODE_ROLE_DRAFTER
 
-    def __init__(self, node: ModelNode, verify_timeout_s: float, verifiers: VerifierAllowlist, pipeline: bool = True):
-        self.node = node
+    def __init__(
+        self,
+        node: ModelNode,
+        verify_timeout_s: float,
+        verifiers: VerifierAllowlist,
+        pipeline: bool = True,
+        peers: Peers | None = None,
+    ):
+        self.node, self.peers = node, peers
         self.verify_timeout_s, self.verifiers = verify_timeout_s, verifiers
         self.lookaheads = Lookaheads(node, pipeline, self.draft_cost)
         self._verifier_loads: dict[str, NodeLoad] = {}  # verifier address -> its load in its last verdict
@@ -36,7 +44,7 @@ class DrafterServicer(SessionRpcs, drafter_pb2_grpc.DrafterServiceServicer):
     def links(self) -> VerifierLinks:
         if self._links is None:  # the identity exists only once the model has loaded
             self._links = VerifierLinks(
-                self.node.model.identity, self.node.node_id, self.verify_timeout_s, self.verifiers
+                self.node.model.identity, self.node.node_id, self.verify_timeout_s, self.verifiers, self.peers
             )
         return self._links
 

@@ -19,6 +19,7 @@ from eesd_proto.eesd.v1 import verifier_pb2, verifier_pb2_grpc
 from serving import convert
 from serving.addresses import join_host_port, parse_addresses, split_host_port
 from serving.errors import error_of
+from serving.security import Peers
 from serving.server import channel
 
 log = logging.getLogger(__name__)
@@ -37,9 +38,11 @@ def verifier_error(code: grpc.StatusCode | int, message: str) -> EesdError:
 
 
 class VerifierLink:
-    def __init__(self, address: str, identity: ModelIdentity, node_id: str, timeout_s: float):
+    def __init__(
+        self, address: str, identity: ModelIdentity, node_id: str, timeout_s: float, peers: Peers | None = None
+    ):
         self.address, self.identity, self.node_id, self.timeout_s = address, identity, node_id, timeout_s
-        self._channel = channel(address)
+        self._channel = channel(address, peers)  # TLS and the internal token, as configured
         self._call = None
         self._reader: asyncio.Task | None = None
         self._waiters: dict[tuple[str, str, int], asyncio.Future] = {}
@@ -167,16 +170,23 @@ class VerifierAllowlist:
 class VerifierLinks:
     """One link per allowed verifier address, created on first use."""
 
-    def __init__(self, identity: ModelIdentity, node_id: str, timeout_s: float, allowlist: VerifierAllowlist):
+    def __init__(
+        self,
+        identity: ModelIdentity,
+        node_id: str,
+        timeout_s: float,
+        allowlist: VerifierAllowlist,
+        peers: Peers | None = None,
+    ):
         self.identity, self.node_id, self.timeout_s = identity, node_id, timeout_s
-        self.allowlist = allowlist
+        self.allowlist, self.peers = allowlist, peers
         self._links: dict[str, VerifierLink] = {}
 
     async def get(self, address: str) -> VerifierLink:
         if address not in self._links:
             if not await self.allowlist.allows(address):
                 raise InvalidArgument("verifier_address", "not one of the verifiers this drafter is configured with")
-            self._links[address] = VerifierLink(address, self.identity, self.node_id, self.timeout_s)
+            self._links[address] = VerifierLink(address, self.identity, self.node_id, self.timeout_s, self.peers)
         return self._links[address]
 
     async def close(self) -> None:

@@ -63,7 +63,60 @@ def field(default, help: str):  # noqa: A002 - mirrors argparse's name
 
 
 @dataclasses.dataclass(frozen=True)
-class ModelNodeConfig:
+class SecurityConfig:
+    """Transport security and internal authentication, the same fields on every service (serving/security.py,
+    docs/deployment.md: TLS and authentication)."""
+
+    tls_cert_file: str = field(
+        "",
+        "PEM certificate chain served on the gRPC port (TLS on, with tls_key_file; re-read when it changes); also "
+        "the client certificate this service presents to the drafters and verifiers it calls",
+    )
+    tls_key_file: str = field("", "PEM private key of tls_cert_file")
+    tls_ca_file: str = field(
+        "",
+        "PEM CA bundle that verifies the drafters' and verifiers' certificates (empty: the system's CAs) and, with "
+        "tls_client_auth, the clients' certificates",
+    )
+    tls_client_auth: bool = field(False, "mutual TLS: refuse clients without a certificate signed by tls_ca_file")
+    tls_client_names: str = field(
+        "",
+        "with tls_client_auth: names (DNS SAN or common name) a client certificate must carry one of, comma-"
+        "separated; other callers are UNAUTHENTICATED (empty: any certificate tls_ca_file signed)",
+    )
+    internal_tls: bool = field(False, "call the drafters and verifiers over TLS, verifying them with tls_ca_file")
+    internal_server_name: str = field(
+        "", "name checked in the drafters' and verifiers' certificates (empty: the host of the address called)"
+    )
+    internal_token: str = field(
+        "",
+        "shared token of the controller, drafters and verifiers, comma-separated (the first is sent, all are "
+        "accepted); drafters and verifiers refuse calls without one: UNAUTHENTICATED (empty: off)",
+    )
+    internal_token_file: str = field("", "file of internal tokens, one a line (the first is sent); re-read on change")
+    health_port: int = field(0, "plain-text port serving only grpc.health.v1, for probes without TLS (0: off)")
+
+    @property
+    def tls(self) -> bool:
+        return bool(self.tls_cert_file)
+
+    def validate_security(self) -> None:
+        if bool(self.tls_cert_file) != bool(self.tls_key_file):
+            raise InvalidArgument("tls_key_file", "TLS needs both tls_cert_file and tls_key_file")
+        if self.tls_client_auth and not (self.tls and self.tls_ca_file):
+            raise InvalidArgument("tls_client_auth", "needs TLS (tls_cert_file, tls_key_file) and tls_ca_file")
+        if self.tls_client_names and not self.tls_client_auth:
+            raise InvalidArgument("tls_client_names", "names client certificates: needs tls_client_auth")
+        for name in ("tls_cert_file", "tls_key_file", "tls_ca_file", "internal_token_file"):
+            path = getattr(self, name)
+            if path and not os.path.isfile(path):
+                raise InvalidArgument(name, f"no such file: {path}")
+        if not 0 <= self.health_port <= 65535:
+            raise InvalidArgument("health_port", f"must be a port or 0, got {self.health_port}")
+
+
+@dataclasses.dataclass(frozen=True)
+class ModelNodeConfig(SecurityConfig):
     """What a drafter and a verifier are both configured with: one model, its KV pool, its batching."""
 
     host: str = field("0.0.0.0", "address to listen on")
@@ -85,6 +138,7 @@ class ModelNodeConfig:
     grace_s: float = field(10.0, "seconds in-flight rounds get to finish on SIGTERM")
 
     def validate(self) -> None:
+        self.validate_security()
         if not self.model_dir:
             raise InvalidArgument("model_dir", "is required (--model-dir or EESD_MODEL_DIR)")
         for name in ("max_sessions", "max_batch", "max_pass_tokens"):

@@ -40,10 +40,58 @@ def free_port() -> int:
             return port
 
 
-def wait_serving(address: str, process: subprocess.Popen, timeout_s: float, log: Path) -> None:
+@dataclass(frozen=True)
+class StackSecurity:
+    """TLS and tokens of a local stack. With `cert_file` and `key_file` every service serves TLS with them
+    and calls the others over TLS, verifying with `ca_file` the name `server_name` (empty: the address's
+    host); `client_auth` asks every service for client certificates (the services present their own), and
+    drafters and verifiers accept only those naming one of `node_client_names` when set.
+    `internal_token`: what the controller and the drafters send to the nodes and the nodes require;
+    `auth_token`: the clients' tokens at the controller (comma-separated)."""
+
+    cert_file: str = ""
+    key_file: str = ""
+    ca_file: str = ""
+    server_name: str = ""
+    client_auth: bool = False
+    node_client_names: str = ""
+    internal_token: str = ""
+    auth_token: str = ""
+
+    def args(self, role: str) -> list[str]:
+        args = []
+        if self.cert_file:
+            args += ["--tls-cert-file", self.cert_file, "--tls-key-file", self.key_file, "--internal-tls", "true"]
+        if self.ca_file:
+            args += ["--tls-ca-file", self.ca_file]
+        if self.server_name:
+            args += ["--internal-server-name", self.server_name]
+        if self.client_auth:
+            args += ["--tls-client-auth", "true"]
+        if self.node_client_names and role in ("drafter", "verifier"):
+            args += ["--tls-client-names", self.node_client_names]
+        if self.internal_token:
+            args += ["--internal-token", self.internal_token]
+        if role == "controller" and self.auth_token:
+            args += ["--auth-token", self.auth_token]
+        return args
+
+    def channel(self, address: str) -> grpc.Channel:
+        """A blocking channel to one of the stack's services (its health checks need no token)."""
+        if not self.cert_file:
+            return grpc.insecure_channel(address)
+        ca = Path(self.ca_file).read_bytes() if self.ca_file else None
+        key, cert = Path(self.key_file).read_bytes(), Path(self.cert_file).read_bytes()
+        options = [("grpc.ssl_target_name_override", self.server_name)] if self.server_name else []
+        return grpc.secure_channel(address, grpc.ssl_channel_credentials(ca, key, cert), options)
+
+
+def wait_serving(
+    address: str, process: subprocess.Popen, timeout_s: float, log: Path, security: StackSecurity | None = None
+) -> None:
     """Blocks until the standard health check answers SERVING; fails fast if the process died."""
     deadline = time.monotonic() + timeout_s
-    with grpc.insecure_channel(address) as channel:
+    with (security or StackSecurity()).channel(address) as channel:
         stub = health_pb2_grpc.HealthStub(channel)
         while time.monotonic() < deadline:
             if process.poll() is not None:
@@ -96,15 +144,17 @@ class LocalStack:
         controllers: int = 1,
         redis_args: tuple[str, ...] = (),
         store_port: int = 0,
+        security: StackSecurity | None = None,
     ):
         """`controllers` controllers share the state store (with memory:// each has its own); the first one
         listens on `controller_port` and logs to controller.log, the others to controller1.log, ...
         `redis_args` are appended to redis-server's flags (its files go to the log directory), e.g.
         ("--appendonly", "yes"); `store_port`, when set, is the port the controllers reach Redis on instead
-        of Redis's own (a proxy in front of it)."""
+        of Redis's own (a proxy in front of it). `security`: TLS and tokens (none by default)."""
         self.log_dir = Path(log_dir or tempfile.mkdtemp(prefix="eesd-stack-"))
         self.log_dir.mkdir(parents=True, exist_ok=True)
         self.threads = threads
+        self.security = security or StackSecurity()
         model = ["--model-dir", str(model_dir), "--dtype", dtype]
         self.nodes: list[Node] = []
         if redis:
@@ -174,6 +224,7 @@ class LocalStack:
         """One of the stack's Python services on loopback, with its own log and /metrics port."""
         port = port or free_port()
         command = [sys.executable, "-m", module, "--host", "127.0.0.1", "--port", str(port), *args]
+        command += self.security.args(role)
         self.nodes.append(Node(role, port, command, self.log_dir / f"{name}.log", metrics_port=free_port()))
 
     def by_role(self, role: str) -> list[Node]:
@@ -211,7 +262,7 @@ class LocalStack:
                         return
                 time.sleep(0.05)
             raise TimeoutError(f"redis-server did not listen on {node.port}")
-        wait_serving(node.address, node.process, timeout_s, node.log)
+        wait_serving(node.address, node.process, timeout_s, node.log, self.security)
 
     def start(self, timeout_s: float = 180.0) -> "LocalStack":
         """Starts every process (model nodes in parallel), then waits for all to be SERVING."""

@@ -1,5 +1,7 @@
-"""Running a grpc.aio server the same way for every service: the domain-error interceptor, standard
-health checking (SERVING only once `warmup` succeeded), server reflection, graceful SIGTERM shutdown."""
+"""Running a grpc.aio server the same way for every service: authentication and the domain-error
+interceptor, TLS (serving/security.py), standard health checking (SERVING only once `warmup` succeeded, also
+on a plain-text health port for probes that cannot speak TLS), server reflection, graceful SIGTERM shutdown;
+the channel and keepalive settings of every connection between the services."""
 
 import asyncio
 import ctypes
@@ -13,17 +15,51 @@ from grpc_health.v1 import health_pb2, health_pb2_grpc
 from grpc_health.v1._async import HealthServicer
 from grpc_reflection.v1alpha import reflection
 
+from serving.config import SecurityConfig
 from serving.errors import DomainErrorInterceptor
 from serving.metrics import start_exporter
+from serving.security import Peers, Tokens, server_credentials, server_interceptor
 
 log = logging.getLogger(__name__)
 
 MAX_MESSAGE_BYTES = 64 * 1024 * 1024
+
+# Keepalive, set here for both ends of every connection between the services. A client pings its idle
+# connections every KEEPALIVE_TIME_MS, calls open or not, and drops one whose ping is not answered within
+# KEEPALIVE_TIMEOUT_MS: a peer that vanished is found in seconds, not at the next call's deadline. A server
+# accepts a ping every KEEPALIVE_TIME_MS / 2 even without calls in flight; a client that pings more often
+# than the server accepts gets GOAWAY too_many_pings after a few pings (gRPC's defaults accept one every
+# 5 minutes, and only during calls, which is why idle connections were dropped with that error). The SDK's
+# default (eesd_client.ChannelOptions.keepalive_time_ms, 60 s) is within that too.
+# The channel argument of the server's minimum is grpc.http2.min_ping_interval_without_data_ms (C-core's
+# GRPC_ARG_HTTP2_MIN_RECV_PING_INTERVAL_WITHOUT_DATA_MS).
+KEEPALIVE_TIME_MS = 30_000
+KEEPALIVE_TIMEOUT_MS = 10_000
+
+
+def client_keepalive(time_ms: int = KEEPALIVE_TIME_MS, timeout_ms: int = KEEPALIVE_TIMEOUT_MS) -> list[tuple[str, int]]:
+    return [
+        ("grpc.keepalive_time_ms", time_ms),
+        ("grpc.keepalive_timeout_ms", timeout_ms),
+        ("grpc.keepalive_permit_without_calls", 1),
+        ("grpc.http2.max_pings_without_data", 0),  # keep pinging an idle connection (default: 2 pings, then none)
+    ]
+
+
+def server_keepalive(time_ms: int = KEEPALIVE_TIME_MS, timeout_ms: int = KEEPALIVE_TIMEOUT_MS) -> list[tuple[str, int]]:
+    return [
+        ("grpc.keepalive_time_ms", time_ms),  # the server pings its idle clients too (default: every 2 h)
+        ("grpc.keepalive_timeout_ms", timeout_ms),
+        ("grpc.keepalive_permit_without_calls", 1),
+        ("grpc.http2.min_ping_interval_without_data_ms", time_ms // 2),
+        ("grpc.http2.max_ping_strikes", 2),  # pings more often than that: GOAWAY after the third
+    ]
+
+
 CHANNEL_OPTIONS = [
     ("grpc.max_send_message_length", MAX_MESSAGE_BYTES),
     ("grpc.max_receive_message_length", MAX_MESSAGE_BYTES),
-    ("grpc.keepalive_time_ms", 30_000),
-    ("grpc.keepalive_permit_without_calls", 1),
+    *client_keepalive(),
     # A peer that was down reconnects within a second or two of coming back (gRPC's default backoff grows
     # to 120 s, so a node down for minutes was not used again for most of a minute after its restart).
     ("grpc.initial_reconnect_backoff_ms", 250),
@@ -48,9 +84,21 @@ def return_large_allocations() -> None:
         mallopt(M_MMAP_THRESHOLD, MMAP_THRESHOLD_BYTES)
 
 
-def channel(address: str) -> aio.Channel:
-    """Insecure loopback/cluster-internal channel; services talk inside the release's NetworkPolicy."""
-    return aio.insecure_channel(address, options=CHANNEL_OPTIONS)
+def channel(address: str, peers: Peers | None = None) -> aio.Channel:
+    """A channel to a drafter or verifier: TLS and the internal token as `peers` says (plain text without)."""
+    return (peers or Peers()).channel(address, CHANNEL_OPTIONS)
+
+
+def server_options(max_receive_bytes: int = MAX_MESSAGE_BYTES, keepalive_ms: int = KEEPALIVE_TIME_MS) -> list:
+    receive = "grpc.max_receive_message_length"
+    return [
+        ("grpc.max_send_message_length", MAX_MESSAGE_BYTES),
+        (receive, max_receive_bytes),
+        *server_keepalive(keepalive_ms),
+        # gRPC binds with SO_REUSEPORT by default: a second server on a port in use would start too and take
+        # half of its connections. Without it, that server fails to start.
+        ("grpc.so_reuseport", 0),
+    ]
 
 
 async def serve(
@@ -64,35 +112,57 @@ async def serve(
     stalled: Callable[[], bool] = lambda: False,
     drain: Callable[[], None] = lambda: None,
     max_receive_bytes: int = MAX_MESSAGE_BYTES,
+    security: SecurityConfig | None = None,
+    tokens: Tokens | None = None,
+    token_kind: str = "bearer token",
 ) -> None:
     """Serves until SIGTERM/SIGINT. `register` adds the servicers and returns their full service names.
     With `metrics_port` > 0, Prometheus /metrics is served over HTTP on it (same host). While `stalled()`
     says the process makes no progress, health answers NOT_SERVING (so liveness probes see it). On SIGTERM,
     `drain()` asks long-lived streams to end once their work in flight is done. A request larger than
-    `max_receive_bytes` is refused (RESOURCE_EXHAUSTED) before it is parsed."""
+    `max_receive_bytes` is refused (RESOURCE_EXHAUSTED) before it is parsed. `security` sets TLS, the
+    client-certificate names and the plain-text health port; calls must carry one of `tokens` (a
+    `token_kind`), health checks and reflection excepted."""
     return_large_allocations()
-    start_exporter(metrics_port, address.rpartition(":")[0].strip("[]") or "0.0.0.0")
-    receive = "grpc.max_receive_message_length"
-    options = [*(o for o in CHANNEL_OPTIONS if o[0] != receive), (receive, max_receive_bytes)]
-    # gRPC binds with SO_REUSEPORT by default: a second server on a port in use would start too and take
-    # half of its connections. Without it, that server fails to start.
-    options.append(("grpc.so_reuseport", 0))
-    server = aio.server(interceptors=[DomainErrorInterceptor()], options=options)
+    security = security or SecurityConfig()
+    host = address.rpartition(":")[0]
+    start_exporter(metrics_port, host.strip("[]") or "0.0.0.0")
+    auth = server_interceptor(security, tokens, token_kind)
+    interceptors = [*([auth] if auth else []), DomainErrorInterceptor()]
+    server = aio.server(interceptors=interceptors, options=server_options(max_receive_bytes))
     services = register(server)
     health = HealthServicer()
     health_pb2_grpc.add_HealthServicer_to_server(health, server)
+    probes = None
+    if security.health_port:  # the same health states, in plain text, and nothing else
+        probes = aio.server(options=server_options(64 * 1024))
+        health_pb2_grpc.add_HealthServicer_to_server(health, probes)
+        probes.add_insecure_port(f"{host}:{security.health_port}")
     reflection.enable_server_reflection(
         [*services, health_pb2.DESCRIPTOR.services_by_name["Health"].full_name, reflection.SERVICE_NAME], server
     )
     for service in ("", *services):
         await health.set(service, health_pb2.HealthCheckResponse.NOT_SERVING)
-    port = server.add_insecure_port(address)
+    credentials = server_credentials(security)
+    port = server.add_insecure_port(address) if credentials is None else server.add_secure_port(address, credentials)
     await server.start()
-    log.info("%s listening on %s (port %d); warming up", name, address, port)
+    if probes is not None:
+        await probes.start()
+    log.info(
+        "%s listening on %s (port %d, %s%s%s); warming up",
+        name,
+        address,
+        port,
+        "plain text" if credentials is None else "TLS" + (", client certificates required" * security.tls_client_auth),
+        f", {token_kind}s required" if tokens else "",
+        f", health in plain text on port {security.health_port}" if probes is not None else "",
+    )
     try:
         await warmup()
     except BaseException:
         await server.stop(0)
+        if probes is not None:
+            await probes.stop(0)
         raise
     for service in ("", *services):
         await health.set(service, health_pb2.HealthCheckResponse.SERVING)
@@ -109,6 +179,8 @@ async def serve(
     await health.enter_graceful_shutdown()
     drain()
     await server.stop(grace_s)
+    if probes is not None:
+        await probes.stop(0)
     if on_stop is not None:
         await on_stop()
     log.info("%s stopped", name)

@@ -7,6 +7,7 @@ from eesd.verifier import Verifier
 from eesd_proto.eesd.v1 import verifier_pb2, verifier_pb2_grpc
 from serving.config import load_config
 from serving.node import ModelNode
+from serving.security import internal_tokens_of
 from serving.server import serve
 from verifier_service.config import VerifierConfig
 from verifier_service.servicer import VerifierServicer
@@ -35,6 +36,9 @@ async def main() -> None:
         metrics_port=config.metrics_port,
         stalled=lambda: node.stalled(config.max_pass_s),
         drain=servicer.drain,
+        security=config,
+        tokens=internal_tokens_of(config) or None,
+        token_kind="internal token",
     )
     node.shutdown()
 

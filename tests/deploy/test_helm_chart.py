@@ -44,8 +44,8 @@ def test_lint_reports_a_broken_template(tmp_path):
 def test_every_object_valid_against_kubernetes_schemas_strict(release, kube_version):
     kinds = set()
     for obj in release.objects:
-        if obj["apiVersion"].startswith("monitoring.coreos.com/"):
-            continue  # a CRD: no upstream schema; checked in test_service_monitor_scrapes_all_roles
+        if obj["apiVersion"].startswith(("monitoring.coreos.com/", "cert-manager.io/")):
+            continue  # CRDs: no upstream schema; checked in test_service_monitor_scrapes_all_roles, test_tls_*
         kubernetes_validate.validate(obj, kube_version, strict=True)
         kinds.add(obj["kind"])
     assert {"Deployment", "Service", "ConfigMap", "NetworkPolicy", "PodDisruptionBudget"} <= kinds
@@ -87,7 +87,9 @@ def test_configmaps_carry_exactly_the_service_fields(release):
         fields = {key.removeprefix("EESD_").lower() for key in data}
         # Optional fields left empty are not rendered: the service default applies.
         assert fields <= SERVICE_FIELDS[role]
-        assert fields >= SERVICE_FIELDS[role] - {"exit_head", "redis_ca_file"}, role
+        optional = {"exit_head", "redis_ca_file", "internal_token_file", "auth_token_file", "tls_client_names"}
+        optional |= {"tls_cert_file", "tls_key_file", "tls_ca_file", "internal_server_name"}  # set with tls.enabled
+        assert fields >= SERVICE_FIELDS[role] - optional, role
         assert "EESD_AUTH_TOKEN" not in data  # from the Secret, never a ConfigMap
         env_from = release.pod_spec(role)["containers"][0]["envFrom"]
         assert env_from == [{"configMapRef": {"name": release.component("ConfigMap", role)["metadata"]["name"]}}]
@@ -130,8 +132,10 @@ def test_probes_drain_and_shm_on_every_container(release):
         (container,) = spec["containers"]
         grpc_port = next(p["containerPort"] for p in container["ports"] if p["name"] == GRPC_PORT_NAME)
         assert int(release.config(role)["EESD_PORT"]) == grpc_port
+        # With TLS the kubelet (plain text only) probes the health port instead.
+        probed = int(release.config(role).get("EESD_HEALTH_PORT", "0")) or grpc_port
         for probe in ("startupProbe", "readinessProbe", "livenessProbe"):
-            assert container[probe]["grpc"] == {"port": grpc_port}  # native gRPC health checking
+            assert container[probe]["grpc"] == {"port": probed}  # native gRPC health checking
         startup = container["startupProbe"]
         budget = startup["periodSeconds"] * startup["failureThreshold"]
         # Model loading: drafters and verifiers get minutes before the kubelet gives up.
@@ -405,7 +409,7 @@ def test_auth_token_secret():
     env = {e["name"]: e for e in gpu.pod_spec("controller")["containers"][0]["env"]}
     assert env["EESD_AUTH_TOKEN"]["valueFrom"]["secretKeyRef"]["name"] == "eesd-auth"
     fixed = render.objects(render.render({"auth": {"token": "s3cret"}}))
-    (secret,) = [o for o in fixed if o["kind"] == "Secret"]
+    (secret,) = [o for o in fixed if o["kind"] == "Secret" and o["metadata"]["name"] == f"{render.RELEASE}-auth"]
     assert secret["data"]["token"] == "czNjcmV0"
 
 
@@ -468,3 +472,63 @@ def test_a_model_source_is_fetched_by_the_verifier_and_awaited_by_the_others():
     assert all("initContainers" not in release_for(None).pod_spec(role) for role in ROLES)
     with pytest.raises(helm_python.HelmError):
         render.render({"model": {"source": "not a source"}})
+
+
+def test_internal_token_secret_reaches_every_role():
+    """Drafters and verifiers accept calls only with the internal token; the controller and drafters send it."""
+    default = release_for(None)
+    secret = default.get("Secret", f"{render.RELEASE}-internal")
+    assert len(secret["data"]["token"]) > 40
+    assert secret["data"]["token"] != default.get("Secret", f"{render.RELEASE}-auth")["data"]["token"]
+    for role in ROLES:
+        env = {e["name"]: e for e in default.pod_spec(role)["containers"][0]["env"]}
+        assert env["EESD_INTERNAL_TOKEN"]["valueFrom"]["secretKeyRef"] == {
+            "name": f"{render.RELEASE}-internal",
+            "key": "token",
+        }
+        gpu = {e["name"]: e for e in release_for("gpu").pod_spec(role)["containers"][0]["env"]}
+        assert gpu["EESD_INTERNAL_TOKEN"]["valueFrom"]["secretKeyRef"]["name"] == "eesd-internal"  # existingSecret
+    off = render.objects(render.render({"internalAuth": {"enabled": False}}))
+    assert [o for o in off if o["kind"] == "Secret" and o["metadata"]["name"].endswith("-internal")] == []
+    assert default.config("drafter").get("EESD_INTERNAL_TLS") == "false"
+
+
+def test_tls_mounts_the_secret_and_probes_in_plain_text():
+    rel = release_for("tls")
+    (certificate,) = rel.of_kind("Certificate")
+    fn = render.RELEASE
+    assert certificate["apiVersion"] == "cert-manager.io/v1"
+    assert certificate["spec"]["secretName"] == f"{fn}-tls"
+    assert certificate["spec"]["issuerRef"] == {"name": "eesd-ca", "kind": "Issuer", "group": "cert-manager.io"}
+    names = certificate["spec"]["dnsNames"]
+    assert f"{fn}-internal" in names and "eesd.example.com" in names
+    for role in ROLES:
+        assert f"{fn}-{role}.{render.NAMESPACE}.svc" in names
+        config = rel.config(role)
+        assert config["EESD_TLS_CERT_FILE"] == "/etc/eesd/tls/tls.crt"
+        assert config["EESD_TLS_KEY_FILE"] == "/etc/eesd/tls/tls.key"
+        assert config["EESD_TLS_CA_FILE"] == "/etc/eesd/tls/ca.crt"
+        assert config["EESD_INTERNAL_TLS"] == "true"
+        assert config["EESD_INTERNAL_SERVER_NAME"] == f"{fn}-internal"
+        assert config["EESD_TLS_CLIENT_AUTH"] == "true"  # internal mutual TLS, and clientAuth at the controller
+        health = int(config["EESD_HEALTH_PORT"])
+        assert health == int(config["EESD_METRICS_PORT"]) + 100
+        spec = rel.pod_spec(role)
+        (container,) = spec["containers"]
+        assert {"name": "health", "containerPort": health, "protocol": "TCP"} in container["ports"]
+        assert container["readinessProbe"]["grpc"] == {"port": health}
+        mount = next(m for m in container["volumeMounts"] if m["name"] == "tls")
+        assert mount == {"name": "tls", "mountPath": "/etc/eesd/tls", "readOnly": True}
+        volume = next(v for v in spec["volumes"] if v["name"] == "tls")
+        assert volume["secret"]["secretName"] == f"{fn}-tls"
+    # Without cert-manager, a Secret of your own; clientAuth off leaves the controller's clients without certificates.
+    own = Release({"tls": {"enabled": True, "secretName": "my-tls"}})
+    assert own.of_kind("Certificate") == []
+    assert own.config("controller")["EESD_TLS_CLIENT_AUTH"] == "false"
+    assert own.config("verifier")["EESD_TLS_CLIENT_AUTH"] == "true"
+    assert next(v for v in own.pod_spec("drafter")["volumes"] if v["name"] == "tls")["secret"]["secretName"] == "my-tls"
+    # TLS off (the default): no mount, probes on the gRPC port.
+    default = release_for(None)
+    assert all("EESD_TLS_CERT_FILE" not in default.config(role) for role in ROLES)
+    with pytest.raises(helm_python.HelmError, match="issuerRef.name"):
+        render.render({"tls": {"enabled": True, "certManager": {"enabled": True}}})

@@ -95,6 +95,25 @@ controller where left empty. Argument: dict "root" $ "role" <role>.
 {{- if and (eq .role "drafter") (not $cfg.verifiers) -}}
   {{- $_ := set $cfg "verifiers" (printf "%s-verifier:%d" $fn (int $root.Values.verifier.config.port)) -}}
 {{- end -}}
+{{- $tls := $root.Values.tls -}}
+{{- if $tls.enabled -}}
+  {{- /* The Secret's files (mounted at /etc/eesd/tls), mutual TLS inside the release, probes in plain text. */ -}}
+  {{- range $key, $file := dict "tlsCertFile" "tls.crt" "tlsKeyFile" "tls.key" "tlsCaFile" "ca.crt" -}}
+    {{- if not (index $cfg $key) -}}
+      {{- $_ := set $cfg $key (printf "/etc/eesd/tls/%s" $file) -}}
+    {{- end -}}
+  {{- end -}}
+  {{- if not $cfg.tlsClientAuth -}}
+    {{- $_ := set $cfg "tlsClientAuth" (ternary $tls.clientAuth $tls.internalClientAuth (eq .role "controller")) -}}
+  {{- end -}}
+  {{- $_ := set $cfg "internalTls" true -}}
+  {{- if not $cfg.internalServerName -}}
+    {{- $_ := set $cfg "internalServerName" (printf "%s-internal" $fn) -}}
+  {{- end -}}
+  {{- if not (int $cfg.healthPort) -}}
+    {{- $_ := set $cfg "healthPort" (add (int $cfg.metricsPort) 100) -}}
+  {{- end -}}
+{{- end -}}
 {{- if hasKey $cfg "device" -}}
   {{- if and (gt (int $v.gpus) 0) (ne $cfg.device "cuda") -}}
     {{- fail (printf "%s: gpus > 0 needs config.device cuda" .role) -}}
@@ -143,7 +162,8 @@ Argument: dict "root" $ "role" <role>.
 {{- if gt (int $v.gpus) 0 -}}
   {{- $_ := set $resources "limits" (merge (dict $root.Values.gpuResourceName (int $v.gpus)) ($resources.limits | default dict)) -}}
 {{- end -}}
-{{- $grpc := dict "grpc" (dict "port" (int $cfg.port)) -}}
+{{- /* The kubelet's gRPC probes speak plain text only: with TLS they use the health port. */ -}}
+{{- $grpc := dict "grpc" (dict "port" (int (ternary $cfg.healthPort $cfg.port (gt (int $cfg.healthPort) 0)))) -}}
 apiVersion: apps/v1
 kind: Deployment
 metadata:
@@ -270,6 +290,14 @@ spec:
                   name: {{ $root.Values.auth.existingSecret | default (printf "%s-auth" $fn) }}
                   key: {{ $root.Values.auth.secretKey }}
             {{- end }}
+            {{- if $root.Values.internalAuth.enabled }}
+            # Sent by the controller and the drafters, required by drafters and verifiers.
+            - name: EESD_INTERNAL_TOKEN
+              valueFrom:
+                secretKeyRef:
+                  name: {{ $root.Values.internalAuth.existingSecret | default (printf "%s-internal" $fn) }}
+                  key: {{ $root.Values.internalAuth.secretKey }}
+            {{- end }}
             {{- with $v.env }}
             {{- toYaml . | nindent 12 }}
             {{- end }}
@@ -280,6 +308,11 @@ spec:
             - name: metrics
               containerPort: {{ int $cfg.metricsPort }}
               protocol: TCP
+            {{- if gt (int $cfg.healthPort) 0 }}
+            - name: health
+              containerPort: {{ int $cfg.healthPort }}
+              protocol: TCP
+            {{- end }}
           # grpc.health.v1 answers SERVING only once the model is loaded.
           startupProbe:
             {{- toYaml (merge (deepCopy $v.probes.startup) $grpc) | nindent 12 }}
@@ -310,6 +343,12 @@ spec:
               mountPath: /etc/eesd/redis-ca
               readOnly: true
             {{- end }}
+            {{- if $root.Values.tls.enabled }}
+            # A Secret volume: a renewed certificate appears here and is served from the next connection on.
+            - name: tls
+              mountPath: /etc/eesd/tls
+              readOnly: true
+            {{- end }}
             {{- with $v.extraVolumeMounts }}
             {{- toYaml . | nindent 12 }}
             {{- end }}
@@ -338,6 +377,11 @@ spec:
             items:
               - key: ca.crt
                 path: ca.crt
+        {{- end }}
+        {{- if $root.Values.tls.enabled }}
+        - name: tls
+          secret:
+            secretName: {{ $root.Values.tls.secretName | default (printf "%s-tls" $fn) }}
         {{- end }}
         {{- with $v.extraVolumes }}
         {{- toYaml . | nindent 8 }}
