@@ -27,7 +27,7 @@ from collections.abc import Awaitable, Callable
 from typing import TypeVar
 
 from controller.state_store import SessionRecord, StaleRecord, StateStore
-from eesd.errors import FailedPrecondition, NotFound, Unavailable
+from eesd.errors import Aborted, FailedPrecondition, NotFound, Unavailable
 
 log = logging.getLogger(__name__)
 T = TypeVar("T")
@@ -107,7 +107,7 @@ class StorePatience:
             await self.call(write, lambda: at, wait_s=min(self.wait_s, 1.0))
         except StoreUnavailable:
             self.end_later(session_id, write, at)
-        except FailedPrecondition as error:  # another controller drives it now: its end is not ours to write
+        except (FailedPrecondition, Aborted) as error:  # another controller drives it now: not ours to write
             log.warning("session %s: end not written: %s", session_id[:64], error)
 
     def end_later(self, session_id: str, write: Callable[[], Awaitable[None]], at: SessionRecord) -> None:
@@ -120,7 +120,9 @@ class StorePatience:
         try:
             await self.call(write, lambda: at, wait_s=self.end_retry_s)
             log.info("session %s: its end is written now that the state store answers", session_id[:64])
-        except (StoreUnavailable, FailedPrecondition, NotFound) as error:
+        except (StoreUnavailable, FailedPrecondition, Aborted, NotFound) as error:
+            # Aborted: a controller that was stopped (hung) past its client's patience finds the session
+            # resumed elsewhere, under a newer epoch; the end is that controller's to write.
             log.warning("session %s: its end could not be written: %s", session_id[:64], error)
 
     @property

@@ -16,7 +16,9 @@ says, waits for every stream, compares each client's output with the model's own
 every process serves again. The faults:
 
     controller-kill, drafter-kill, verifier-kill   kill -9, started again at once on the same port
-    controller-hang, drafter-hang, verifier-hang   SIGSTOP for --hang-s, then SIGCONT
+    drafter-hang, verifier-hang                    SIGSTOP for --hang-s, then SIGCONT
+    controller-hang                                SIGSTOP for --controller-hang-s, then SIGCONT (longer than
+                                                   the SDK's keepalive takes to give up on the connection)
     redis-kill-empty                               kill -9, started again without its data (no persistence)
     redis-kill-aof                                 kill -9, started again from its append-only file
     redis-pause                                    SIGSTOP for --redis-down-s, then SIGCONT
@@ -83,7 +85,9 @@ FAULTS = {
         Fault("controller-kill", "controller", "kill", "kill -9 of a controller serving sessions, started again"),
         Fault("drafter-kill", "drafter", "kill", "kill -9 of a drafter serving sessions, started again"),
         Fault("verifier-kill", "verifier", "kill", "kill -9 of a verifier serving sessions, started again"),
-        Fault("controller-hang", "controller", "hang", "SIGSTOP of a controller serving sessions for hang_s"),
+        Fault(
+            "controller-hang", "controller", "hang", "SIGSTOP of a controller serving sessions for controller_hang_s"
+        ),
         Fault("drafter-hang", "drafter", "hang", "SIGSTOP of a drafter serving sessions for hang_s"),
         Fault("verifier-hang", "verifier", "hang", "SIGSTOP of a verifier serving sessions for hang_s"),
         Fault("redis-kill-empty", "redis", "kill-empty", "kill -9 of Redis, started again without its data"),
@@ -349,10 +353,12 @@ class FaultBench:
         redis_down_s: float = 10.0,
         seed: int = 0,
         timeout_s: float = 300.0,
+        controller_hang_s: float | None = None,
     ):
         self.stack, self.proxy, self.prompts = stack, proxy, [list(p) for p in prompts]
         self.sessions, self.max_new_tokens = sessions, max_new_tokens
         self.hang_s, self.redis_down_s, self.seed, self.timeout_s = hang_s, redis_down_s, seed, timeout_s
+        self.controller_hang_s = hang_s if controller_hang_s is None else controller_hang_s
         self.expected = [list(reference(p, max_new_tokens)) for p in self.prompts]
         self.baseline_s: float | None = None
 
@@ -368,7 +374,7 @@ class FaultBench:
         if role == "controller":
             for node in nodes:
                 with contextlib.suppress(OSError):
-                    serving[node.address] = int(scrape([node.metrics_url]).total("eesd:num_requests_running"))
+                    serving[node.address] = int(scrape([node.metrics_url]).total("vllm:num_requests_running"))
         else:
             for session_id in session_ids:
                 with contextlib.suppress(EesdError):
@@ -389,7 +395,7 @@ class FaultBench:
         elif fault.action in ("hang", "pause"):
             victim.process.send_signal(signal.SIGSTOP)
             try:
-                time.sleep(self.hang_s if fault.action == "hang" else self.redis_down_s)
+                time.sleep(self.stopped_s(fault))
             finally:
                 victim.process.send_signal(signal.SIGCONT)
         elif fault.action in ("kill-empty", "kill-aof"):
@@ -406,6 +412,12 @@ class FaultBench:
                 self.proxy.restore()
         else:
             raise ValueError(f"unknown fault action {fault.action!r}")
+
+    def stopped_s(self, fault: Fault) -> float:
+        """How long a hang, pause or outage of `fault` lasts."""
+        if fault.action == "hang":
+            return self.controller_hang_s if fault.role == "controller" else self.hang_s
+        return self.redis_down_s
 
     def trial(self, fault: Fault | None, index: int) -> TrialRecord:
         name = fault.name if fault else "none"
@@ -547,7 +559,7 @@ def log_lines(stack: LocalStack, needle: str, limit: int = 30) -> list[str]:
     return lines[-limit:]
 
 
-def targets(faults: dict[str, dict], hang_s: float, redis_down_s: float) -> list[dict]:
+def targets(faults: dict[str, dict], bench: FaultBench) -> list[dict]:
     out = []
 
     def clean(name: str) -> bool:
@@ -557,11 +569,8 @@ def targets(faults: dict[str, dict], hang_s: float, redis_down_s: float) -> list
         return bad == 0 and tokens == 0 and s["identical"] == s["sessions"]
 
     for name, s in faults.items():
-        label = {
-            "hang": f" {hang_s:g} s",
-            "pause": f" {redis_down_s:g} s",
-            "unreachable": f" {redis_down_s:g} s",
-        }.get(FAULTS[name].action, "")
+        fault = FAULTS[name]
+        label = f" {bench.stopped_s(fault):g} s" if fault.action in ("hang", "pause", "unreachable") else ""
         value = {
             "trials": s["trials"],
             "identical": f"{s['identical']}/{s['sessions']}",
@@ -617,10 +626,10 @@ def run_faults(
         for failure in summary["failures"]:
             failure["log"] = log_lines(bench.stack, failure["session_id"])
         report["faults"][name] = summary
-        report["targets"] = targets(report["faults"], bench.hang_s, bench.redis_down_s)
+        report["targets"] = targets(report["faults"], bench)
         if write is not None:
             write(report)
-    report["targets"] = targets(report["faults"], bench.hang_s, bench.redis_down_s)
+    report["targets"] = targets(report["faults"], bench)
     return report
 
 
@@ -650,7 +659,14 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--max-new-tokens", type=int, default=160)
     p.add_argument("--prompts", type=int, default=8, help="distinct prompts (the model's held-out ones)")
     p.add_argument("--prompt-tokens", type=int, default=48, help="prompts cut to this many tokens")
-    p.add_argument("--hang-s", type=float, default=60.0, help="how long a hung process stays stopped")
+    p.add_argument("--hang-s", type=float, default=60.0, help="how long a hung drafter or verifier stays stopped")
+    p.add_argument(
+        "--controller-hang-s",
+        type=float,
+        default=100.0,
+        help="how long a hung controller stays stopped (default: longer than the SDK's keepalive, 60 + 20 s, "
+        "takes to give up on its connection, so that its clients resume on the other controller)",
+    )
     p.add_argument("--redis-down-s", type=float, default=10.0, help="how long Redis is paused or unreachable")
     p.add_argument("--timeout", type=float, default=300.0, help="deadline of one request (the SDK's), s")
     p.add_argument("--seed", type=int, default=0)
@@ -682,9 +698,15 @@ def prompt_ids(model_dir: str | Path, prompts: list, count: int, max_tokens: int
     return out
 
 
+def _stop(signum: int, frame: Any) -> None:
+    raise SystemExit(128 + signum)  # unwinds through fault_stack, which stops the stack's processes
+
+
 def main(argv=None) -> int:
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s %(message)s")
     args = parse_args(argv)
+    for sig in (signal.SIGINT, signal.SIGTERM):  # also when started in the background (SIGINT ignored)
+        signal.signal(sig, _stop)
     from serving.models import default_model
 
     prompts: list = []
@@ -726,6 +748,7 @@ def main(argv=None) -> int:
         "prompts": len(ids),
         "prompt_tokens": [len(p) for p in ids],
         "hang_s": args.hang_s,
+        "controller_hang_s": args.controller_hang_s,
         "redis_down_s": args.redis_down_s,
         "timeout_s": args.timeout,
         "seed": args.seed,
@@ -766,6 +789,7 @@ def main(argv=None) -> int:
             args.redis_down_s,
             args.seed,
             args.timeout,
+            args.controller_hang_s,
         )
         results = run_faults(bench, args.plan, args.baseline_trials, write)
     write(results)

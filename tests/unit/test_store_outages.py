@@ -236,6 +236,32 @@ def test_a_session_that_ends_while_the_store_is_down_is_ended_when_it_returns():
     assert (record.status, record.finish_reason, record.committed) == ("finished", "length", PROMPT + REFERENCE)
 
 
+def test_an_end_written_after_another_controller_took_the_session_over_is_dropped(caplog):
+    """A controller stopped (SIGSTOP) past its client's keepalive runs again after the client resumed the
+    session on another controller: its client's stream is gone, so it writes the session's end in the
+    background, under its old epoch. The store refuses it (ABORTED); that is the new driver's session, and
+    the write is dropped with a warning, not left as an exception in a task nobody awaits (found by
+    loadtest.faults, controller-hang)."""
+
+    async def scenario():
+        store = MemoryStateStore()
+        record = SessionRecord("s1", PROMPT + [7], len(PROMPT), 1, {}, {"seed": 1}, "", "v", owner="a" * 32)
+        await store.create_session(record, "create")
+        stale = await store.get_session("s1")
+        await store.take_over("s1", "b" * 32)  # the client resumed it on another controller
+        patience = StorePatience(store, wait_s=1.0, end_retry_s=5.0)
+        patience.end_later("s1", lambda: store.fail("s1", "CANCELLED", "stream ended", stale), stale)
+        (write,) = patience._pending
+        await asyncio.wait([write], timeout=5)
+        return write.exception(), await store.get_session("s1")
+
+    with caplog.at_level("WARNING", logger="controller.patience"):
+        error, record = asyncio.run(scenario())
+    assert error is None
+    assert (record.status, record.epoch) == ("active", 1)  # the new driver's session, untouched
+    assert "was taken over by another controller" in caplog.text
+
+
 def test_a_create_whose_reply_was_lost_is_recognised_on_retry():
     class LosesCreateReply(FlakyStore):
         async def create_session(self, record, token=""):
