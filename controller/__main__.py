@@ -44,6 +44,7 @@ async def main() -> None:
         max_sessions=config.max_sessions,
         store_wait_s=config.store_wait_s,
         end_retry_s=config.session_ttl_s,
+        codec=facts.codec,
     )
     servicer = ControllerServicer(
         loop,

@@ -24,6 +24,7 @@ from controller.nodes import Mismatch, NodeClients, RoundOutcome
 from controller.patience import StorePatience
 from controller.routing import Router
 from controller.state_store import ACTIVE, SessionRecord, StateStore
+from controller.text import TextCodec, TextStream
 from eesd.errors import (
     Aborted,
     AlreadyExists,
@@ -36,9 +37,10 @@ from eesd.errors import (
 )
 from eesd.generation import GenerationStats
 from eesd.load import Ewma
-from eesd.params import GenerationParams, check_context, new_owner, validate_prompt
+from eesd.params import GenerationParams, check_context, check_token_ids, new_owner, validate_prompt
 from eesd.rounds import RoundStats
-from eesd.session import Session, reproducible
+from eesd.session import RoundResult, Session, reproducible
+from eesd.stops import StopText
 from serving.metrics import controller_metrics
 
 log = logging.getLogger(__name__)
@@ -54,16 +56,24 @@ class RoundEvent:
     controller_ms: float
     # A resumed stream's first event: the generated tokens its client already has, which its text continues.
     context: list[int] = field(default_factory=list)
+    replay: bool = False  # that first event: tokens of earlier rounds the client missed, not a round of its own
+    # The text to send for these tokens (decoded incrementally; text that may begin a stop string waits
+    # for the next round, and at a stop string the text ends where it begins: eesd/stops.py). Empty
+    # without a tokenizer.
+    text: str = ""
 
 
 @dataclass(frozen=True)
 class Finished:
     session_id: str
-    finish_reason: str  # "eos", "length" or "cancelled"
+    finish_reason: str  # "eos", "stop", "length" or "cancelled"
     prompt_tokens: int
     stats: GenerationStats
     transport_ms: float
     controller_ms: float
+    # Text held back at the last round (it might have begun a stop string) that no round sent: only a
+    # cancelled session with stop strings leaves any.
+    text: str = ""
 
 
 STREAM_ENDED = "the client's stream ended before the session did; resume it with its session id and received_tokens"
@@ -71,21 +81,38 @@ STREAM_ENDED = "the client's stream ended before the session did; resume it with
 
 def _request(params: GenerationParams, seed: int) -> dict:
     """A session's request as stored (JSON-able): what a resuming request must repeat."""
-    return {
+    request = {
         "max_new_tokens": params.max_new_tokens,
         "sampling": asdict(params.sampling),
         "seed": seed,
         "policy": asdict(params.policy),
         "stop_on_eos": params.stop_on_eos,
     }
+    if params.stop:  # only then: sessions stored before stop conditions existed still resume
+        request["stop"] = params.stop.stored()
+    return request
 
 
-def _replayed(session: Session, tokens: list[int]) -> RoundEvent:
-    """A resumed stream's first event: the committed tokens its client missed, as of the last round."""
+def _replayed(session: Session, tokens: list[int], texts: StopText, ended: bool) -> RoundEvent:
+    """A resumed stream's first event: the committed tokens its client missed, as of the last round, and
+    their text (the text of the tokens its client has is taken as sent; all of it when the session `ended`)."""
     last_round = max(session.round_index - 1, 0)
     stats = RoundStats(last_round, 0, 0, 0, len(tokens), 0.0, 0.0)
     had = session.generated[: len(session.generated) - len(tokens)]
-    return RoundEvent(session.session_id, last_round, tokens, stats, 0.0, 0.0, had)
+    texts.skip(had)
+    text = texts.feed(tokens).text + (texts.flush() if ended else "")
+    return RoundEvent(session.session_id, last_round, tokens, stats, 0.0, 0.0, had, replay=True, text=text)
+
+
+def _stopped(result: RoundResult, texts: StopText) -> tuple[RoundResult, str]:
+    """`result` ended at the first stop string its text completes (finish reason "stop", the tokens after
+    it dropped before they are committed), and the text to send for it."""
+    scan = texts.feed(result.tokens)
+    if scan.keep is not None:
+        tokens = result.tokens[: scan.keep]
+        stats = replace(result.stats, committed=len(tokens))
+        result = replace(result, tokens=tokens, finish_reason="stop", stats=stats)
+    return result, scan.text + (texts.flush() if result.finish_reason is not None else "")
 
 
 @dataclass
@@ -110,8 +137,10 @@ class RoundLoop:
         max_sessions: int = 1024,
         store_wait_s: float = 30.0,
         end_retry_s: float = 3600.0,
+        codec: TextCodec | None = None,
     ):
         self.store, self.router, self.nodes = store, router, nodes
+        self.codec = codec  # the served model's tokenizer: events carry their text, stop strings are found
         # Store calls of running sessions wait out an unreachable store for store_wait_s and write back a
         # session the store lost (controller/patience.py); _records: each running session's stored record.
         self.patience = StorePatience(store, store_wait_s, end_retry_s)
@@ -148,8 +177,11 @@ class RoundLoop:
         params.validate()
         if self.vocab_size is not None:
             validate_prompt(prompt_ids, self.vocab_size)
+            check_token_ids("stop_token_ids", list(params.stop.token_ids), self.vocab_size)
         elif not prompt_ids:
             raise InvalidArgument("prompt_ids", "prompt is empty")
+        if params.stop.strings and self.codec is None:
+            raise InvalidArgument("stop", "stop strings need the controller's tokenizer (--model-dir)")
         if self.context is not None:
             check_context(len(prompt_ids), params.max_new_tokens, self.context)
         if self._generating >= self.max_sessions:
@@ -215,7 +247,7 @@ class RoundLoop:
         )
         missed = session.generated[received_tokens:]
         if record.status != ACTIVE:  # finished or cancelled: nothing more to generate
-            yield _replayed(session, missed)
+            yield _replayed(session, missed, self._texts(session), ended=True)
             yield Finished(session_id, record.finish_reason, session.prompt_length, session.stats, 0.0, 0.0)
             return
         for role, address in (("drafter", stored.drafter), ("verifier", stored.verifier)):
@@ -231,8 +263,9 @@ class RoundLoop:
         """Admits the session, stores it (or, `resumed`, its taken-over record), sends a resumed session's
         `missed` tokens, runs its rounds and ends it in the store."""
         session_id = session.session_id
+        texts = self._texts(session)
         if missed is not None:
-            yield _replayed(session, missed)
+            yield _replayed(session, missed, texts, ended=session.finish_reason is not None)
         pair = await self._admit(session) if session.finish_reason is None else _Pair(None, "")
         await self._register(session, pair, resumed)
         self._running.add(session_id)
@@ -257,6 +290,7 @@ class RoundLoop:
                     outcome.draft_ms / 1e3,
                     outcome.verify_ms / 1e3,
                 )
+                result, text = _stopped(result, texts)  # before the commit: nothing after a stop is stored
                 try:
                     epoch = self._records[session_id].epoch
                     commit = functools.partial(
@@ -270,6 +304,7 @@ class RoundLoop:
                     await self.patience.call(commit, lambda: self._snapshot(session, pair))
                 except FailedPrecondition:  # cancelled through another controller
                     session.finish_reason = "cancelled"
+                    texts.flush()  # held text includes this round's, which was not committed: none is sent
                     break
                 session.apply(result)
                 own_ms = (time.perf_counter() - call_done) * 1e3
@@ -278,7 +313,9 @@ class RoundLoop:
                 controller_ms += own_ms
                 self._own.add(own_ms / 1e3)
                 self._wire.append(wire_ms / 1e3)
-                yield RoundEvent(session_id, result.stats.round_index, result.tokens, result.stats, wire_ms, own_ms)
+                yield RoundEvent(
+                    session_id, result.stats.round_index, result.tokens, result.stats, wire_ms, own_ms, text=text
+                )
             stats = session.stats
             stats.elapsed_s = time.perf_counter() - start
             finish_reason = session.finish_reason
@@ -286,7 +323,9 @@ class RoundLoop:
             at = self._snapshot(session, pair)
             # Written in the background if the store is down now: the client has every token already.
             await self.patience.end(session_id, lambda: self.store.finish(session_id, status, finish_reason, at), at)
-            yield Finished(session_id, finish_reason, session.prompt_length, stats, transport_ms, controller_ms)
+            yield Finished(
+                session_id, finish_reason, session.prompt_length, stats, transport_ms, controller_ms, texts.flush()
+            )
         except (asyncio.CancelledError, GeneratorExit):
             # The client's stream ended (it went away, or this controller is stopping): what was committed
             # stays and the session ends failed, CANCELLED, which a resume takes up again (a Cancel ends it
@@ -308,6 +347,11 @@ class RoundLoop:
             self._running.discard(session_id)
             self._cancelled.discard(session_id)
             self._leave(session, pair)
+
+    def _texts(self, session: Session) -> StopText:
+        """A fresh text of the session's generated tokens, with its stop strings."""
+        step = TextStream(self.codec).step if self.codec is not None else None
+        return StopText(session.params.stop.strings, step)
 
     def _spawn(self, work: Awaitable[None]) -> None:
         """Runs best-effort cleanup in the background, holding the task until it is done (the event loop

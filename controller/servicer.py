@@ -6,9 +6,9 @@ from grpc import aio
 
 from controller.round_loop import Finished, RoundEvent, RoundLoop
 from controller.state_store import StateStore
-from controller.text import TextCodec, TextStream
+from controller.text import TextCodec
 from eesd.errors import InvalidArgument
-from eesd.params import GenerationParams, PolicyParams, check_prompt_size, check_session_id
+from eesd.params import GenerationParams, PolicyParams, StopConditions, check_prompt_size, check_session_id
 from eesd_proto.eesd.v1 import controller_pb2, controller_pb2_grpc
 from serving import convert
 from serving.metrics import controller_metrics
@@ -17,6 +17,7 @@ FINISH_REASONS = {
     "length": controller_pb2.FINISH_REASON_LENGTH,
     "eos": controller_pb2.FINISH_REASON_EOS,
     "cancelled": controller_pb2.FINISH_REASON_CANCELLED,
+    "stop": controller_pb2.FINISH_REASON_STOP,
 }
 SESSION_STATES = {
     "active": controller_pb2.SESSION_STATE_ACTIVE,
@@ -78,20 +79,19 @@ class ControllerServicer(controller_pb2_grpc.ControllerServiceServicer):
             convert.sampling_from_proto(request.sampling),
             policy,
             stop_on_eos=not request.ignore_eos,
+            stop=StopConditions(tuple(request.stop), tuple(request.stop_token_ids)),
         )
-        text = TextStream(self.codec)
         if request.session_id:
             check_session_id(request.session_id)
         events = self.loop.generate(await self._prompt(request), params, request.session_id, request.received_tokens)
         async for event in controller_metrics().track(events):
             if isinstance(event, RoundEvent):
-                text.skip(event.context)  # a resumed stream's text goes on from what its client has
                 yield controller_pb2.GenerateResponse(
                     session_id=event.session_id,
                     chunk=controller_pb2.GenerationChunk(
                         round=event.round_index,
                         token_ids=event.tokens,
-                        text=text.push(event.tokens),
+                        text=event.text,
                         stats=convert.round_stats_to_proto(event.stats, event.transport_ms, event.controller_ms),
                     ),
                 )

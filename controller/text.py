@@ -41,6 +41,10 @@ class TextStream:
         """Takes `ids` as sent already (a resumed stream's client has their text)."""
         self.push(ids)
 
+    def step(self, token: int) -> str:
+        """The text one more token adds (eesd.stops.StopText's detokenizer)."""
+        return self.push([token])
+
 
 @dataclass(frozen=True)
 class ModelFacts:

@@ -83,14 +83,18 @@ class GenerationResult:
 def finish(
     new_tokens: list[int], generated: int, params: GenerationParams, eos_token_ids: frozenset[int]
 ) -> tuple[list[int], str | None]:
-    """Trims a round's tokens at EOS or the token budget; returns them and the finish reason, if any.
+    """Trims a round's tokens at EOS, a stop token id or the token budget; returns them and the finish
+    reason, if any ("eos", "stop", "length"; stop strings are found on the text, eesd/stops.py).
 
     The budget is applied first: an EOS beyond it was never generated, so the reason is then "length".
     """
     room = params.max_new_tokens - generated
     kept = new_tokens[:room]
-    if params.stop_on_eos:
+    stop_ids = params.stop.token_ids
+    if params.stop_on_eos or stop_ids:
         for i, token in enumerate(kept):
-            if token in eos_token_ids:
+            if params.stop_on_eos and token in eos_token_ids:
                 return kept[: i + 1], "eos"
+            if token in stop_ids:
+                return kept[: i + 1], "stop"
     return kept, ("length" if len(new_tokens) >= room else None)

@@ -96,18 +96,56 @@ class PolicyParams:
             raise InvalidArgument("k_max", f"must be in [0, 64], got {self.k_max}")
 
 
+# Bounds of a request's stop conditions: every round scans its new text for each string.
+MAX_STOP_STRINGS, MAX_STOP_CHARS, MAX_STOP_TOKEN_IDS = 16, 256, 64
+
+
+@dataclass(frozen=True)
+class StopConditions:
+    """Where a session stops besides EOS and its token budget (finish reason "stop"). A stop token id ends
+    it like EOS does: the token is the last one generated (`ignore_eos` does not turn these off). A stop
+    string ends it at the token whose text completes the string; the text returned ends before it
+    (eesd/stops.py). Both are applied where the tokens are committed, so the output up to the stop is the
+    model's, unchanged."""
+
+    strings: tuple[str, ...] = ()
+    token_ids: tuple[int, ...] = ()
+
+    def __bool__(self) -> bool:
+        return bool(self.strings or self.token_ids)
+
+    def validate(self) -> None:
+        if len(self.strings) > MAX_STOP_STRINGS:
+            raise InvalidArgument("stop", f"at most {MAX_STOP_STRINGS} stop strings, got {len(self.strings)}")
+        for s in self.strings:
+            if not isinstance(s, str) or not 1 <= len(s) <= MAX_STOP_CHARS:
+                raise InvalidArgument("stop", f"each stop string must be 1 to {MAX_STOP_CHARS} characters")
+        if len(self.token_ids) > MAX_STOP_TOKEN_IDS:
+            raise InvalidArgument(
+                "stop_token_ids", f"at most {MAX_STOP_TOKEN_IDS} stop token ids, got {len(self.token_ids)}"
+            )
+        if any(not isinstance(t, int) or t < 0 for t in self.token_ids):
+            raise InvalidArgument("stop_token_ids", "must be token ids (integers >= 0)")
+
+    def stored(self) -> dict:
+        """As a session's stored request keeps it (JSON-able)."""
+        return {"strings": list(self.strings), "token_ids": list(self.token_ids)}
+
+
 @dataclass(frozen=True)
 class GenerationParams:
     max_new_tokens: int
     sampling: SamplingParams = field(default_factory=SamplingParams)
     policy: PolicyParams = field(default_factory=PolicyParams)
     stop_on_eos: bool = True
+    stop: StopConditions = field(default_factory=StopConditions)
 
     def validate(self) -> None:
         if self.max_new_tokens <= 0:
             raise InvalidArgument("max_new_tokens", f"must be > 0, got {self.max_new_tokens}")
         self.sampling.validate()
         self.policy.validate()
+        self.stop.validate()
 
 
 def check_token_ids(field: str, ids: list[int], vocab_size: int) -> None:

@@ -117,6 +117,8 @@ class Session:
         # As `finish` decides at the end of a round: EOS first (it was within the budget), then the budget.
         if params.stop_on_eos and generated and generated[-1] in session.eos_token_ids:
             session.finish_reason = "eos"
+        elif generated and generated[-1] in params.stop.token_ids:
+            session.finish_reason = "stop"
         elif len(generated) >= params.max_new_tokens:
             session.finish_reason = "length"
         return session
