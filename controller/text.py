@@ -13,8 +13,9 @@ class TextCodec:
     def __init__(self, tokenizer_file: Path):
         self.tokenizer = Tokenizer.from_file(str(tokenizer_file))
 
-    def encode(self, text: str) -> list[int]:
-        return self.tokenizer.encode(text).ids
+    def encode(self, text: str, add_special_tokens: bool = True) -> list[int]:
+        """`add_special_tokens=False` for a rendered chat template, which has its special tokens already."""
+        return self.tokenizer.encode(text, add_special_tokens=add_special_tokens).ids
 
     def decode(self, ids: list[int]) -> str:
         return self.tokenizer.decode(ids)

@@ -1,0 +1,265 @@
+"""The OpenAI-compatible HTTP API (controller/http_api.py) over an in-process round loop (the tiny model's
+drafter and verifier, an in-memory store), through httpx's ASGI transport: the responses' shapes, greedy
+output equal to transformers', streaming chunks adding up to the non-streaming text, stop strings, n,
+usage and the speculation extension, chat templates, auth, and errors with their HTTP statuses."""
+
+import asyncio
+import json
+
+import httpx
+import pytest
+
+from controller.chat_template import ChatTemplate
+from controller.discovery import StaticDiscovery
+from controller.http_api import OpenAIFrontEnd, http_error
+from controller.round_loop import RoundLoop
+from controller.routing import Router
+from controller.state_store import MemoryStateStore
+from controller.text import TextCodec
+from eesd.drafter import Drafter
+from eesd.errors import InvalidArgument, ResourceExhausted, Unavailable
+from eesd.params import PolicyParams
+from eesd.verifier import Verifier
+from serving.security import Tokens
+from tests.conftest import hf_greedy
+from tests.openai_helpers import servable_model, words
+from tests.unit.test_round_loop_repairs import InProcessNodes, wipe
+
+MODEL = "tiny"
+PROMPT = [5, 9, 33, 71, 2, 140, 7]
+
+
+@pytest.fixture(scope="module")
+def model(tiny_models, tmp_path_factory):
+    return servable_model(tiny_models["llama"], tmp_path_factory.mktemp("servable") / "tiny")
+
+
+@pytest.fixture(scope="module")
+def nodes(model):
+    return {"d1:1": Drafter(model, 2), "v1:1": Verifier(model)}
+
+
+def front_end(model, nodes, tokens=None, verifiers="v1:1", chat=True, policy="fixed") -> OpenAIFrontEnd:
+    for node in nodes.values():
+        wipe(node)
+    router = Router(StaticDiscovery("d1:1"), StaticDiscovery(verifiers), down_s=60.0)
+    codec = TextCodec(model / "tokenizer.json")
+    loop = RoundLoop(
+        MemoryStateStore(),
+        router,
+        InProcessNodes(nodes, lambda r, n: None),
+        frozenset({2}),
+        vocab_size=384,
+        admission_wait_s=0.3,
+        context=512,
+        codec=codec,
+    )
+    front = OpenAIFrontEnd(
+        loop,
+        codec,
+        ChatTemplate.of_model(str(model)) if chat else None,
+        MODEL,
+        PolicyParams(policy, 3),
+        256,
+        400,
+        1 << 20,
+        context=512,
+        tokens=tokens,
+    )
+    front.ready = True
+    return front
+
+
+def call(front: OpenAIFrontEnd, method: str, path: str, body: dict | None = None, headers=None) -> httpx.Response:
+    async def go():
+        transport = httpx.ASGITransport(app=front.app())
+        async with httpx.AsyncClient(transport=transport, base_url="http://test") as client:
+            return await client.request(method, path, json=body, headers=headers)
+
+    return asyncio.run(go())
+
+
+def events(response: httpx.Response) -> list:
+    """The data of a server-sent event stream, [DONE] last."""
+    assert response.headers["content-type"].startswith("text/event-stream")
+    out = []
+    for block in response.text.split("\n\n"):
+        if block.strip():
+            assert block.startswith("data: "), block
+            data = block[len("data: ") :]
+            out.append(data if data == "[DONE]" else json.loads(data))
+    return out
+
+
+def test_greedy_completion_of_token_ids_is_transformers_greedy(model, nodes):
+    front = front_end(model, nodes)
+    body = {"model": MODEL, "prompt": PROMPT, "max_tokens": 20, "temperature": 0, "ignore_eos": True}
+    response = call(front, "POST", "/v1/completions", body)
+    assert response.status_code == 200, response.text
+    out = response.json()
+    expected = hf_greedy(model, PROMPT, 20)
+    assert out["object"] == "text_completion" and out["model"] == MODEL
+    (choice,) = out["choices"]
+    assert choice["text"] == " ".join(f"w{t}" for t in expected) and choice["finish_reason"] == "length"
+    assert out["usage"] == {"prompt_tokens": len(PROMPT), "completion_tokens": 20, "total_tokens": len(PROMPT) + 20}
+    spec = out["speculation"]
+    assert spec["policy"] == "fixed" and spec["rounds"] >= 1 and spec["mean_accepted_tokens"] == 20 / spec["rounds"]
+
+
+def test_streaming_chunks_add_up_to_the_non_streaming_text_with_usage_last(model, nodes):
+    front = front_end(model, nodes)
+    body = {"model": MODEL, "prompt": words(PROMPT), "max_tokens": 24, "temperature": 0, "ignore_eos": True}
+    whole = call(front, "POST", "/v1/completions", body).json()
+    streamed = call(
+        front, "POST", "/v1/completions", {**body, "stream": True, "stream_options": {"include_usage": True}}
+    )
+    assert streamed.status_code == 200
+    chunks = events(streamed)
+    assert chunks[-1] == "[DONE]"
+    usage = chunks[-2]
+    assert usage["choices"] == [] and usage["usage"] == whole["usage"] and usage["speculation"]["rounds"] >= 1
+    texts = [c["choices"][0]["text"] for c in chunks[:-2]]
+    assert len(texts) > 2  # one chunk per round, not one at the end
+    assert "".join(texts) == whole["choices"][0]["text"]
+    assert [c["choices"][0]["finish_reason"] for c in chunks[:-2]][-1] == "length"
+
+
+def test_chat_completion_renders_the_checkpoints_template_and_streams_the_same_text(model, nodes):
+    front = front_end(model, nodes)
+    messages = [
+        {"role": "system", "content": "w10 w11"},
+        {"role": "user", "content": [{"type": "text", "text": "w12"}]},
+    ]
+    body = {"model": MODEL, "messages": messages, "max_tokens": 16, "temperature": 0, "ignore_eos": True}
+    out = call(front, "POST", "/v1/chat/completions", body).json()
+    # The template's prompt: bos, each message as role word + content + separator, the assistant's turn.
+    prompt = [1, 4, 10, 11, 3, 5, 12, 3, 6]
+    assert out["object"] == "chat.completion" and out["usage"]["prompt_tokens"] == len(prompt)
+    (choice,) = out["choices"]
+    assert choice["message"] == {"role": "assistant", "content": words(hf_greedy(model, prompt, 16))}
+    chunks = events(call(front, "POST", "/v1/chat/completions", {**body, "stream": True}))
+    assert chunks[0]["choices"][0]["delta"]["role"] == "assistant" and chunks[-1] == "[DONE]"
+    assert all(c["object"] == "chat.completion.chunk" for c in chunks[:-1])
+    content = "".join(c["choices"][0]["delta"]["content"] or "" for c in chunks[:-1])
+    assert content == choice["message"]["content"]
+    assert chunks[-2]["choices"][0]["finish_reason"] == "length"
+
+
+def test_a_stop_string_ends_the_text_before_it_and_n_gives_independent_sessions(model, nodes):
+    front = front_end(model, nodes)
+    base = {"model": MODEL, "prompt": PROMPT, "max_tokens": 30, "temperature": 0, "ignore_eos": True}
+    whole = call(front, "POST", "/v1/completions", base).json()["choices"][0]["text"]
+    stop = whole.split(" ")[7]  # the 8th word: found across rounds with k_max 3
+    cut = whole[: whole.index(stop)]
+    for stream in (False, True):
+        response = call(front, "POST", "/v1/completions", {**base, "stop": [stop, "w999"], "stream": stream, "n": 2})
+        if stream:
+            chunks = events(response)[:-1]
+            texts = {0: "", 1: ""}
+            for c in chunks:
+                texts[c["choices"][0]["index"]] += c["choices"][0]["text"]
+            finishes = [c["choices"][0]["finish_reason"] for c in chunks if c["choices"][0]["finish_reason"]]
+            assert finishes == ["stop", "stop"]
+            assert texts == {0: cut, 1: cut}
+        else:
+            out = response.json()
+            assert [c["index"] for c in out["choices"]] == [0, 1]
+            assert all(c["text"] == cut and c["finish_reason"] == "stop" for c in out["choices"])
+            assert out["usage"]["prompt_tokens"] == len(PROMPT)  # the prompt counted once
+
+
+def test_n_sampled_choices_with_a_seed_differ_and_reproduce(model, nodes):
+    front = front_end(model, nodes)
+    body = {"model": MODEL, "prompt": PROMPT, "max_tokens": 12, "temperature": 1.0, "seed": 3, "n": 3}
+    first = [c["text"] for c in call(front, "POST", "/v1/completions", body).json()["choices"]]
+    again = [c["text"] for c in call(front, "POST", "/v1/completions", body).json()["choices"]]
+    assert first == again and len(set(first)) > 1
+
+
+def test_models_and_health(model, nodes):
+    front = front_end(model, nodes)
+    listed = call(front, "GET", "/v1/models").json()
+    assert listed["object"] == "list" and [m["id"] for m in listed["data"]] == [MODEL]
+    assert call(front, "GET", "/health").status_code == 200
+    front.ready = False
+    assert call(front, "GET", "/health").status_code == 503
+
+
+def test_bearer_tokens_are_checked_like_on_grpc(model, nodes):
+    front = front_end(model, nodes, tokens=Tokens("s3cret,next"))
+    body = {"model": MODEL, "prompt": PROMPT, "max_tokens": 2}
+    for headers in (None, {"Authorization": "Bearer wrong"}, {"Authorization": "Basic s3cret"}):
+        refused = call(front, "POST", "/v1/completions", body, headers)
+        assert refused.status_code == 401 and refused.json()["error"]["code"] == "invalid_api_key"
+    assert call(front, "GET", "/v1/models", headers={"Authorization": "Bearer wrong"}).status_code == 401
+    for token in ("s3cret", "next"):
+        assert call(front, "POST", "/v1/completions", body, {"Authorization": f"Bearer {token}"}).status_code == 200
+    assert call(front, "GET", "/health").status_code == 200  # probes need no token
+
+
+@pytest.mark.parametrize(
+    ("path", "body", "status", "param"),
+    [
+        ("/v1/completions", {"model": "other", "prompt": "w5"}, 404, "model"),
+        ("/v1/completions", {"model": MODEL, "prompt": "w5", "temperature": "hot"}, 400, "temperature"),
+        ("/v1/completions", {"model": MODEL, "prompt": "w5", "temperature": 0.001}, 400, "temperature"),
+        ("/v1/completions", {"model": MODEL, "prompt": "w5", "max_tokens": 0}, 400, "max_tokens"),
+        ("/v1/completions", {"model": MODEL, "prompt": "w5", "max_tokens": 257}, 400, "max_tokens"),
+        ("/v1/completions", {"model": MODEL, "prompt": PROMPT * 80}, 400, "prompt"),  # over the prompt limit
+        ("/v1/completions", {"model": MODEL, "prompt": [5, 384]}, 400, "prompt"),  # outside the vocabulary
+        ("/v1/completions", {"model": MODEL, "prompt": PROMPT * 50, "max_tokens": 256}, 400, "max_tokens"),  # context
+        ("/v1/completions", {"model": MODEL, "prompt": "w5", "logprobs": 2}, 400, "logprobs"),
+        ("/v1/completions", {"model": MODEL, "prompt": "w5", "stop": [""]}, 400, "stop"),
+        ("/v1/completions", {"model": MODEL, "prompt": "w5", "stop_token_ids": [400]}, 400, "stop_token_ids"),
+        ("/v1/completions", {"model": MODEL, "prompt": "w5", "presence_penalty": 1}, 400, "presence_penalty"),
+        ("/v1/completions", {"model": MODEL, "prompt": "w5", "n": 17}, 400, "n"),
+        ("/v1/completions", {"model": MODEL}, 400, "prompt"),
+        ("/v1/completions", {"model": MODEL, "prompt": "w5", "policy": "psychic"}, 400, "policy"),
+        ("/v1/chat/completions", {"model": MODEL, "messages": []}, 400, "messages"),
+        (
+            "/v1/chat/completions",
+            {"model": MODEL, "messages": [{"role": "assistant", "content": "w5"}]},
+            400,
+            "messages",
+        ),
+        (
+            "/v1/chat/completions",
+            {"model": MODEL, "messages": [{"role": "user", "content": "w5"}], "logprobs": True},
+            400,
+            "logprobs",
+        ),
+    ],
+)
+def test_bad_requests_are_openai_errors_naming_the_field(model, nodes, path, body, status, param):
+    response = call(front_end(model, nodes), "POST", path, body)
+    assert response.status_code == status, response.text
+    error = response.json()["error"]
+    assert error["param"] == param and error["message"] and error["type"] in ("invalid_request_error",)
+
+
+def test_a_model_without_a_chat_template_is_a_clear_400(model, nodes):
+    response = call(
+        front_end(model, nodes, chat=False),
+        "POST",
+        "/v1/chat/completions",
+        {"model": MODEL, "messages": [{"role": "user", "content": "w5"}]},
+    )
+    assert response.status_code == 400 and "no chat template" in response.json()["error"]["message"]
+
+
+def test_no_verifier_is_503_and_unknown_paths_are_404(model, nodes):
+    front = front_end(model, nodes, verifiers="")
+    body = {"model": MODEL, "prompt": PROMPT, "max_tokens": 2}
+    for stream in (False, True):
+        response = call(front, "POST", "/v1/completions", {**body, "stream": stream})
+        assert response.status_code == 503 and response.headers["retry-after"]
+        assert response.json()["error"]["type"] == "service_unavailable_error"
+    assert call(front, "GET", "/v1/nothing").status_code == 404
+
+
+def test_domain_errors_map_to_their_statuses_in_one_place():
+    assert http_error(InvalidArgument("max_new_tokens", "must be <= 4"))[0] == 400
+    assert http_error(InvalidArgument("max_new_tokens", "must be <= 4"))[1].param == "max_tokens"
+    assert http_error(ResourceExhausted("no KV room"))[0] == 429
+    assert http_error(Unavailable("no verifier is ready"))[0] == 503
+    assert http_error(RuntimeError("boom"))[1].message == "internal error"
