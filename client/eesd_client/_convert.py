@@ -27,6 +27,7 @@ _FINISH_REASONS = {
     controller_pb2.FINISH_REASON_LENGTH: FinishReason.LENGTH,
     controller_pb2.FINISH_REASON_EOS: FinishReason.EOS,
     controller_pb2.FINISH_REASON_CANCELLED: FinishReason.CANCELLED,
+    controller_pb2.FINISH_REASON_STOP: FinishReason.STOP,
 }
 _SESSION_STATES = {
     controller_pb2.SESSION_STATE_UNSPECIFIED: SessionState.UNSPECIFIED,
@@ -50,6 +51,8 @@ def generate_request_to_proto(request: GenerationRequest) -> controller_pb2.Gene
         ),
         session_id=request.session_id or "",
         ignore_eos=not request.stop_on_eos,
+        stop=list(request.stop),
+        stop_token_ids=list(request.stop_token_ids),
     )
     if isinstance(request.prompt, str):
         message.prompt_text = request.prompt

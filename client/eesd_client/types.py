@@ -30,6 +30,8 @@ class FinishReason(Enum):
     LENGTH = "length"
     EOS = "eos"
     CANCELLED = "cancelled"
+    # A stop string or stop token id of the request was generated.
+    STOP = "stop"
 
 
 class SessionState(Enum):
@@ -66,8 +68,21 @@ class GenerationRequest:
     # lost first attempt then resumes that session instead of starting another.
     session_id: str | None = None
     stop_on_eos: bool = True
+    # Stop strings (at most 16, 1 to 256 characters each): the text ends where the first one generated
+    # begins, finish reason STOP. Text that may begin one is held back until the next round shows whether
+    # it does, so a chunk's text can lag its token ids.
+    stop: str | Sequence[str] = ()
+    # Stop token ids (at most 64): the first one generated is the last token, finish reason STOP.
+    stop_token_ids: Sequence[int] = ()
 
     def __post_init__(self) -> None:
+        stop = (self.stop,) if isinstance(self.stop, str) else tuple(self.stop)
+        object.__setattr__(self, "stop", stop)
+        object.__setattr__(self, "stop_token_ids", tuple(self.stop_token_ids))
+        if any(not isinstance(s, str) or not s for s in stop):
+            raise InvalidArgumentError("stop strings must be non-empty strings")
+        if any(not isinstance(t, int) or t < 0 for t in self.stop_token_ids):
+            raise InvalidArgumentError("stop_token_ids must be token ids >= 0")
         if isinstance(self.prompt, str):
             if not self.prompt:
                 raise InvalidArgumentError("prompt is empty")
@@ -100,6 +115,8 @@ class GenerateOptions(TypedDict, total=False):
     k_max: int | None
     session_id: str | None
     stop_on_eos: bool
+    stop: str | Sequence[str]
+    stop_token_ids: Sequence[int]
 
 
 @dataclass(frozen=True)
