@@ -290,6 +290,12 @@ def stream_session(
     return out
 
 
+def running_calls(metrics_url: str) -> int:
+    """Generate calls a controller runs now: its num_requests_running gauge, whatever its metric prefix."""
+    values = scrape([metrics_url]).values
+    return int(sum(v for (name, _), v in values.items() if name.rpartition(":")[2] == "num_requests_running"))
+
+
 def align(got: Sequence[int], expected: Sequence[int]) -> dict[str, int]:
     """How `got` differs from `expected`: tokens repeated right after themselves (duplicated), other tokens
     too many (extra), tokens left out (missing) and tokens in the place of others (wrong)."""
@@ -374,7 +380,7 @@ class FaultBench:
         if role == "controller":
             for node in nodes:
                 with contextlib.suppress(OSError):
-                    serving[node.address] = int(scrape([node.metrics_url]).total("vllm:num_requests_running"))
+                    serving[node.address] = running_calls(node.metrics_url)
         else:
             for session_id in session_ids:
                 with contextlib.suppress(EesdError):

@@ -1,11 +1,12 @@
 """The fault-trial harness's own parts (loadtest/faults.py) and the LocalStack options it uses."""
 
+import http.server
 import socket
 import threading
 
 import pytest
 
-from loadtest.faults import DEFAULT_TRIALS, FAULTS, TcpProxy, align, parse_plan, percentiles
+from loadtest.faults import DEFAULT_TRIALS, FAULTS, TcpProxy, align, parse_plan, percentiles, running_calls
 from serving.local_stack import LocalStack, free_port
 
 
@@ -29,6 +30,28 @@ def test_parse_plan():
 def test_percentiles():
     assert percentiles([]) == {"n": 0, "p50": None, "p95": None, "max": None}
     assert percentiles([3.0, 1.0, 2.0]) == {"n": 3, "p50": 2.0, "p95": 3.0, "max": 3.0}
+
+
+@pytest.mark.parametrize("prefix", ["eesd:", "vllm:"])
+def test_running_calls_reads_the_controllers_gauge_whatever_its_prefix(prefix):
+    body = f"# TYPE {prefix}num_requests_running gauge\n{prefix}num_requests_running 3.0\n".encode()
+
+    class Metrics(http.server.BaseHTTPRequestHandler):
+        def do_GET(self):
+            self.send_response(200)
+            self.end_headers()
+            self.wfile.write(body)
+
+        def log_message(self, *args):
+            pass
+
+    server = http.server.HTTPServer(("127.0.0.1", 0), Metrics)
+    threading.Thread(target=server.serve_forever, daemon=True).start()
+    try:
+        assert running_calls(f"http://127.0.0.1:{server.server_port}/metrics") == 3
+    finally:
+        server.shutdown()
+        server.server_close()
 
 
 def _echo(conn: socket.socket) -> None:
