@@ -12,6 +12,7 @@ from controller.servicer import ControllerServicer
 from controller.state_store import open_state_store
 from controller.text import model_facts
 from eesd_proto.eesd.v1 import controller_pb2, controller_pb2_grpc
+from serving import observability
 from serving.config import load_config
 from serving.metrics import TimedStateStore
 from serving.security import Peers, Tokens, internal_tokens_of
@@ -20,6 +21,7 @@ from serving.server import serve
 
 async def main() -> None:
     config = load_config(ControllerConfig)
+    observability.setup(config, "controller")  # logs, tracing, the metrics' model_name: before anything else
     store = TimedStateStore(
         open_state_store(config.redis_url, config.session_ttl_s, config.redis_max_connections, config.redis_ca_file)
     )

@@ -4,7 +4,7 @@ from dataclasses import dataclass
 from controller.discovery import DISCOVERY_MODES
 from eesd.errors import InvalidArgument
 from eesd.params import MAX_CHARS_PER_TOKEN, POLICY_NAMES, PolicyParams
-from serving.config import SecurityConfig, field
+from serving.config import ObservabilityConfig, SecurityConfig, field
 
 UNKNOWN_CONTEXT_PROMPT_LIMIT = 65536  # prompts beyond it are refused by a controller without the model's config
 REQUEST_OVERHEAD_BYTES = 64 * 1024  # a request's fields besides its prompt (parameters, policy options, id)
@@ -19,7 +19,7 @@ def max_request_bytes(prompt_limit: int) -> int:
 
 
 @dataclass(frozen=True)
-class ControllerConfig(SecurityConfig):
+class ControllerConfig(SecurityConfig, ObservabilityConfig):
     """Controller: sessions, committed tokens and policy posteriors (Redis), routing, the round loop."""
 
     host: str = field("0.0.0.0", "address to listen on")

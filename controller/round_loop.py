@@ -41,6 +41,7 @@ from eesd.params import GenerationParams, check_context, check_token_ids, new_ow
 from eesd.rounds import RoundStats
 from eesd.session import RoundResult, Session, reproducible
 from eesd.stops import StopText
+from serving import tracing
 from serving.metrics import controller_metrics
 
 log = logging.getLogger(__name__)
@@ -157,6 +158,7 @@ class RoundLoop:
         self.max_sessions = max_sessions  # Generate calls at once, admitted or waiting; more: RESOURCE_EXHAUSTED
         self._generating = 0
         self._running: set[str] = set()  # sessions this controller drives now
+        controller_metrics().watch_running(lambda: len(self._running))
         self._cancelled: set[str] = set()  # ... that a Cancel asked to stop
         self._tasks: set[asyncio.Task] = set()
 
@@ -437,7 +439,7 @@ class RoundLoop:
         """Picks the session's nodes and opens it on them, reserving its whole length in their KV pools so
         that it never runs out mid-way. A drafter that cannot hold it leaves the session verifier-only."""
         length = len(session.committed) + session.params.max_new_tokens
-        with controller_metrics().waiting.track_inprogress():
+        with controller_metrics().queued():
             pair = _Pair(None, await self._reserve_verifier(session, length))
         drafter = self.router.pick_drafter() if session.speculates else None
         if drafter is not None and await self._open_drafter(session, drafter):
@@ -508,6 +510,24 @@ class RoundLoop:
                 self._spawn(self.nodes.close_session(role, address, session.session_id, session.owner))
 
     async def _run_round(self, session: Session, pair: _Pair) -> RoundOutcome:
+        """The round's node calls, a span of the request's trace when tracing is on (the nodes' spans are its
+        children)."""
+        attributes = {"eesd.session_id": session.session_id, "eesd.round": session.round_index}
+        with tracing.span("eesd.round", attributes) as span:
+            outcome = await self._round_calls(session, pair)
+            tracing.annotate(
+                span,
+                **{
+                    "eesd.drafter": pair.drafter or "",
+                    "eesd.verifier": pair.verifier,
+                    "eesd.drafted": len(outcome.draft.tokens),
+                    "eesd.accepted": outcome.verdict.accepted,
+                    "eesd.verifier_only": outcome.drafter_cache_length is None,
+                },
+            )
+            return outcome
+
+    async def _round_calls(self, session: Session, pair: _Pair) -> RoundOutcome:
         """Runs the session's next round until it has a verdict, repairing caches and replacing nodes."""
         deadline = time.monotonic() + self.unavailable_wait_s
         while True:

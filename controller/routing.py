@@ -8,6 +8,7 @@ written for `SHARED_LOAD_WRITTEN_WITHIN_S`, e.g. of a controller that died, stop
 """
 
 import asyncio
+import functools
 import logging
 import time
 from collections import Counter
@@ -15,6 +16,7 @@ from collections.abc import Callable
 
 from controller.discovery import _Discovery
 from eesd.errors import EesdError
+from serving.metrics import controller_metrics
 
 log = logging.getLogger(__name__)
 
@@ -35,10 +37,13 @@ class Router:
         self.load: Counter[str] = Counter()  # sessions this controller has routed to each node
         self.others: dict[str, int] = {}  # the other controllers' sessions per node, as the store last said
         self._down_until: dict[str, float] = {}
+        for role in ("drafter", "verifier"):
+            controller_metrics().watch_nodes_ready(role, functools.partial(self.ready_count, role))
 
-    def _pick(self, discovery: _Discovery, exclude: str = "") -> str | None:
+    def _ready(self, discovery: _Discovery, exclude: str = "") -> list[str]:
+        """The nodes a session may go to: discovered ready, not kept out after a failure, answering probes."""
         now = time.monotonic()
-        ready = [
+        return [
             e.address
             for e in discovery.endpoints()
             if e.ready
@@ -46,7 +51,14 @@ class Router:
             and self._down_until.get(e.address, 0.0) <= now
             and not self.lost(e.address)
         ]
+
+    def _pick(self, discovery: _Discovery, exclude: str = "") -> str | None:
+        ready = self._ready(discovery, exclude)
         return min(ready, key=lambda address: (self.total_load(address), address)) if ready else None
+
+    def ready_count(self, role: str) -> int:
+        """How many drafters or verifiers (`role`) sessions may go to now (eesd:nodes_ready)."""
+        return len(self._ready(self.drafters if role == "drafter" else self.verifiers))
 
     def total_load(self, address: str) -> int:
         """Sessions on the node: this controller's, plus the other controllers' as last read from the store."""

@@ -10,8 +10,8 @@ from controller.text import TextCodec
 from eesd.errors import InvalidArgument
 from eesd.params import GenerationParams, PolicyParams, StopConditions, check_prompt_size, check_session_id
 from eesd_proto.eesd.v1 import controller_pb2, controller_pb2_grpc
-from serving import convert
-from serving.metrics import controller_metrics
+from serving import convert, logs
+from serving.metrics import RequestTimes, controller_metrics
 
 FINISH_REASONS = {
     "length": controller_pb2.FINISH_REASON_LENGTH,
@@ -83,8 +83,13 @@ class ControllerServicer(controller_pb2_grpc.ControllerServiceServicer):
         )
         if request.session_id:
             check_session_id(request.session_id)
-        events = self.loop.generate(await self._prompt(request), params, request.session_id, request.received_tokens)
-        async for event in controller_metrics().track(events):
+        prompt, times = await self._prompt(request), RequestTimes()
+        # The access line (serving.logs) reports what the call got to, however it ends; never the prompt itself.
+        logs.access_fields().update(
+            prompt_tokens=len(prompt), max_new_tokens=params.max_new_tokens, policy=policy.name, request=times
+        )
+        events = self.loop.generate(prompt, params, request.session_id, request.received_tokens)
+        async for event in controller_metrics().track(events, times):
             if isinstance(event, RoundEvent):
                 yield controller_pb2.GenerateResponse(
                     session_id=event.session_id,

@@ -41,6 +41,7 @@ KIND_ORDER = [
     "Deployment",
     "HorizontalPodAutoscaler",
     "ServiceMonitor",
+    "PrometheusRule",
 ]
 
 

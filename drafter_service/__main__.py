@@ -8,6 +8,7 @@ from drafter_service.servicer import DrafterServicer
 from drafter_service.verifier_link import VerifierAllowlist
 from eesd.drafter import Drafter
 from eesd_proto.eesd.v1 import drafter_pb2, drafter_pb2_grpc
+from serving import observability
 from serving.config import load_config
 from serving.node import ModelNode
 from serving.security import Peers, internal_tokens_of
@@ -16,6 +17,7 @@ from serving.server import serve
 
 async def main() -> None:
     config = load_config(DrafterConfig)
+    observability.setup(config, "drafter")  # logs, tracing, the metrics' model_name: before anything else
     node = ModelNode.from_config(config, "drafter")
     servicer = DrafterServicer(
         node, config.verify_timeout_s, VerifierAllowlist(config.verifiers), config.pipeline, Peers.of(config)

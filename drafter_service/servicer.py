@@ -16,7 +16,7 @@ from eesd.params import session_key
 from eesd.rounds import DraftBlock, DraftRequest, RoundStats
 from eesd.session import drafter_cache_after
 from eesd_proto.eesd.v1 import common_pb2, drafter_pb2, drafter_pb2_grpc, verifier_pb2
-from serving import convert
+from serving import convert, tracing
 from serving.node import ModelNode
 from serving.security import Peers
 from serving.session_rpcs import SessionRpcs
@@ -119,8 +119,11 @@ class DrafterServicer(SessionRpcs, drafter_pb2_grpc.DrafterServiceServicer):
     async def _verify(
         link: VerifierLink, request: DraftRequest, block: DraftBlock
     ) -> verifier_pb2.VerifyStreamResponse:
-        """Streams one round's block to the verifier and waits for its answer."""
-        return await link.verify(convert.verify_request_to_proto(request.verify_request(block)))
+        """Streams one round's block to the verifier and waits for its answer; with tracing on, the round's
+        verification is a child of the current span (the Draft call's)."""
+        message = convert.verify_request_to_proto(request.verify_request(block))
+        message.traceparent = tracing.traceparent()
+        return await link.verify(message)
 
     async def Prefill(self, request, context: aio.ServicerContext):
         await self.lookaheads.drop(session_key(request.session_id, request.owner))

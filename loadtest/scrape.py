@@ -12,6 +12,7 @@ from dataclasses import dataclass
 from prometheus_client.parser import text_string_to_metric_families
 
 P = "eesd:"
+V = "vllm:"  # the metrics vLLM also has carry its names (serving/metrics.py)
 
 
 @dataclass(frozen=True)
@@ -88,12 +89,12 @@ def mean_ms(delta: Samples, histogram: str, *labels: str) -> dict[str, float]:
 def speculation_stats(delta: Samples) -> dict:
     """Speculation and node statistics of a run: the change of the services' metrics over it."""
     rounds = delta.total(P + "rounds_total")
-    drafts = delta.total(P + "spec_decode_num_drafts_total")
-    drafted = delta.total(P + "spec_decode_num_draft_tokens_total")
-    accepted = delta.total(P + "spec_decode_num_accepted_tokens_total")
-    committed = delta.total(P + "generation_tokens_total")
+    drafts = delta.total(V + "spec_decode_num_drafts_total")
+    drafted = delta.total(V + "spec_decode_num_draft_tokens_total")
+    accepted = delta.total(V + "spec_decode_num_accepted_tokens_total")
+    committed = delta.total(V + "generation_tokens_total")
     drafted_at = delta.by_label(P + "spec_decode_num_draft_tokens_per_pos_total", "position")
-    accepted_at = delta.by_label(P + "spec_decode_num_accepted_tokens_per_pos_total", "position")
+    accepted_at = delta.by_label(V + "spec_decode_num_accepted_tokens_per_pos_total", "position")
     time_s = delta.by_label(P + "round_duration_seconds_sum", "part")
     total_s = sum(time_s.values())
     return {

@@ -7,10 +7,12 @@ Precedence: flag > environment > default.
 import argparse
 import dataclasses
 import os
+import re
 from collections.abc import Mapping, Sequence
 from typing import TypeVar, get_type_hints
 
 from eesd.errors import InvalidArgument
+from serving.logs import LOG_FORMATS, LOG_LEVELS
 
 C = TypeVar("C")
 ENV_PREFIX = "EESD_"
@@ -55,11 +57,38 @@ def load_config(cls: type[C], argv: Sequence[str] | None = None, env: Mapping[st
     validate = getattr(config, "validate", None)
     if validate is not None:
         validate()
+    if isinstance(config, ObservabilityConfig):
+        config.validate_observability()
     return config
 
 
 def field(default, help: str):  # noqa: A002 - mirrors argparse's name
     return dataclasses.field(default=default, metadata={"help": help})
+
+
+@dataclasses.dataclass(frozen=True)
+class ObservabilityConfig:
+    """Logs, traces and the metrics' model label, the same fields on every service (serving/observability.py,
+    docs/observability.md)."""
+
+    served_model_name: str = field("", "model_name label of the vllm: metrics (empty: the model directory's name)")
+    log_format: str = field("json", "json (one JSON object per line) or text")
+    log_level: str = field("INFO", "DEBUG, INFO, WARNING, ERROR or CRITICAL")
+    otlp_endpoint: str = field(
+        "",
+        "OTLP/gRPC collector the traces go to, e.g. http://otel-collector:4317 (https:// for TLS; empty: tracing "
+        "off); the OTEL_* environment variables (sampler, headers, batching) apply too",
+    )
+
+    def validate_observability(self) -> None:
+        if self.log_format not in LOG_FORMATS:
+            raise InvalidArgument("log_format", f"must be one of {LOG_FORMATS}, got {self.log_format!r}")
+        if self.log_level.upper() not in LOG_LEVELS:
+            raise InvalidArgument("log_level", f"must be one of {LOG_LEVELS}, got {self.log_level!r}")
+        if self.otlp_endpoint and not re.fullmatch(r"https?://[^\s/]+(/.*)?", self.otlp_endpoint):
+            raise InvalidArgument(
+                "otlp_endpoint", f"must be http://host:port or https://host:port, got {self.otlp_endpoint!r}"
+            )
 
 
 @dataclasses.dataclass(frozen=True)
@@ -116,7 +145,7 @@ class SecurityConfig:
 
 
 @dataclasses.dataclass(frozen=True)
-class ModelNodeConfig(SecurityConfig):
+class ModelNodeConfig(SecurityConfig, ObservabilityConfig):
     """What a drafter and a verifier are both configured with: one model, its KV pool, its batching."""
 
     host: str = field("0.0.0.0", "address to listen on")

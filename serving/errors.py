@@ -4,10 +4,14 @@ A domain error (`eesd.errors`) aborts the call with the status its class names a
 other exception is a bug or a fault of the machine (a torch RuntimeError, an out-of-memory): the client
 gets INTERNAL with a generic message (raw text can leak internals), the log gets the traceback with the
 method and session, and eesd:grpc_server_handled_total counts it under code INTERNAL.
+
+The same wrapper times every call (metrics), opens its span when tracing is on (serving/tracing.py) and writes
+the access line of every call of the controller's public API (serving/logs.py).
 """
 
+import contextlib
 import logging
-from collections.abc import AsyncIterator, Callable
+from collections.abc import AsyncIterator, Callable, Iterator
 from dataclasses import dataclass
 from typing import Any
 
@@ -15,6 +19,7 @@ import grpc
 from grpc import aio
 
 from eesd.errors import ERRORS, AlreadyExists, EesdError, InvalidArgument, Unavailable
+from serving import logs, tracing
 from serving.metrics import rpc_metrics
 
 log = logging.getLogger(__name__)
@@ -122,9 +127,21 @@ def _bounded(message: str) -> str:
     return message if len(message) <= MAX_DETAIL_CHARS else message[: MAX_DETAIL_CHARS - 15] + "... (truncated)"
 
 
+@contextlib.contextmanager
+def _observed(method: str, context: aio.ServicerContext, request: Any) -> Iterator[list]:
+    """Everything that watches a call: its status and time in the metrics, its span (tracing on), its access
+    line (the controller's public API). Yields the list whose item 0 the call sets to its grpc.StatusCode."""
+    with (
+        rpc_metrics().call(method) as status,
+        tracing.rpc_span(method, context, status),
+        logs.access_scope(method, context, status, request),
+    ):
+        yield status
+
+
 def _wrap_unary(behavior, method: str):
     async def wrapper(request, context):
-        with rpc_metrics().call(method) as status:
+        with _observed(method, context, request) as status:
             try:
                 response = await behavior(_decoded(request), context)
                 status[0] = grpc.StatusCode.OK
@@ -142,7 +159,7 @@ def _wrap_stream(behavior, method: str, decoded: Callable[[Any], Any]):
     """`decoded` checks the request: a message (`_decoded`) or an iterator of them (`_decoded_each`)."""
 
     async def wrapper(request, context):
-        with rpc_metrics().call(method) as status:
+        with _observed(method, context, request) as status:
             try:
                 async for response in behavior(decoded(request), context):
                     yield response

@@ -38,6 +38,7 @@ import grpc
 from grpc import aio
 
 from eesd.errors import InvalidArgument
+from serving import tracing
 from serving.config import SecurityConfig
 from serving.metrics import rpc_metrics
 
@@ -379,7 +380,9 @@ class Peers:
         return grpc.ssl_channel_credentials(read(self.ca_file), read(self.key_file), read(self.cert_file))
 
     def channel(self, address: str, options: Sequence[tuple[str, Any]]) -> aio.Channel:
-        interceptors = bearer_interceptors(self.tokens) if self.tokens else None
+        # The internal token; and, while tracing is on, the caller's trace context (serving/tracing.py).
+        bearer = bearer_interceptors(self.tokens) if self.tokens else []
+        interceptors = [*bearer, *tracing.client_interceptors()] or None
         if not self.tls:
             return aio.insecure_channel(address, options=options, interceptors=interceptors)
         options = [*options, *([("grpc.ssl_target_name_override", self.server_name)] if self.server_name else [])]

@@ -5,6 +5,7 @@ import logging
 
 from eesd.verifier import Verifier
 from eesd_proto.eesd.v1 import verifier_pb2, verifier_pb2_grpc
+from serving import observability
 from serving.config import load_config
 from serving.node import ModelNode
 from serving.security import internal_tokens_of
@@ -15,6 +16,7 @@ from verifier_service.servicer import VerifierServicer
 
 async def main() -> None:
     config = load_config(VerifierConfig)
+    observability.setup(config, "verifier")  # logs, tracing, the metrics' model_name: before anything else
     node = ModelNode.from_config(config, "verifier")
     servicer = VerifierServicer(node)
 

@@ -8,7 +8,7 @@ from grpc import aio
 from eesd.errors import EesdError, InvalidArgument
 from eesd.kv_cache import CacheBehind
 from eesd_proto.eesd.v1 import common_pb2, verifier_pb2, verifier_pb2_grpc
-from serving import convert
+from serving import convert, tracing
 from serving.errors import status_of
 from serving.node import ModelNode
 from serving.session_rpcs import SessionRpcs
@@ -105,7 +105,19 @@ class VerifierServicer(SessionRpcs, verifier_pb2_grpc.VerifierServiceServicer):
                 task.cancel()
 
     async def _verify(self, request: verifier_pb2.VerifyRequest) -> dict:
-        """{'verdict': ...} or {'cache_mismatch': ...}, the oneof both response messages share."""
+        """{'verdict': ...} or {'cache_mismatch': ...}, the oneof both response messages share; with tracing on,
+        a span of the round's trace (its parent: the request's traceparent, or the Verify call's span)."""
+        if len(request.traceparent) > tracing.MAX_TRACE_HEADER_CHARS:
+            raise InvalidArgument("traceparent", f"at most {tracing.MAX_TRACE_HEADER_CHARS} characters")
+        attributes = {"eesd.session_id": request.session_id, "eesd.round": request.round}
+        with tracing.span("eesd.verify", attributes, request.traceparent) as span:
+            answer = await self._verify_round(request)
+            if "verdict" in answer:
+                tracing.annotate(span, **{"eesd.drafted": len(request.draft.token_ids)})
+                tracing.annotate(span, **{"eesd.accepted": answer["verdict"].accepted})
+            return answer
+
+    async def _verify_round(self, request: verifier_pb2.VerifyRequest) -> dict:
         self._check_fits("pending_tokens", len(request.pending_token_ids) + len(request.draft.token_ids))
         draft, vocab = request.draft, self.node.model.config.vocab_size
         oversized = any(len(d.token_ids) > vocab or len(d.probs) > vocab for d in draft.q)

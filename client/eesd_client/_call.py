@@ -2,8 +2,11 @@
 
 from __future__ import annotations
 
+import functools
 import random
+import re
 import time
+from collections.abc import Callable
 
 import grpc
 
@@ -21,6 +24,36 @@ from eesd_client.errors import (
 from eesd_client.types import GenerationChunk
 
 Metadata = tuple[tuple[str, str], ...]
+
+
+# W3C Trace Context (version 00 and later): version-trace_id-parent_id-flags, lowercase hex.
+_TRACEPARENT = re.compile(r"[0-9a-f]{2}-[0-9a-f]{32}-[0-9a-f]{16}-[0-9a-f]{2}")
+
+
+@functools.cache
+def _opentelemetry_inject() -> Callable[[dict[str, str]], None] | None:
+    """opentelemetry's propagate.inject when the caller's process has OpenTelemetry, else None."""
+    try:
+        from opentelemetry.propagate import inject
+    except ImportError:
+        return None
+    return inject
+
+
+def trace_metadata(traceparent: str | None) -> Metadata:
+    """The call's W3C trace context, so that the server's spans join the caller's trace: `traceparent` as
+    given, else the current OpenTelemetry span's (with its tracestate) when OpenTelemetry is installed and
+    a span is current; nothing otherwise."""
+    if traceparent is not None:
+        if not _TRACEPARENT.fullmatch(traceparent) or traceparent.startswith("ff"):
+            raise InvalidArgumentError(f"traceparent is not a W3C traceparent: {traceparent[:64]!r}")
+        return (("traceparent", traceparent),)
+    inject = _opentelemetry_inject()
+    if inject is None:
+        return ()
+    carrier: dict[str, str] = {}
+    inject(carrier)
+    return tuple((key, carrier[key]) for key in ("traceparent", "tracestate") if carrier.get(key))
 
 
 def auth_metadata(token: str | None) -> Metadata:

@@ -12,7 +12,7 @@ from typing import Self, TypeVar, Unpack
 import grpc
 import grpc.aio
 
-from eesd_client._call import ClientSettings, GenerateAttempts, StreamInfo, require_session_id
+from eesd_client._call import ClientSettings, GenerateAttempts, StreamInfo, require_session_id, trace_metadata
 from eesd_client._convert import (
     generate_request_to_proto,
     session_from_proto,
@@ -148,11 +148,17 @@ class AsyncEesdClient:
         self._closed = False
 
     def generate(
-        self, prompt: str | Sequence[int], *, timeout: float | None = None, **options: Unpack[GenerateOptions]
+        self,
+        prompt: str | Sequence[int],
+        *,
+        timeout: float | None = None,
+        traceparent: str | None = None,
+        **options: Unpack[GenerateOptions],
     ) -> AsyncGenerationStream:
         """Starts a generation; `async for` the returned stream for chunks, or await its result()."""
         request = generate_request_to_proto(GenerationRequest(prompt, **options))
-        metadata = self._settings.metadata
+        # The caller's trace (`traceparent`, or OpenTelemetry's current span): every attempt joins it.
+        metadata = self._settings.metadata + trace_metadata(traceparent)
 
         def start(attempt: controller_pb2.GenerateRequest, attempt_timeout: float | None) -> StreamCall:
             if self._closed:  # a stream resuming after close() stops instead of using the closed channel
@@ -162,10 +168,15 @@ class AsyncEesdClient:
         return AsyncGenerationStream(start, self._settings.generate_attempts(request, timeout))
 
     async def generate_text(
-        self, prompt: str | Sequence[int], *, timeout: float | None = None, **options: Unpack[GenerateOptions]
+        self,
+        prompt: str | Sequence[int],
+        *,
+        timeout: float | None = None,
+        traceparent: str | None = None,
+        **options: Unpack[GenerateOptions],
     ) -> GenerationResult:
         """Generates and waits for the whole result."""
-        return await self.generate(prompt, timeout=timeout, **options).result()
+        return await self.generate(prompt, timeout=timeout, traceparent=traceparent, **options).result()
 
     async def cancel(self, session_id: str, *, timeout: float | None = None) -> SessionState:
         """Cancels a session; returns its state afterwards (CANCELLED, or how it had already ended)."""

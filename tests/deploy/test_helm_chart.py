@@ -89,6 +89,7 @@ def test_configmaps_carry_exactly_the_service_fields(release):
         assert fields <= SERVICE_FIELDS[role]
         optional = {"exit_head", "redis_ca_file", "internal_token_file", "auth_token_file", "tls_client_names"}
         optional |= {"tls_cert_file", "tls_key_file", "tls_ca_file", "internal_server_name"}  # set with tls.enabled
+        optional |= {"served_model_name", "otlp_endpoint"}  # empty: the model directory's name; no tracing
         assert fields >= SERVICE_FIELDS[role] - optional, role
         assert "EESD_AUTH_TOKEN" not in data  # from the Secret, never a ConfigMap
         env_from = release.pod_spec(role)["containers"][0]["envFrom"]
