@@ -3,8 +3,10 @@
 import asyncio
 import logging
 
+from controller.chat_template import ChatTemplate
 from controller.config import ControllerConfig, max_request_bytes
 from controller.discovery import make_discovery
+from controller.http_api import HttpServer, OpenAIFrontEnd
 from controller.nodes import NodeClients
 from controller.round_loop import RoundLoop
 from controller.routing import Router
@@ -58,6 +60,21 @@ async def main() -> None:
     )
     client_tokens = Tokens(config.auth_token, config.auth_token_file)
     internal_tokens_of(config)  # a bad internal token file fails here, at start
+    http = None
+    if config.http_port:  # the OpenAI-compatible API: the same round loop, the same client tokens
+        front = OpenAIFrontEnd(
+            loop,
+            facts.codec,
+            ChatTemplate.of_model(config.model_dir),
+            observability.model_name_of(config),  # served_model_name, else model_dir's folder name
+            config.default_policy_params(),
+            config.max_new_tokens_limit,
+            config.prompt_limit(facts.context),
+            max_request_bytes(config.prompt_limit(facts.context)),
+            context=facts.context,
+            tokens=client_tokens if client_tokens else None,
+        )
+        http = HttpServer(front, config.host, config.http_port, config.grace_s, config)
 
     shared_load: list[asyncio.Task] = []
 
@@ -66,8 +83,17 @@ async def main() -> None:
         router.start()
         nodes.liveness.start(router.addresses)  # hung nodes are found within node_lost_s
         shared_load.append(asyncio.ensure_future(router.share_load(store)))  # other replicas' load
+        if http is not None:
+            await http.start()
+            http.front.ready = True
+
+    def drain() -> None:
+        if http is not None:
+            http.begin_stop()  # new requests refused; streams in flight get grace_s, as gRPC's do
 
     async def stop() -> None:
+        if http is not None:
+            await http.stop()
         for task in shared_load:
             task.cancel()
         router.stop()
@@ -90,6 +116,7 @@ async def main() -> None:
         max_receive_bytes=max_request_bytes(config.prompt_limit(facts.context)),
         security=config,
         tokens=client_tokens if client_tokens else None,
+        drain=drain,
     )
 
 

@@ -25,6 +25,11 @@ class ControllerConfig(SecurityConfig, ObservabilityConfig):
     host: str = field("0.0.0.0", "address to listen on")
     port: int = field(50051, "gRPC port")
     metrics_port: int = field(9100, "Prometheus /metrics port (0: off)")
+    http_port: int = field(
+        0,
+        "port of the OpenAI-compatible HTTP API (/v1/completions, /v1/chat/completions, /v1/models; 0: off); "
+        "requests name the model served_model_name",
+    )
     redis_url: str = field(
         "memory://",
         "state store: memory:// (embedded), redis://host:6379/0, rediss:// (TLS) or "
@@ -89,6 +94,8 @@ class ControllerConfig(SecurityConfig, ObservabilityConfig):
             raise InvalidArgument("auth_token_file", f"no such file: {self.auth_token_file}")
         if self.discovery not in DISCOVERY_MODES:
             raise InvalidArgument("discovery", f"must be one of {DISCOVERY_MODES}")
+        if not 0 <= self.http_port < 65536 or (self.http_port and self.http_port in (self.port, self.metrics_port)):
+            raise InvalidArgument("http_port", "must be 0 (off) or a free port other than port and metrics_port")
         if self.default_policy not in POLICY_NAMES:
             raise InvalidArgument("default_policy", f"must be one of {POLICY_NAMES}")
         if self.max_sessions < 1:

@@ -77,6 +77,7 @@ class Finished:
     text: str = ""
 
 
+PROMPT_CONTEXT = 8  # prompt tokens the text decoder reads before a session's first generated token
 STREAM_ENDED = "the client's stream ended before the session did; resume it with its session id and received_tokens"
 
 
@@ -351,9 +352,15 @@ class RoundLoop:
             self._leave(session, pair)
 
     def _texts(self, session: Session) -> StopText:
-        """A fresh text of the session's generated tokens, with its stop strings."""
-        step = TextStream(self.codec).step if self.codec is not None else None
-        return StopText(session.params.stop.strings, step)
+        """A fresh text of the session's generated tokens, with its stop strings. The decoder first reads the
+        prompt's last tokens (their text is not sent): a generated token's text depends on what precedes it
+        (a word's leading space, a character split across tokens), and prompt + completion must read as the
+        whole sequence does."""
+        if self.codec is None:
+            return StopText(session.params.stop.strings, None)
+        stream = TextStream(self.codec)
+        stream.skip(session.committed[max(0, session.prompt_length - PROMPT_CONTEXT) : session.prompt_length])
+        return StopText(session.params.stop.strings, stream.step)
 
     def _spawn(self, work: Awaitable[None]) -> None:
         """Runs best-effort cleanup in the background, holding the task until it is done (the event loop

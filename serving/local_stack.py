@@ -145,12 +145,14 @@ class LocalStack:
         redis_args: tuple[str, ...] = (),
         store_port: int = 0,
         security: StackSecurity | None = None,
+        http_port: int = 0,
     ):
         """`controllers` controllers share the state store (with memory:// each has its own); the first one
         listens on `controller_port` and logs to controller.log, the others to controller1.log, ...
         `redis_args` are appended to redis-server's flags (its files go to the log directory), e.g.
         ("--appendonly", "yes"); `store_port`, when set, is the port the controllers reach Redis on instead
-        of Redis's own (a proxy in front of it). `security`: TLS and tokens (none by default)."""
+        of Redis's own (a proxy in front of it). `security`: TLS and tokens (none by default). `http_port`: the
+        first controller's OpenAI-compatible HTTP API (0: off)."""
         self.log_dir = Path(log_dir or tempfile.mkdtemp(prefix="eesd-stack-"))
         self.log_dir.mkdir(parents=True, exist_ok=True)
         self.threads = threads
@@ -215,6 +217,7 @@ class LocalStack:
                     str(model_dir),
                     "--node-down-s",
                     "1",
+                    *(["--http-port", str(http_port)] if http_port and i == 0 else []),
                     *controller_args,
                 ],
                 controller_port if i == 0 else 0,
@@ -315,7 +318,9 @@ def add_stack_arguments(parser: argparse.ArgumentParser | argparse._ArgumentGrou
     parser.add_argument("--log-dir", default=log_dir, help="the stack's process logs")
 
 
-def stack_from_args(args: argparse.Namespace, controller_port: int = 0, controllers: int = 1) -> LocalStack:
+def stack_from_args(
+    args: argparse.Namespace, controller_port: int = 0, controllers: int = 1, http_port: int = 0
+) -> LocalStack:
     """The stack the flags describe; without --model-dir, the default served model (serving.models)."""
     if args.model_dir is None:
         model = default_model()
@@ -339,6 +344,7 @@ def stack_from_args(args: argparse.Namespace, controller_port: int = 0, controll
         args.threads,
         controller_port=controller_port,
         controllers=controllers,
+        http_port=http_port,
     )
 
 
@@ -347,13 +353,18 @@ def main() -> None:
     add_stack_arguments(parser, ".cache/stack-logs")
     parser.add_argument("--controller-port", type=int, default=50051, help="the first controller's port")
     parser.add_argument("--controllers", type=int, default=1, help="controllers sharing the state store (--redis)")
+    parser.add_argument(
+        "--http-port", type=int, default=8000, help="the first controller's OpenAI-compatible HTTP API (0: off)"
+    )
     args = parser.parse_args()
-    stack = stack_from_args(args, args.controller_port, args.controllers)
+    stack = stack_from_args(args, args.controller_port, args.controllers, args.http_port)
     stack.start()
     for node in stack.nodes:
         metrics = f"  metrics {node.metrics_url}" if node.metrics_port else ""
         print(f"{node.role:10s} {node.address}  (log {node.log}){metrics}", flush=True)
     print(f"controller ready at {', '.join(stack.controller_addresses)}; Ctrl-C stops the stack", flush=True)
+    if args.http_port:
+        print(f"OpenAI-compatible API at http://127.0.0.1:{args.http_port}/v1", flush=True)
     stopping = []
     signal.signal(signal.SIGTERM, lambda *_: stopping.append(1))
     try:

@@ -51,7 +51,7 @@ REQUEST_LATENCY_BUCKETS += (40.0, 50.0, 60.0, 120.0, 240.0, 480.0, 960.0, 1920.0
 # vLLM's 1-2-5 token-count buckets, up to the longest context the controller may see.
 TOKEN_COUNT_BUCKETS = tuple(m * 10**e for e in range(5) for m in (1, 2, 5) if m * 10**e <= 65536)
 # vLLM's finished_reason values: stop (EOS), length, abort (cancelled).
-VLLM_FINISH_REASONS = {"eos": "stop", "length": "length", "cancelled": "abort"}
+VLLM_FINISH_REASONS = {"eos": "stop", "stop": "stop", "length": "length", "cancelled": "abort"}
 
 _model_name = ""
 

@@ -100,7 +100,8 @@ def test_greedy_completion_of_token_ids_is_transformers_greedy(model, nodes):
     expected = hf_greedy(model, PROMPT, 20)
     assert out["object"] == "text_completion" and out["model"] == MODEL
     (choice,) = out["choices"]
-    assert choice["text"] == " ".join(f"w{t}" for t in expected) and choice["finish_reason"] == "length"
+    # The text goes on from the prompt's: prompt + completion reads as the whole sequence does.
+    assert choice["text"] == " " + words(expected) and choice["finish_reason"] == "length"
     assert out["usage"] == {"prompt_tokens": len(PROMPT), "completion_tokens": 20, "total_tokens": len(PROMPT) + 20}
     spec = out["speculation"]
     assert spec["policy"] == "fixed" and spec["rounds"] >= 1 and spec["mean_accepted_tokens"] == 20 / spec["rounds"]
@@ -136,7 +137,7 @@ def test_chat_completion_renders_the_checkpoints_template_and_streams_the_same_t
     prompt = [1, 4, 10, 11, 3, 5, 12, 3, 6]
     assert out["object"] == "chat.completion" and out["usage"]["prompt_tokens"] == len(prompt)
     (choice,) = out["choices"]
-    assert choice["message"] == {"role": "assistant", "content": words(hf_greedy(model, prompt, 16))}
+    assert choice["message"] == {"role": "assistant", "content": " " + words(hf_greedy(model, prompt, 16))}
     chunks = events(call(front, "POST", "/v1/chat/completions", {**body, "stream": True}))
     assert chunks[0]["choices"][0]["delta"]["role"] == "assistant" and chunks[-1] == "[DONE]"
     assert all(c["object"] == "chat.completion.chunk" for c in chunks[:-1])
@@ -263,3 +264,15 @@ def test_domain_errors_map_to_their_statuses_in_one_place():
     assert http_error(ResourceExhausted("no KV room"))[0] == 429
     assert http_error(Unavailable("no verifier is ready"))[0] == 503
     assert http_error(RuntimeError("boom"))[1].message == "internal error"
+
+
+def test_echo_prepends_the_prompt_and_a_batch_of_prompts_gets_n_choices_each(model, nodes):
+    front = front_end(model, nodes)
+    body = {"model": MODEL, "prompt": ["w5 w9", "w33 w71"], "max_tokens": 4, "temperature": 0, "n": 2, "echo": True}
+    out = call(front, "POST", "/v1/completions", {**body, "ignore_eos": True}).json()
+    assert [c["index"] for c in out["choices"]] == [0, 1, 2, 3]
+    for c in out["choices"]:
+        prompt = ["w5 w9", "w33 w71"][c["index"] // 2]
+        expected = words(hf_greedy(model, [int(w[1:]) for w in prompt.split()], 4))
+        assert c["text"] == prompt + " " + expected
+    assert out["usage"]["prompt_tokens"] == 4 and out["usage"]["completion_tokens"] == 16

@@ -308,6 +308,11 @@ spec:
             - name: metrics
               containerPort: {{ int $cfg.metricsPort }}
               protocol: TCP
+            {{- if gt (int $cfg.httpPort) 0 }}
+            - name: http
+              containerPort: {{ int $cfg.httpPort }}
+              protocol: TCP
+            {{- end }}
             {{- if gt (int $cfg.healthPort) 0 }}
             - name: health
               containerPort: {{ int $cfg.healthPort }}
