@@ -77,10 +77,10 @@ class Liveness:
         raise Unavailable(f"{role} {address} stopped answering health checks for {self.lost_s:g} s", peer=role)
 
     async def _probe(self, address: str) -> None:
-        stub = health_pb2_grpc.HealthStub(self.channel_of(address))
         lost, last_serving = self._lost[address], time.monotonic()
         while True:
             started = time.monotonic()
+            stub = health_pb2_grpc.HealthStub(self.channel_of(address))  # the channel may have been replaced
             try:
                 reply = await stub.Check(health_pb2.HealthCheckRequest(), timeout=self.lost_s)
                 serving = reply.status == SERVING

@@ -1,5 +1,6 @@
 """The controller's calls to drafters and verifiers, in core dataclasses; gRPC stays in here."""
 
+import asyncio
 import logging
 from dataclasses import dataclass
 
@@ -61,12 +62,23 @@ class NodeClients:
     ):
         self.timeout_s = timeout_s
         self.peers = peers  # TLS and the internal token of the calls (serving/security.py)
+        self._generation = peers.generation() if peers is not None else 0
+        self._retiring: set[asyncio.Task] = set()
         self._channels: dict[str, grpc.aio.Channel] = {}
         self.liveness = Liveness(self._channel, probe_s, lost_s)
         self.checkpoint = checkpoint  # (model_type, tokenizer_hash) of the controller's model_dir, if any
         self._checked: dict[str, str] = {}  # address -> "" (serves the checkpoint) or why it does not
 
     def _channel(self, address: str) -> grpc.aio.Channel:
+        if self.peers is not None and self.peers.generation() != self._generation:
+            # Renewed certificate files: new channels present the new client certificate; the old ones
+            # close once their calls are done (a round's deadline at most).
+            self._generation = self.peers.generation()
+            old, self._channels = self._channels, {}
+            for ch in old.values():
+                task = asyncio.get_running_loop().create_task(ch.close(grace=self.timeout_s))
+                self._retiring.add(task)
+                task.add_done_callback(self._retiring.discard)
         if address not in self._channels:
             self._channels[address] = channel(address, self.peers)
         return self._channels[address]

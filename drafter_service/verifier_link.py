@@ -42,13 +42,20 @@ class VerifierLink:
         self, address: str, identity: ModelIdentity, node_id: str, timeout_s: float, peers: Peers | None = None
     ):
         self.address, self.identity, self.node_id, self.timeout_s = address, identity, node_id, timeout_s
+        self.peers = peers
         self._channel = channel(address, peers)  # TLS and the internal token, as configured
+        self._generation = peers.generation() if peers is not None else 0
         self._call = None
         self._reader: asyncio.Task | None = None
         self._waiters: dict[tuple[str, str, int], asyncio.Future] = {}
         self._lock = asyncio.Lock()
 
     async def _open(self) -> None:
+        if self.peers is not None and self.peers.generation() != self._generation:
+            # Renewed certificate files: the new stream goes out on a channel that presents the new one.
+            self._generation = self.peers.generation()
+            old, self._channel = self._channel, channel(self.address, self.peers)
+            await old.close()
         stub = verifier_pb2_grpc.VerifierServiceStub(self._channel)
         call = stub.VerifyStream()
         try:

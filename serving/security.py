@@ -1,4 +1,4 @@
-"""Transport security and authentication, the same for every service (docs/deployment.md §10, TLS and
+"""Transport security and authentication, the same for every service (docs/deployment.md §11, TLS and
 authentication; docs/architecture.md §2).
 
 - **Server TLS**: a service configured with `tls_cert_file` and `tls_key_file` serves TLS on its gRPC port,
@@ -10,9 +10,9 @@ authentication; docs/architecture.md §2).
 - **Internal clients** (the controller's calls and health probes to drafters and verifiers, a drafter's
   VerifyStream to its verifiers) verify the servers with `tls_ca_file` when `internal_tls` is on, checking
   `internal_server_name` (nodes are called by pod IP) and presenting this service's own certificate, so
-  that nodes with `tls_client_auth` know them. They read their certificate when a channel is made: a
-  renewed client certificate is used by channels made after the change (`Peers.channel` is asked again for
-  every new channel; the long-lived ones keep the one they started with until they reconnect after a restart).
+  that nodes with `tls_client_auth` know them. When the files change (`Peers.generation`), the controller
+  replaces its channels to the nodes (the old ones close once their calls are done) and a drafter opens
+  its next VerifyStream on a new channel, so a renewed client certificate is presented without a restart.
 - **Tokens**: `AuthInterceptor` admits a call when its `authorization: Bearer <token>` metadata names one
   of the accepted tokens (compared in constant time: SHA-256 digests with `hmac.compare_digest`, every
   token tried) and, with `tls_client_names`, when its client certificate names one of them. Everything else
@@ -31,7 +31,7 @@ import logging
 import os
 import time
 from collections.abc import Iterable, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any
 
 import grpc
@@ -355,6 +355,7 @@ class Peers:
     key_file: str = ""
     server_name: str = ""
     tokens: Tokens | None = None
+    _changes: list = field(default_factory=list, compare=False, repr=False)  # [WatchedFiles, changes so far]
 
     @classmethod
     def of(cls, config: SecurityConfig) -> Peers:
@@ -367,6 +368,18 @@ class Peers:
             config.internal_server_name,
             tokens if tokens else None,
         )
+
+    def generation(self) -> int:
+        """How often the CA, certificate or key files changed since the first call (stat at most once a
+        second): a channel made at another generation presents an outdated certificate."""
+        paths = [p for p in (self.ca_file, self.cert_file, self.key_file) if p] if self.tls else []
+        if not paths:
+            return 0
+        if not self._changes:
+            self._changes.extend([WatchedFiles(paths), 0])
+        elif self._changes[0].reload():
+            self._changes[1] += 1
+        return self._changes[1]
 
     def credentials(self) -> grpc.ChannelCredentials:
         """Read now, so a channel made after a certificate renewal presents the new one."""

@@ -94,7 +94,9 @@ class ChannelOptions:
     """gRPC channel settings."""
 
     # Keepalive pings while a call is open detect a dead connection during a long generation. The
-    # server must allow pings this often (grpc.http2.min_ping_interval_without_data_ms).
+    # server must allow pings this often (grpc.http2.min_ping_interval_without_data_ms): EESD's services
+    # accept one every 15 s (serving/server.py), so keep this at 15 s or more, or the server answers
+    # with GOAWAY too_many_pings.
     keepalive_time_ms: int = 60_000
     keepalive_timeout_ms: int = 20_000
     max_send_message_bytes: int = 16 * 1024 * 1024

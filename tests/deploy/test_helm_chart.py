@@ -512,6 +512,8 @@ def test_tls_mounts_the_secret_and_probes_in_plain_text():
         assert config["EESD_INTERNAL_TLS"] == "true"
         assert config["EESD_INTERNAL_SERVER_NAME"] == f"{fn}-internal"
         assert config["EESD_TLS_CLIENT_AUTH"] == "true"  # internal mutual TLS, and clientAuth at the controller
+        # Nodes accept only the release's certificate; the controller any client certificate of the CA.
+        assert config.get("EESD_TLS_CLIENT_NAMES") == (None if role == "controller" else f"{fn}-internal")
         health = int(config["EESD_HEALTH_PORT"])
         assert health == int(config["EESD_METRICS_PORT"]) + 100
         spec = rel.pod_spec(role)

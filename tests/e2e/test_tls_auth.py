@@ -3,6 +3,8 @@ model's greedy output through it, and plain-text, certificate-less, foreign, wro
 wrong-token calls are refused. The controller, the drafter and the verifier serve TLS, require client
 certificates of the test CA, and the nodes accept only the services' own certificate and the internal token."""
 
+import time
+
 import grpc
 import pytest
 from eesd_client import AsyncEesdClient, EesdClient, RetryPolicy, TlsConfig, UnauthenticatedError, UnavailableError
@@ -17,7 +19,7 @@ from eesd_proto.eesd.v1 import (
     verifier_pb2_grpc,
 )
 from serving.local_stack import StackSecurity
-from tests.e2e.helpers import oracle, start_stack, stop_stack
+from tests.e2e.helpers import log_tails, oracle, start_stack, stop_stack
 from tests.tls import SERVICE_NAME, make_pki
 
 CLIENT_TOKEN, INTERNAL_TOKEN = "client-token-1", "internal-token-1"
@@ -38,8 +40,26 @@ def secure_stack(tiny_models, tmp_path_factory):
         auth_token=f"old-client-token,{CLIENT_TOKEN}",
     )
     stack = start_stack(tiny_models["llama"], 1, tmp_path_factory.mktemp("secure-stack-logs"), security=security)
+    try:
+        wait_for_drafting(stack, pki)
+    except BaseException:
+        stop_stack(stack)
+        raise
     yield stack, pki
     stop_stack(stack)
+
+
+def wait_for_drafting(stack, pki, timeout_s: float = 60.0) -> None:
+    """Until the controller drafts: its health probes of the nodes (TLS, once a second) may see them SERVING
+    a moment after the stack's own start-up checks did, and until then rounds run verifier-only."""
+    deadline = time.monotonic() + timeout_s
+    with EesdClient(stack.controller_address, tls=client_tls(pki), auth_token=CLIENT_TOKEN, timeout=60) as client:
+        while True:
+            result = client.generate_text([1, 2, 3], max_new_tokens=2, policy="fixed", k_max=2, stop_on_eos=False)
+            if result.stats.speculation.drafted > 0:
+                return
+            assert time.monotonic() < deadline, "the controller never drafted: " + log_tails(stack)
+            time.sleep(0.5)
 
 
 def client_tls(pki, cert: bool = True) -> TlsConfig:

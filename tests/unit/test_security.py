@@ -262,3 +262,45 @@ def test_idle_clients_with_keepalive_get_no_goaway() -> None:
         dict(server_options())["grpc.http2.min_ping_interval_without_data_ms"]
         <= dict(CHANNEL_OPTIONS)["grpc.keepalive_time_ms"]
     )
+
+
+def test_internal_clients_present_a_renewed_certificate_without_a_restart(tmp_path) -> None:
+    """The controller's node channels (NodeClients) follow the certificate files: once they change, new
+    channels present the new client certificate, and the old channels are closed."""
+    from controller.nodes import NodeClients
+
+    old, new = make_pki(tmp_path / "old"), make_pki(tmp_path / "new")
+    server_config = SecurityConfig(
+        tls_cert_file=str(new.service_cert),
+        tls_key_file=str(new.service_key),
+        tls_ca_file=str(new.ca),  # only the new CA's clients get in
+        tls_client_auth=True,
+    )
+    ca, cert, key = tmp_path / "ca.crt", tmp_path / "tls.crt", tmp_path / "tls.key"
+    ca.write_bytes(new.ca.read_bytes())
+    shutil.copy(old.service_cert, cert)
+    shutil.copy(old.service_key, key)
+    peers = Peers(True, str(ca), str(cert), str(key), SERVICE_NAME)
+
+    async def main() -> None:
+        server, address = await start_server(server_config, None)
+        nodes = NodeClients(timeout_s=5, peers=peers)
+        try:
+            first = nodes._channel(address)
+            with pytest.raises(aio.AioRpcError):  # the old CA's certificate: refused
+                await health(first)
+            for source, target in ((new.service_cert, cert), (new.service_key, key)):
+                shutil.copy(source, f"{target}.new")
+                os.replace(f"{target}.new", target)
+            await asyncio.sleep(1.1)
+            renewed = nodes._channel(address)
+            assert renewed is not first
+            assert await health(renewed) == health_pb2.HealthCheckResponse.SERVING
+            assert nodes._channel(address) is renewed  # one new channel per address, kept
+            await asyncio.sleep(0.1)
+            assert first.get_state() == grpc.ChannelConnectivity.SHUTDOWN
+        finally:
+            await nodes.close()
+            await server.stop(0)
+
+    asyncio.run(main())

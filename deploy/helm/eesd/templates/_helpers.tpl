@@ -110,6 +110,10 @@ controller where left empty. Argument: dict "root" $ "role" <role>.
   {{- if not $cfg.internalServerName -}}
     {{- $_ := set $cfg "internalServerName" (printf "%s-internal" $fn) -}}
   {{- end -}}
+  {{- /* Nodes: only the release's own certificate may call them, not any other certificate of the CA. */ -}}
+  {{- if and (ne .role "controller") $cfg.tlsClientAuth (not $cfg.tlsClientNames) -}}
+    {{- $_ := set $cfg "tlsClientNames" $cfg.internalServerName -}}
+  {{- end -}}
   {{- if not (int $cfg.healthPort) -}}
     {{- $_ := set $cfg "healthPort" (add (int $cfg.metricsPort) 100) -}}
   {{- end -}}
