@@ -5,10 +5,12 @@ and the controller stops cleanly on SIGTERM with its HTTP port."""
 
 import json
 import signal
+import time
 
+import grpc
 import httpx
 import pytest
-from eesd_client import EesdClient, FinishReason
+from eesd_client import EesdClient, FinishReason, SessionState
 
 from serving.local_stack import free_port
 from tests.e2e.helpers import log_tails, oracle, start_stack, stop_stack
@@ -103,6 +105,21 @@ def test_stop_strings_and_ids_through_the_grpc_sdk(stack):
     assert list(by_text.token_ids) == generated[: len(by_text.token_ids)]
     first = generated.index(generated[5])
     assert by_id.finish_reason == FinishReason.STOP and list(by_id.token_ids) == generated[: first + 1]
+
+
+def test_a_client_that_hangs_up_ends_its_session_resumably(stack):
+    """A streaming client gone mid-way: its session stops, failed CANCELLED as a broken gRPC stream leaves it."""
+    stack, client, _ = stack
+    body = {"model": "tiny-chat", "prompt": PROMPT, "max_tokens": 480, "ignore_eos": True, "stream": True}
+    with client.stream("POST", "/v1/completions", json=body) as response:
+        first = next(line for line in response.iter_lines() if line.startswith("data: "))
+    session_id = json.loads(first[len("data: ") :])["id"] + "-0"
+    with EesdClient(stack.controller_address, timeout=60, auth_token=TOKEN) as sdk:
+        deadline = time.monotonic() + 30
+        while (info := sdk.get_session(session_id)).state == SessionState.ACTIVE and time.monotonic() < deadline:
+            time.sleep(0.1)
+    assert info.state == SessionState.FAILED and info.error.code == grpc.StatusCode.CANCELLED, info
+    assert info.usage.completion_tokens < 480
 
 
 def test_sigterm_stops_the_controller_and_its_http_port(tiny_models, tmp_path):
