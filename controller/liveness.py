@@ -2,8 +2,8 @@
 
 A crashed node fails its calls at once, but a hung one (stopped, swapping, stuck in a call) only stops
 answering: its calls would wait for their whole deadline, longer than a round may take. So the
-controller probes every node's health every `probe_s`; a node that has not answered SERVING for
-`lost_s` is lost: the calls in flight to it end with UNAVAILABLE at once (the round loop then moves the
+controller probes every node's health every `probe_s`; a node that answered SERVING and then has not
+for `lost_s` is lost: the calls in flight to it end with UNAVAILABLE at once (the round loop then moves the
 session to another node by the prefill path, with the same output) and routing skips it. The probe that
 sees it SERVING again brings it back, within `probe_s` of its recovery.
 """
@@ -77,7 +77,11 @@ class Liveness:
         raise Unavailable(f"{role} {address} stopped answering health checks for {self.lost_s:g} s", peer=role)
 
     async def _probe(self, address: str) -> None:
-        lost, last_serving = self._lost[address], time.monotonic()
+        # Lost means it answered SERVING and then stopped: a node still starting (loading its model, not yet
+        # listening) is not lost, so routing does not skip it for the seconds the probes and the channel's
+        # reconnect backoff would take to notice it came up. Calls to a node not ready fail fast
+        # (UNAVAILABLE) and the round loop routes around it.
+        lost, last_serving = self._lost[address], None
         while True:
             started = time.monotonic()
             stub = health_pb2_grpc.HealthStub(self.channel_of(address))  # the channel may have been replaced
@@ -92,7 +96,7 @@ class Liveness:
                 if lost.is_set():
                     log.warning("node %s answers SERVING again: back in routing", address)
                     lost.clear()
-            elif not lost.is_set() and now - last_serving >= self.lost_s:
+            elif not lost.is_set() and last_serving is not None and now - last_serving >= self.lost_s:
                 log.warning("node %s has not answered SERVING for %.1f s: lost", address, now - last_serving)
                 lost.set()
             await asyncio.sleep(max(0.0, self.probe_s - (now - started)))
