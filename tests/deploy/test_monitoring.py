@@ -99,3 +99,16 @@ def test_the_ttft_bound_is_a_bucket_the_histogram_has():
     fast = next(r for g in rule["spec"]["groups"] for r in g["rules"] if r["alert"] == "EesdTTFTSLOBurnFast")
     assert 'le="2.5"' in fast["expr"] and "> 0.072" in fast["expr"]  # 14.4 x (1 - 0.995)
     assert 2.5 in TTFT_BUCKETS and 1.0 in TTFT_BUCKETS
+
+
+def test_the_autoscaling_example_scales_on_metrics_the_services_export():
+    """An HPA names a metric as the Prometheus adapter exposes it (docs/deployment.md §6: `a:b` as `a_b`)."""
+    series = {name.replace(":", "_"): name for name in exported()}
+    release = release_for("autoscaling")
+    named = [
+        metric["pods"]["metric"]["name"]
+        for hpa in release.of_kind("HorizontalPodAutoscaler")
+        for metric in hpa["spec"]["metrics"]
+        if metric["type"] == "Pods"
+    ]
+    assert named and all(name in series for name in named), (named, sorted(series))
