@@ -258,6 +258,8 @@ class SessionOutcome:
     seconds: float = 0.0
     max_gap_s: float = 0.0  # longest wait for a chunk (the first one included)
     result_matches: bool = True  # result().token_ids == the chunks' tokens
+    # The fault hit it: it was on the victim node, or (a controller) had to call again, or (Redis) streaming.
+    hit: bool = False
     # Filled in by the checks:
     identical: bool = False
     duplicated: int = 0
@@ -371,12 +373,16 @@ class FaultBench:
     def client(self) -> EesdClient:
         return EesdClient(self.stack.controller_target, timeout=self.timeout_s, channel_options=CLIENT_OPTIONS)
 
-    # The fault's victim: one process that serves some of the running sessions, chosen at random.
-    def _victim(self, role: str, client: EesdClient, session_ids: list[str], rng: random.Random) -> tuple[Node, int]:
+    # The fault's victim: one process that serves some of the running sessions, chosen at random; with the
+    # number of sessions it serves, and which ones where the store says (a drafter's, a verifier's).
+    def _victim(
+        self, role: str, client: EesdClient, session_ids: list[str], rng: random.Random
+    ) -> tuple[Node, int, set[str]]:
         nodes = self.stack.by_role(role)
         if role == "redis":
-            return nodes[0], 0
+            return nodes[0], 0, set()
         serving: dict[str, int] = {}
+        on: dict[str, set[str]] = {}
         if role == "controller":
             for node in nodes:
                 with contextlib.suppress(OSError):
@@ -388,9 +394,10 @@ class FaultBench:
                     if info.state == SessionState.ACTIVE:
                         address = getattr(info, f"{role}_id")
                         serving[address] = serving.get(address, 0) + 1
+                        on.setdefault(address, set()).add(session_id)
         busy = [n for n in nodes if serving.get(n.address, 0) > 0]
         victim = rng.choice(busy or nodes)
-        return victim, serving.get(victim.address, 0)
+        return victim, serving.get(victim.address, 0), on.get(victim.address, set())
 
     def _inject(self, fault: Fault, victim: Node) -> None:
         """The fault and its healing; returns once the victim serves again."""
@@ -444,15 +451,20 @@ class FaultBench:
             if fault is not None:
                 typical = self.baseline_s or 2.0
                 time.sleep(rng.uniform(0.1, 0.7) * typical)
-                victim, record.hit = self._victim(fault.role, client, ids, rng)
+                victim, record.hit, hit = self._victim(fault.role, client, ids, rng)
                 if fault.role == "redis":  # every session still streaming
-                    record.hit = sum(not f.done() for f in futures)
+                    hit = {ids[i] for i, f in enumerate(futures) if not f.done()}
+                    record.hit = len(hit)
                 record.victim, record.at_s = f"{victim.role} {victim.address}", round(time.monotonic() - start, 3)
                 healing = time.monotonic()
                 self._inject(fault, victim)
                 record.heal_s = round(time.monotonic() - healing, 3)
             record.sessions = [f.result(timeout=self.timeout_s + 60) for f in futures]
             record.seconds = round(time.monotonic() - start, 3)
+            for outcome in record.sessions if fault is not None else ():
+                # A controller's sessions are known by their second call (a resume, or a retry before the
+                # first chunk); the other faults' from the store or the streams at the fault.
+                outcome.hit = outcome.attempts > 1 if fault.role == "controller" else outcome.session_id in hit
             for outcome in record.sessions:
                 self._check(client, outcome)
         record.deaths = self._settle()
@@ -514,11 +526,23 @@ def count_events(marks: dict[Path, int]) -> dict[str, int]:
 # -- the report -------------------------------------------------------------------------------------------------
 
 
+def extra_in_trial(records: Sequence[TrialRecord]) -> list[float]:
+    """Each hit session's time over the median of the sessions the fault missed in the same trial (the load
+    of the moment, a restart's CPU included, is then common to both)."""
+    out = []
+    for r in records:
+        missed = [s.seconds for s in r.sessions if not s.hit]
+        if missed:
+            out += [s.seconds - statistics.median(missed) for s in r.sessions if s.hit]
+    return out
+
+
 def summarize(records: Sequence[TrialRecord], baseline_s: float | None, fault: Fault | None = None) -> dict:
     sessions = [s for r in records for s in r.sessions]
     failed = [s for s in sessions if not s.identical or s.store]
     extra = [s.seconds - baseline_s for s in sessions] if baseline_s else []
     resumed = [s.seconds - baseline_s for s in sessions if s.resumes] if baseline_s else []
+    hit = [s for s in sessions if s.hit]
     return {
         "what": fault.what if fault else "no fault",
         "trials": len(records),
@@ -534,11 +558,21 @@ def summarize(records: Sequence[TrialRecord], baseline_s: float | None, fault: F
         "store_mismatches": sum(bool(s.store) and not s.error for s in sessions),
         "resumes": sum(s.resumes for s in sessions),
         "resumed_sessions": sum(bool(s.resumes) for s in sessions),
+        # A call again before the first chunk arrived: a retry, with the session's id (not a resume).
+        "retries_before_first_chunk": sum(s.attempts - 1 - s.resumes for s in sessions),
         "process_deaths": sum(len(r.deaths) for r in records),
         "controller_log_events": {name: sum(r.events.get(name, 0) for r in records) for name in LOG_EVENTS},
+        # Over the median session of the uninterrupted baseline trials:
         "extra_latency_resumed_s": percentiles(resumed),
+        "extra_latency_hit_s": percentiles([s.seconds - baseline_s for s in hit] if baseline_s else []),
+        "extra_latency_missed_s": percentiles(
+            [s.seconds - baseline_s for s in sessions if not s.hit] if baseline_s else []
+        ),
         "extra_latency_all_s": percentiles(extra),
+        # Over the sessions of the same trial that the fault missed:
+        "extra_latency_hit_vs_missed_s": percentiles(extra_in_trial(records)),
         "max_chunk_gap_s": percentiles([s.max_gap_s for s in sessions]),
+        "max_chunk_gap_hit_s": percentiles([s.max_gap_s for s in hit]),
         "session_s": percentiles([s.seconds for s in sessions]),
         "fault_at_s": percentiles([r.at_s for r in records]) if fault else None,
         "fault_lasted_s": percentiles([r.heal_s for r in records]) if fault else None,
@@ -546,6 +580,8 @@ def summarize(records: Sequence[TrialRecord], baseline_s: float | None, fault: F
             {"trial": r.trial, "victim": r.victim, "at_s": r.at_s, "hit": r.hit, "lasted_s": r.heal_s}
             | {"s": r.seconds, "resumes": sum(s.resumes for s in r.sessions)}
             | {"failed": sum(1 for s in r.sessions if not s.identical or s.store), "deaths": r.deaths}
+            # per session: seconds, resumes, hit (1/0), longest wait for a chunk
+            | {"sessions": [[round(s.seconds, 2), s.resumes, int(s.hit), round(s.max_gap_s, 2)] for s in r.sessions]}
             for r in records
         ]
         if fault
