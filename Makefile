@@ -151,12 +151,14 @@ proto-lint: proto-tools
 redis:
 	@command -v redis-server >/dev/null 2>&1 || { apt-get update && DEBIAN_FRONTEND=noninteractive apt-get install -y redis-server; }
 
-# A short load-test sweep (concurrency 1,2,4 x speculation on/off) against a LocalStack of the default model
-# (the reference model once `make model` built it, else the tiny demo model): JSON + PNG in loadtest/results/.
+# A short load-test sweep (concurrency 1,2,4,8 x speculation on/off) against a LocalStack of the default model
+# (the reference model once `make model` built it, else the tiny demo model): JSON (with the model, commit,
+# machine and load average) + PNG plots (SLO lines, throughput-latency curve) in loadtest/results/.
+# Run it on a quiet machine (1-minute load average well under the core count: `cat /proc/loadavg`).
 # docs/observability.md explains the report; LOADTEST_ARGS adds flags (`python -m loadtest --help`).
 .PHONY: loadtest
 loadtest: setup
-	$(BIN)/python -m loadtest --local-stack --sweep --concurrency 1,2,4 --requests 12 --max-new-tokens 32 \
+	$(BIN)/python -m loadtest --local-stack --sweep --concurrency 1,2,4,8 --requests 16 --max-new-tokens 32 \
 	  --out loadtest/results $(LOADTEST_ARGS)
 
 # Hostile input against a LocalStack of the default model in float32 (issue #12): every field of every public

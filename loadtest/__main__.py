@@ -11,15 +11,13 @@ Every comma list (--concurrency, --rate, --speculation) is swept; the report (JS
 import argparse
 import asyncio
 import logging
-import os
-import platform
-import subprocess
 import sys
 import time
 from contextlib import ExitStack
-from dataclasses import replace
+from dataclasses import asdict, replace
 from pathlib import Path
 
+from loadtest.environment import load_average, machine, model_description, source_tree
 from loadtest.prompts import load_prompts
 from loadtest.report import Slo, summarize, write_report
 from loadtest.runner import Load, run_load
@@ -107,28 +105,51 @@ def start_stack(args: argparse.Namespace, stack: ExitStack):
     return local
 
 
-def environment(args: argparse.Namespace) -> dict:
-    try:
-        commit = subprocess.run(["git", "rev-parse", "--short", "HEAD"], capture_output=True, text=True).stdout.strip()
-    except OSError:
-        commit = ""
+def served_model_names(samples) -> list[str]:
+    """The `model_name` labels of the scraped vllm: metrics (what a --target stack says it serves)."""
+    return sorted({dict(labels)["model_name"] for _, labels in samples.values if "model_name" in dict(labels)})
+
+
+def environment(args: argparse.Namespace, argv: list[str], started: dict, served: list[str]) -> dict:
+    """What the report ran on: command, commit and tree state, machine, model, stack, SLO, load average
+    (before the stack started and after the last run), time."""
+    if args.model_dir:
+        model = model_description(args.model_dir, args.exit_layer, args.exit_head, args.dtype)
+        if served:
+            model["served_model_names"] = served
+    else:  # --target without --model-dir: only what the metrics say
+        model = {"name": ",".join(served), "served_model_names": served} if served else None
     return {
-        "target": args.target,
-        "local_stack": args.local_stack,
-        "model_dir": str(args.model_dir) if args.model_dir else None,
-        "exit_layer": args.exit_layer,
-        "dtype": args.dtype if args.local_stack else None,
-        "threads": args.threads if args.local_stack else None,
-        "python": sys.version.split()[0],
-        "machine": platform.machine(),
-        "cpus": os.cpu_count(),
-        "load_average": os.getloadavg() if hasattr(os, "getloadavg") else None,
-        "commit": commit,
-        "time": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
+        "command": " ".join(["python -m loadtest", *argv]),
+        **source_tree(),
+        "model": model,
+        "machine": started["machine"],
+        "load_average": {"start": started["load_average"], "end": load_average()},
+        "stack": {
+            "local": args.local_stack,
+            "target": args.target,
+            "drafters": args.drafters if args.local_stack else None,
+            "verifiers": args.verifiers if args.local_stack else None,
+            "state_store": ("redis" if args.redis else "memory") if args.local_stack else None,
+            "threads_per_process": args.threads if args.local_stack else None,
+        },
+        "slo_ms": asdict(Slo.parse(args.slo)),
+        "time_start": started["time"],
+        "time_end": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
+        "seconds": round(time.perf_counter() - started["clock"], 1),
     }
 
 
-def run(args: argparse.Namespace) -> dict:
+def run(args: argparse.Namespace, argv: list[str] | None = None) -> dict:
+    argv = list(sys.argv[1:] if argv is None else argv)
+    machine_now = machine()
+    started = {  # before the stack starts: the load average of the machine's other work
+        "machine": {k: v for k, v in machine_now.items() if k != "load_average"},
+        "load_average": machine_now["load_average"],
+        "time": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
+        "clock": time.perf_counter(),
+    }
+    served: list[str] = []
     with ExitStack() as stack:
         if args.local_stack:
             start_stack(args, stack)
@@ -140,12 +161,16 @@ def run(args: argparse.Namespace) -> dict:
         runs = []
         for load in loads(args):
             before = scrape(args.metrics_urls) if args.metrics_urls else None
+            served = served or (served_model_names(before) if before is not None else [])
+            load_before = load_average()
             records, wall_s = asyncio.run(run_load(args.target, prompts, load))
             server = speculation_stats(scrape(args.metrics_urls) - before) if before is not None else None
             runs.append(summarize(load, records, wall_s, slo, server))
             r = runs[-1]
+            r["load_average"] = {"start": load_before, "end": load_average()}
             log.info(
-                "%-14s %3d ok %2d failed  %7.1f tok/s  TTFT p50 %7.1f ms  TPOT p50 %6.1f ms  goodput %.2f req/s",
+                "%-14s %3d ok %2d failed  %7.1f tok/s  TTFT p50 %7.1f ms  TPOT p50 %6.1f ms  goodput %.2f req/s"
+                "  load %.2f",
                 r["name"],
                 r["requests"]["completed"],
                 r["requests"]["failed"],
@@ -153,14 +178,15 @@ def run(args: argparse.Namespace) -> dict:
                 r["ttft_ms"]["p50"] or 0.0,
                 r["tpot_ms"]["p50"] or 0.0,
                 r["goodput"]["requests_per_s"],
+                r["load_average"]["end"][0] if r["load_average"]["end"] else 0.0,
             )
-        return {"environment": environment(args), "runs": runs}
+        return {"environment": environment(args, argv, started, served), "runs": runs}
 
 
 def main(argv=None) -> None:
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s %(message)s")
     args = parse_args(argv)
-    report = run(args)
+    report = run(args, argv)
     for path in write_report(report, Path(args.out), args.name):
         print(path)
     if any(r["requests"]["failed"] for r in report["runs"]):

@@ -25,8 +25,6 @@ import asyncio
 import json
 import logging
 import math
-import os
-import platform
 import random
 import signal
 import subprocess
@@ -50,6 +48,7 @@ from grpc_health.v1 import health_pb2, health_pb2_grpc
 from controller.config import ControllerConfig, max_request_bytes
 from eesd.policies import POLICIES
 from eesd_proto.eesd.v1 import common_pb2, controller_pb2, controller_pb2_grpc, drafter_pb2, verifier_pb2
+from loadtest.environment import commit, machine  # also imported from here by loadtest.faults
 from serving.server import MAX_MESSAGE_BYTES
 
 log = logging.getLogger("loadtest.hostile")
@@ -63,7 +62,6 @@ SERVICES: dict[str, Any] = {
     "verifier": verifier_pb2.DESCRIPTOR.services_by_name["VerifierService"],
 }
 BAD_CODES = ("INTERNAL", "UNKNOWN")
-CPU_FLAGS = ("avx2", "avx512f", "avx512_bf16", "avx512_vnni", "amx_tile", "amx_bf16", "amx_int8")
 
 
 # -- hostile values ------------------------------------------------------------------------------------------
@@ -1233,41 +1231,6 @@ def event_loop_stall(
 
 
 # -- the report --------------------------------------------------------------------------------------------
-
-
-def machine() -> dict:
-    cpu, flags = platform.processor() or platform.machine(), set()
-    try:
-        first = Path("/proc/cpuinfo").read_text().split("\n\n")[0]
-        for line in first.splitlines():
-            if line.startswith("model name"):
-                cpu = line.split(":", 1)[1].strip()
-            elif line.startswith("flags"):
-                flags = set(line.split(":", 1)[1].split())
-    except OSError:
-        pass
-    return {
-        "cpu": cpu,
-        "cpu_flags": {flag: flag in flags for flag in CPU_FLAGS},
-        "cores_available": len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count(),
-        "memory_gb": round(os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES") / 2**30, 1),
-        "load_average": [round(x, 2) for x in os.getloadavg()],
-        "python": platform.python_version(),
-        "grpcio": grpc.__version__,
-        "platform": platform.platform(),
-    }
-
-
-def commit() -> str:
-    def git(*args: str) -> str:
-        try:
-            return subprocess.run(["git", *args], capture_output=True, text=True, check=False).stdout.strip()
-        except OSError:
-            return ""
-
-    head = git("rev-parse", "--short", "HEAD")
-    dirty = git("status", "--porcelain", "--untracked-files=no")
-    return f"{head}-dirty" if head and dirty else head
 
 
 def fuzz_targets(result: FuzzResult, health_after: dict, greedy: dict, rss_ok: dict[str, bool]) -> list[dict]:

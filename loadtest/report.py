@@ -144,60 +144,182 @@ def summarize(
     }
 
 
+def caption(environment: Mapping | None) -> str:
+    """One or two lines naming what a report ran on: model, commit, machine, load average (plot titles)."""
+    env = environment or {}
+    model = env.get("model") or {}
+    if model.get("name"):
+        shape = ", ".join(
+            part
+            for part in (
+                model.get("architecture"),
+                f"{model['layers']} layers" if model.get("layers") else None,
+                f"d={model['hidden']}" if model.get("hidden") else None,
+                model.get("dtype"),
+                f"exit N={model['exit_layer']}" if model.get("exit_layer") is not None else None,
+                ("distilled head" if model.get("exit_head") else "untrained exit layer")
+                if model.get("exit_layer") is not None
+                else None,
+            )
+            if part
+        )
+        model_text = f"{model['name']} ({shape})" if shape else model["name"]
+    else:
+        model_text = "model unknown"
+    machine = env.get("machine") or {}
+    flags = [f for f, on in (machine.get("cpu_flags") or {}).items() if on and f in ("avx512_bf16", "amx_bf16")]
+    machine_text = ", ".join(
+        str(part)
+        for part in (
+            machine.get("cpu"),
+            f"{machine['cores_available']} cores" if machine.get("cores_available") else None,
+            f"{machine['memory_gb']:g} GB" if machine.get("memory_gb") else None,
+            "+".join(flags) if flags else None,
+        )
+        if part
+    )
+    load = env.get("load_average") or {}
+    start, end = load.get("start") or [], load.get("end") or []
+    load_text = "load avg (1 min) " + " -> ".join(f"{x[0]:.2f}" for x in (start, end) if x) if start or end else ""
+    commit = env.get("commit") or "unknown"
+    first = f"{model_text} | commit {commit}"
+    second = " | ".join(part for part in (machine_text or "machine unknown", load_text, env.get("time_start")) if part)
+    return f"{first}\n{second}"
+
+
+def _slo_line(ax, bound: float | None, orientation: str = "h") -> None:
+    if bound is None:
+        return
+    style = dict(color="red", ls=":", lw=1.2, label=f"SLO {bound:g} ms")
+    (ax.axhline if orientation == "h" else ax.axvline)(bound, **style)
+
+
+def _spec(run: Mapping) -> str:
+    return "off" if run["name"].endswith("-spec-off") else "on"
+
+
+def _shape(run: Mapping) -> tuple[str, float]:
+    """("c", concurrency) for a closed-loop run, ("r", rate) for an open-loop one."""
+    c = run["load"]["concurrency"]
+    return ("c", c) if c is not None else ("r", run["load"]["rate"])
+
+
+SPEC_COLOURS = {"on": "C0", "off": "C1"}
+LATENCY_PANELS = (("ttft", "TTFT"), ("tpot", "TPOT"), ("e2e", "e2e latency"))
+
+
+def figures(report: Mapping) -> dict:
+    """The report's matplotlib figures by file suffix: latency CDFs (SLOs as vertical lines), latency and
+    throughput against concurrency when a sweep has several (SLOs as horizontal lines), and the
+    throughput-latency curve (output tokens/s against TTFT, TPOT and e2e p50/p99, one point per load level,
+    speculation on and off; SLOs as horizontal lines). Titles name the model, commit, machine and load."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    runs = report["runs"]
+    slo = report.get("environment", {}).get("slo_ms") or (runs[0]["slo_ms"] if runs else {})
+    title = caption(report.get("environment"))
+    out = {}
+
+    fig, axes = plt.subplots(1, 4, figsize=(18, 4.6))
+    for ax, key in zip(axes, ("ttft", "tpot", "itl", "e2e"), strict=True):
+        for run in runs:
+            values = np.sort([v for v in run["samples_ms"][key] if v is not None])
+            if len(values):
+                ax.step(values, np.arange(1, len(values) + 1) / len(values), where="post", label=run["name"])
+        _slo_line(ax, slo.get(f"{key}_ms"), "v")
+        ax.set(title=f"{key.upper()} CDF", xlabel="ms", ylabel="fraction of requests" if key != "itl" else "")
+        ax.grid(alpha=0.3)
+        ax.legend(fontsize=7)
+    fig.suptitle(title, fontsize=9)
+    fig.tight_layout()
+    out["latency_cdf"] = fig
+
+    closed = [r for r in runs if r["load"]["concurrency"] is not None]
+    levels = sorted({r["load"]["concurrency"] for r in closed})
+    if len(levels) > 1:
+        fig, axes = plt.subplots(1, 4, figsize=(20, 4.6))
+        for spec, color in SPEC_COLOURS.items():
+            series = sorted((r for r in closed if _spec(r) == spec), key=lambda r: r["load"]["concurrency"])
+            if not series:
+                continue
+            x, style = [r["load"]["concurrency"] for r in series], dict(color=color, marker="o")
+            axes[0].plot(x, [r["output_token_throughput"] for r in series], **style, label=f"speculation {spec}")
+            for ax, key in ((axes[1], "ttft_ms"), (axes[2], "tpot_ms")):
+                ax.plot(x, [r[key]["p50"] for r in series], **style, label=f"p50, speculation {spec}")
+                ax.plot(x, [r[key]["p99"] for r in series], **style, ls="--", label=f"p99, speculation {spec}")
+            axes[3].plot(x, [r["goodput"]["requests_per_s"] for r in series], **style, label=f"speculation {spec}")
+        _slo_line(axes[1], slo.get("ttft_ms"))
+        _slo_line(axes[2], slo.get("tpot_ms"))
+        bounds = ", ".join(f"{k.upper()} <= {slo[f'{k}_ms']:g} ms" for k in SLO_KEYS if slo.get(f"{k}_ms") is not None)
+        for ax, name, unit in zip(
+            axes,
+            ("output throughput", "TTFT", "TPOT", "goodput"),
+            ("tokens/s", "ms", "ms", "good requests/s"),
+            strict=True,
+        ):
+            ax.set(title=f"{name} vs concurrency", xlabel="concurrent clients", ylabel=unit)
+            ax.set_xscale("log", base=2)
+            ax.set_xticks(levels, [str(c) for c in levels])
+            ax.grid(alpha=0.3)
+            ax.legend(fontsize=7)
+        axes[3].set_title(f"goodput vs concurrency\nSLO: {bounds or 'none'}", fontsize=10)
+        fig.suptitle(title, fontsize=9)
+        fig.tight_layout()
+        out["vs_concurrency"] = fig
+
+    if runs:
+        fig, axes = plt.subplots(1, 3, figsize=(16, 4.8))
+        for ax, (key, name) in zip(axes, LATENCY_PANELS, strict=True):
+            for spec, color in SPEC_COLOURS.items():
+                for kind, marker in (("c", "o"), ("r", "s")):
+                    series = sorted((r for r in runs if _spec(r) == spec and _shape(r)[0] == kind), key=_shape)
+                    if not series:
+                        continue
+                    x = [r["output_token_throughput"] for r in series]
+                    loop = "" if kind == "c" else " (open loop)"
+                    style = dict(color=color, marker=marker)
+                    for q, ls in (("p50", "-"), ("p99", "--")):
+                        y = [r[f"{key}_ms"][q] for r in series]
+                        ax.plot(x, y, **style, ls=ls, label=f"{q}, spec {spec}{loop}")
+                    for r, xi in zip(series, x, strict=True):
+                        level = _shape(r)
+                        ax.annotate(
+                            f"{level[0]}{level[1]:g}",
+                            (xi, r[f"{key}_ms"]["p50"] or 0.0),
+                            textcoords="offset points",
+                            xytext=(4, 4),
+                            fontsize=7,
+                            color=color,
+                        )
+            _slo_line(ax, slo.get(f"{key}_ms"))
+            ax.set(title=f"{name} vs output throughput", xlabel="output tokens/s", ylabel=f"{name} ms")
+            ax.grid(alpha=0.3)
+            ax.legend(fontsize=7)
+        fig.suptitle(title + "\npoints: load levels (c = concurrent clients, r = requests/s)", fontsize=9)
+        fig.tight_layout()
+        out["throughput_latency"] = fig
+    return out
+
+
 def write_report(report: dict, out_dir: Path, stem: str = "loadtest") -> list[Path]:
-    """JSON plus PNG plots (latency CDFs; throughput and TPOT against concurrency when a sweep has several)."""
+    """JSON plus the PNG plots of `figures` (`<stem>_<suffix>.png`)."""
     out_dir.mkdir(parents=True, exist_ok=True)
     json_path = out_dir / f"{stem}.json"
     text = json.dumps(report, indent=1, default=float)
     json_path.write_text(re.sub(r"\[[^\[\]{}]*\]", lambda m: re.sub(r"\s+", " ", m.group()), text) + "\n")
     written = [json_path]
     try:
-        import matplotlib
-
-        matplotlib.use("Agg")
         import matplotlib.pyplot as plt
+
+        plots = figures(report)
     except ImportError:
         return written
-    runs = report["runs"]
-    fig, axes = plt.subplots(1, 4, figsize=(18, 4))
-    for ax, key in zip(axes, ("ttft", "tpot", "itl", "e2e"), strict=True):
-        for run in runs:
-            values = np.sort([v for v in run["samples_ms"][key] if v is not None])
-            if len(values):
-                ax.step(values, np.arange(1, len(values) + 1) / len(values), where="post", label=run["name"])
-        ax.set(title=f"{key.upper()} CDF", xlabel="ms", ylabel="fraction of requests" if key != "itl" else "")
-        ax.grid(alpha=0.3)
-    axes[0].legend(fontsize=7)
-    fig.tight_layout()
-    fig.savefig(out_dir / f"{stem}_latency_cdf.png", dpi=90)
-    plt.close(fig)
-    written.append(out_dir / f"{stem}_latency_cdf.png")
-    closed = [r for r in runs if r["load"]["concurrency"] is not None]
-    if len({r["load"]["concurrency"] for r in closed}) > 1:
-        fig, axes = plt.subplots(1, 3, figsize=(15, 4))
-        levels = sorted({r["load"]["concurrency"] for r in closed})
-        for spec, color in (("on", "C0"), ("off", "C1")):
-            series = sorted((r for r in closed if r["name"].endswith(spec)), key=lambda r: r["load"]["concurrency"])
-            if not series:
-                continue
-            x, style = [r["load"]["concurrency"] for r in series], dict(color=color, marker="o")
-            axes[0].plot(x, [r["output_token_throughput"] for r in series], **style, label=f"speculation {spec}")
-            axes[1].plot(x, [r["tpot_ms"]["p50"] for r in series], **style, label=f"p50, speculation {spec}")
-            axes[1].plot(x, [r["tpot_ms"]["p90"] for r in series], **style, ls="--", label=f"p90, speculation {spec}")
-            axes[2].plot(x, [r["goodput"]["requests_per_s"] for r in series], **style, label=f"speculation {spec}")
-        for ax, title, unit in zip(
-            axes,
-            ("output throughput", "TPOT", "goodput"),
-            ("tokens/s", "ms", "good requests/s"),
-            strict=True,
-        ):
-            ax.set(title=f"{title} vs concurrency", xlabel="concurrent clients", ylabel=unit)
-            ax.set_xscale("log", base=2)
-            ax.set_xticks(levels, [str(c) for c in levels])
-            ax.grid(alpha=0.3)
-            ax.legend(fontsize=7)
-        fig.tight_layout()
-        fig.savefig(out_dir / f"{stem}_vs_concurrency.png", dpi=90)
+    for suffix, fig in plots.items():
+        path = out_dir / f"{stem}_{suffix}.png"
+        fig.savefig(path, dpi=90)
         plt.close(fig)
-        written.append(out_dir / f"{stem}_vs_concurrency.png")
+        written.append(path)
     return written

@@ -35,11 +35,27 @@ def test_report_covers_every_run_without_errors(report):
     out, data = report
     names = [r["name"] for r in data["runs"]]
     assert names == ["c1-spec-on", "c1-spec-off", "c2-spec-on", "c2-spec-off", "r20-spec-on", "r20-spec-off"]
-    for suffix in ("latency_cdf", "vs_concurrency"):
+    for suffix in ("latency_cdf", "vs_concurrency", "throughput_latency"):
         assert (out / f"loadtest_{suffix}.png").stat().st_size > 1000
     for run in data["runs"]:
         assert run["requests"] == {"issued": REQUESTS, "completed": REQUESTS, "failed": 0, "errors": {}}
         assert run["speculation_server"]["grpc_codes"].keys() == {"OK"}
+
+
+def test_report_names_model_commit_machine_load_and_command(report, tiny_models):
+    env = report[1]["environment"]
+    assert env["command"].startswith("python -m loadtest --local-stack --model-dir")
+    model = env["model"]
+    assert model["model_dir"] == str(tiny_models["llama"]) and model["name"] == tiny_models["llama"].name
+    assert model["exit_layer"] == 1 and model["dtype"] == "float32" and model["layers"] > 1
+    assert model["served_model_names"] == [model["name"]]  # the vllm: metrics' model_name label
+    assert len(env["commit"]) >= 7 and env["commit"].endswith("-dirty") == env["dirty"]
+    assert {"cpu", "cpu_flags", "cores_available", "memory_gb"} <= env["machine"].keys()
+    assert {"avx512_bf16", "amx_bf16"} <= env["machine"]["cpu_flags"].keys()
+    assert len(env["load_average"]["start"]) == len(env["load_average"]["end"]) == 3
+    assert env["slo_ms"] == {"ttft_ms": 60000.0, "tpot_ms": 60000.0, "e2e_ms": None}
+    for run in report[1]["runs"]:
+        assert len(run["load_average"]["start"]) == 3
 
 
 def test_token_counts_equal_what_the_sdk_received(report):
