@@ -95,7 +95,7 @@ class NodeClients:
         result = reply.result
         return RoundOutcome(
             convert.draft_block_from_proto(result.draft),
-            convert.verdict_from_proto(result.verdict),
+            convert.verdict_from_proto(result.verdict, request.top_logprobs),
             result.drafter_cache_length,
             result.stats.draft_ms,
             result.stats.verify_ms,
@@ -113,7 +113,12 @@ class NodeClients:
         if reply.WhichOneof("outcome") == "cache_mismatch":
             return _mismatch(reply.cache_mismatch)
         return RoundOutcome(
-            request.draft, convert.verdict_from_proto(reply.verdict), None, 0.0, reply.verdict.verify_ms, 0.0
+            request.draft,
+            convert.verdict_from_proto(reply.verdict, request.top_logprobs),
+            None,
+            0.0,
+            reply.verdict.verify_ms,
+            0.0,
         )
 
     def _session_rpcs(self, role: str, address: str):

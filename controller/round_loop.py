@@ -38,7 +38,7 @@ from eesd.errors import (
 from eesd.generation import GenerationStats
 from eesd.load import Ewma
 from eesd.params import GenerationParams, check_context, check_token_ids, new_owner, validate_prompt
-from eesd.rounds import RoundStats
+from eesd.rounds import RoundStats, TokenLogprob
 from eesd.session import RoundResult, Session, reproducible
 from eesd.stops import StopText
 from serving import tracing
@@ -62,6 +62,9 @@ class RoundEvent:
     # for the next round, and at a stop string the text ends where it begins: eesd/stops.py). Empty
     # without a tokenizer.
     text: str = ""
+    # The log probabilities of `tokens` (eesd/logprobs.py) when the request asked for them, else None; None
+    # in a resumed stream's first event too (they are not stored with the session).
+    logprobs: tuple[TokenLogprob, ...] | None = None
 
 
 @dataclass(frozen=True)
@@ -113,7 +116,8 @@ def _stopped(result: RoundResult, texts: StopText) -> tuple[RoundResult, str]:
     if scan.keep is not None:
         tokens = result.tokens[: scan.keep]
         stats = replace(result.stats, committed=len(tokens))
-        result = replace(result, tokens=tokens, finish_reason="stop", stats=stats)
+        logprobs = None if result.logprobs is None else result.logprobs[: len(tokens)]
+        result = replace(result, tokens=tokens, finish_reason="stop", stats=stats, logprobs=logprobs)
     return result, scan.text + (texts.flush() if result.finish_reason is not None else "")
 
 
@@ -317,7 +321,14 @@ class RoundLoop:
                 self._own.add(own_ms / 1e3)
                 self._wire.append(wire_ms / 1e3)
                 yield RoundEvent(
-                    session_id, result.stats.round_index, result.tokens, result.stats, wire_ms, own_ms, text=text
+                    session_id,
+                    result.stats.round_index,
+                    result.tokens,
+                    result.stats,
+                    wire_ms,
+                    own_ms,
+                    text=text,
+                    logprobs=result.logprobs,
                 )
             stats = session.stats
             stats.elapsed_s = time.perf_counter() - start

@@ -80,6 +80,7 @@ class ControllerServicer(controller_pb2_grpc.ControllerServiceServicer):
             policy,
             stop_on_eos=not request.ignore_eos,
             stop=StopConditions(tuple(request.stop), tuple(request.stop_token_ids)),
+            top_logprobs=convert.top_logprobs_from_proto(request),
         )
         if request.session_id:
             check_session_id(request.session_id)
@@ -98,6 +99,7 @@ class ControllerServicer(controller_pb2_grpc.ControllerServiceServicer):
                         token_ids=event.tokens,
                         text=event.text,
                         stats=convert.round_stats_to_proto(event.stats, event.transport_ms, event.controller_ms),
+                        logprobs=convert.logprobs_to_proto(event.logprobs),
                     ),
                 )
             else:

@@ -96,6 +96,18 @@ class PolicyParams:
             raise InvalidArgument("k_max", f"must be in [0, 64], got {self.k_max}")
 
 
+# Log probabilities a request may ask for (GenerationParams.top_logprobs): NO_LOGPROBS asks for none, 0 for
+# each generated token's own, n for it and the n most likely tokens at its position (vLLM's default bound).
+NO_LOGPROBS, MAX_TOP_LOGPROBS = -1, 20
+
+
+def check_top_logprobs(top_logprobs: int) -> None:
+    if not isinstance(top_logprobs, int) or not NO_LOGPROBS <= top_logprobs <= MAX_TOP_LOGPROBS:
+        raise InvalidArgument(
+            "top_logprobs", f"must be unset (none), 0 or at most {MAX_TOP_LOGPROBS}, got {top_logprobs}"
+        )
+
+
 # Bounds of a request's stop conditions: every round scans its new text for each string.
 MAX_STOP_STRINGS, MAX_STOP_CHARS, MAX_STOP_TOKEN_IDS = 16, 256, 64
 
@@ -139,6 +151,10 @@ class GenerationParams:
     policy: PolicyParams = field(default_factory=PolicyParams)
     stop_on_eos: bool = True
     stop: StopConditions = field(default_factory=StopConditions)
+    # Log probabilities of the generated tokens under the verifier's target distribution (eesd.logprobs):
+    # NO_LOGPROBS (none, nothing computed), 0 (each token's own) or n <= MAX_TOP_LOGPROBS (and the top n).
+    # They do not change the output: a resumed session may ask for others than its first request did.
+    top_logprobs: int = NO_LOGPROBS
 
     def validate(self) -> None:
         if self.max_new_tokens <= 0:
@@ -146,6 +162,7 @@ class GenerationParams:
         self.sampling.validate()
         self.policy.validate()
         self.stop.validate()
+        check_top_logprobs(self.top_logprobs)
 
 
 def check_token_ids(field: str, ids: list[int], vocab_size: int) -> None:

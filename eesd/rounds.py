@@ -7,7 +7,7 @@ carry the owner token of the controller that drives the session: a node names th
 
 from dataclasses import dataclass, field
 
-from eesd.params import PolicyParams, SamplingParams, session_key
+from eesd.params import NO_LOGPROBS, PolicyParams, SamplingParams, session_key
 
 
 @dataclass(frozen=True)
@@ -26,6 +26,7 @@ class DraftRequest:
     # identity: a lookahead's guess matches the controller's request whatever its value.
     round_overhead_s: float = field(default=0.0, compare=False)
     owner: str = ""
+    top_logprobs: int = NO_LOGPROBS  # log probabilities the verdict carries (eesd.params.GenerationParams)
 
     @property
     def key(self) -> str:
@@ -43,6 +44,7 @@ class DraftRequest:
             self.seed,
             self.sampling,
             self.owner,
+            self.top_logprobs,
         )
 
 
@@ -68,11 +70,22 @@ class VerifyRequest:
     seed: int
     sampling: SamplingParams = field(default_factory=SamplingParams)
     owner: str = ""
+    top_logprobs: int = NO_LOGPROBS  # NO_LOGPROBS: the verdict carries none; 0: each token's; n: and the top n
 
     @property
     def key(self) -> str:
         """The node's name for the session (eesd.params.session_key)."""
         return session_key(self.session_id, self.owner)
+
+
+@dataclass(frozen=True)
+class TokenLogprob:
+    """One committed token's log-probability under the verifier's target distribution p at its position
+    (eesd/logprobs.py), and, when the request asked for them, the most likely entries of p there."""
+
+    token: int
+    logprob: float
+    top: tuple[tuple[int, float], ...] = ()  # (token id, logprob), most likely first; entries with p = 0 left out
 
 
 @dataclass(frozen=True)
@@ -82,6 +95,8 @@ class Verdict:
     accepted: int  # drafts kept
     next_token: int  # recovered (accepted < k) or bonus (accepted == k) token
     cache_length: int  # the verifier's cache after cropping: base + len(pending) + accepted
+    # One per committed token (accepted + 1) when the request asked for log probabilities, else None.
+    logprobs: tuple[TokenLogprob, ...] | None = None
 
     def committed_tokens(self, draft: DraftBlock) -> list[int]:
         """The accepted + 1 tokens this round commits."""

@@ -10,10 +10,11 @@ result to its store first; `apply` then makes it the session's state.
 
 from dataclasses import dataclass, field, replace
 
+from eesd.errors import FailedPrecondition
 from eesd.generation import GenerationStats, finish
-from eesd.params import GenerationParams, PolicyParams, session_key
+from eesd.params import NO_LOGPROBS, GenerationParams, PolicyParams, session_key
 from eesd.policies import make_policy
-from eesd.rounds import DraftBlock, DraftRequest, RoundStats, Verdict, VerifyRequest
+from eesd.rounds import DraftBlock, DraftRequest, RoundStats, TokenLogprob, Verdict, VerifyRequest
 
 NO_DRAFT = DraftBlock([], [])
 
@@ -59,6 +60,8 @@ class RoundResult:
     verifier_length: int
     drafter_length: int
     stats: RoundStats
+    # Log probabilities of `tokens`, trimmed with them; None when the request asked for none.
+    logprobs: tuple[TokenLogprob, ...] | None = None
 
 
 @dataclass
@@ -160,6 +163,7 @@ class Session:
             self.policy_state,
             round_overhead_s,
             self.owner,
+            self.params.top_logprobs,
         )
 
     def verify_request(self, base: int, block: DraftBlock = NO_DRAFT) -> VerifyRequest:
@@ -173,6 +177,7 @@ class Session:
             self.seed,
             self.params.sampling,
             self.owner,
+            self.params.top_logprobs,
         )
 
     def settle(
@@ -180,6 +185,14 @@ class Session:
     ) -> RoundResult:
         """The result of this round's verdict on `block`; `drafter_length` is what the drafter's cache covers
         after it, None when no drafter took part (a verifier-only round: that cache did not move)."""
+        logprobs = verdict.logprobs
+        if self.params.top_logprobs != NO_LOGPROBS and (logprobs is None or len(logprobs) != verdict.accepted + 1):
+            # A verifier that predates log probabilities ignores the request's field: say so, never send
+            # tokens without them.
+            raise FailedPrecondition(
+                f"the verifier sent {len(logprobs or ())} log probabilities for {verdict.accepted + 1} tokens "
+                "(it does not serve top_logprobs)"
+            )
         tokens, finish_reason = finish(
             verdict.committed_tokens(block), len(self.generated), self.params, self.eos_token_ids
         )
@@ -193,6 +206,7 @@ class Session:
             verdict.cache_length,
             self.drafter_length if drafter_length is None else drafter_length,
             stats,
+            None if self.params.top_logprobs == NO_LOGPROBS else logprobs[: len(tokens)],
         )
 
     def apply(self, result: RoundResult) -> None:

@@ -15,7 +15,8 @@ from eesd.checkpoint import CheckpointReader, config_hash, load_config, resolve_
 from eesd.decoder_stack import Row, build_stack
 from eesd.errors import InvalidArgument
 from eesd.identity import ModelIdentity, tokenizer_hash
-from eesd.params import check_token_ids
+from eesd.logprobs import token_logprobs
+from eesd.params import NO_LOGPROBS, check_token_ids, check_top_logprobs
 from eesd.rounds import DraftBlock, Verdict, VerifyRequest
 from eesd.sampling import densify, round_generator, target_probs
 
@@ -68,6 +69,7 @@ class Verifier:
         draft, sampling = request.draft, request.sampling
         check_token_ids("pending_tokens", request.pending, self.config.vocab_size)
         sampling.validate()  # the internal API checks what the controller would have
+        check_top_logprobs(request.top_logprobs)
         check_draft(draft, sampling.greedy, self.config.vocab_size)
         cache = self.sessions.at_base(request.key, request.base_length, request.pending)
         # Row i of the logits predicts draft i; the last row predicts the bonus token.
@@ -80,4 +82,10 @@ class Verifier:
             q = densify(draft.q_ids or [], draft.q_probs or [], self.config.vocab_size)  # (k, vocab)
             result = accept_stochastic(target_probs(logits, sampling), q, tokens, generator)
         cache.crop(request.base_length + len(request.pending) + result.accepted)
-        return Verdict(request.session_id, request.round_index, result.accepted, result.next_token, cache.length)
+        logprobs = None
+        if request.top_logprobs != NO_LOGPROBS:  # only when asked: a softmax over rows the rule may not need
+            committed = [*draft.tokens[: result.accepted], result.next_token]
+            logprobs = token_logprobs(logits, committed, sampling, request.top_logprobs)
+        return Verdict(
+            request.session_id, request.round_index, result.accepted, result.next_token, cache.length, logprobs
+        )

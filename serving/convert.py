@@ -4,8 +4,8 @@ import grpc
 
 from eesd.identity import ModelIdentity
 from eesd.load import NodeLoad, PassCost
-from eesd.params import PolicyParams, SamplingParams
-from eesd.rounds import DraftBlock, DraftRequest, RoundStats, Verdict, VerifyRequest
+from eesd.params import NO_LOGPROBS, PolicyParams, SamplingParams
+from eesd.rounds import DraftBlock, DraftRequest, RoundStats, TokenLogprob, Verdict, VerifyRequest
 from eesd_proto.eesd.v1 import common_pb2, controller_pb2, drafter_pb2, verifier_pb2
 
 DEFAULT_K_MAX = 8
@@ -34,6 +34,33 @@ def policy_to_proto(params: PolicyParams) -> common_pb2.PolicyParams:
     return common_pb2.PolicyParams(name=params.name, k_max=params.k_max, options=params.options)
 
 
+def top_logprobs_from_proto(msg) -> int:
+    """A request's optional top_logprobs: unset is NO_LOGPROBS (the range is checked by the core)."""
+    return msg.top_logprobs if msg.HasField("top_logprobs") else NO_LOGPROBS
+
+
+def top_logprobs_to_proto(top_logprobs: int) -> int | None:
+    return None if top_logprobs == NO_LOGPROBS else top_logprobs
+
+
+def logprobs_to_proto(logprobs: tuple[TokenLogprob, ...] | None) -> list[common_pb2.TokenLogprob]:
+    return [
+        common_pb2.TokenLogprob(
+            token_id=lp.token,
+            logprob=lp.logprob,
+            top=[common_pb2.TopLogprob(token_id=i, logprob=v) for i, v in lp.top],
+        )
+        for lp in logprobs or ()
+    ]
+
+
+def logprobs_from_proto(messages, asked: bool) -> tuple[TokenLogprob, ...] | None:
+    """The repeated TokenLogprob of a message; None unless the request `asked` for them."""
+    if not asked:
+        return None
+    return tuple(TokenLogprob(m.token_id, m.logprob, tuple((t.token_id, t.logprob) for t in m.top)) for m in messages)
+
+
 def identity_to_proto(identity: ModelIdentity) -> common_pb2.ModelIdentity:
     return common_pb2.ModelIdentity(**vars(identity))
 
@@ -57,6 +84,7 @@ def draft_request_from_proto(msg: drafter_pb2.DraftRequest) -> DraftRequest:
         dict(msg.policy_state),
         msg.round_overhead_ms / 1e3,
         msg.owner,
+        top_logprobs_from_proto(msg),
     )
 
 
@@ -75,6 +103,7 @@ def draft_request_to_proto(request: DraftRequest, verifier_address: str, verifie
         verifier_id=verifier_id,
         round_overhead_ms=request.round_overhead_s * 1e3,
         owner=request.owner,
+        top_logprobs=top_logprobs_to_proto(request.top_logprobs),
     )
 
 
@@ -110,6 +139,7 @@ def verify_request_to_proto(request: VerifyRequest) -> verifier_pb2.VerifyReques
         seed=request.seed,
         sampling=sampling_to_proto(request.sampling),
         owner=request.owner,
+        top_logprobs=top_logprobs_to_proto(request.top_logprobs),
     )
 
 
@@ -123,6 +153,7 @@ def verify_request_from_proto(msg: verifier_pb2.VerifyRequest) -> VerifyRequest:
         msg.seed,
         sampling_from_proto(msg.sampling),
         msg.owner,
+        top_logprobs_from_proto(msg),
     )
 
 
@@ -140,6 +171,7 @@ def verdict_to_proto(
         cache_length=verdict.cache_length,
         verify_ms=verify_ms,
         load=None if load is None else load_to_proto(load),
+        logprobs=logprobs_to_proto(verdict.logprobs),
     )
 
 
@@ -153,8 +185,10 @@ def load_from_proto(msg: common_pb2.NodeLoad) -> NodeLoad:
     return NodeLoad(PassCost(msg.fixed_ms / 1e3, msg.per_token_ms / 1e3), msg.rows_per_pass)
 
 
-def verdict_from_proto(msg: verifier_pb2.Verdict) -> Verdict:
-    return Verdict(msg.session_id, msg.round, msg.accepted, msg.next_token, msg.cache_length)
+def verdict_from_proto(msg: verifier_pb2.Verdict, top_logprobs: int = NO_LOGPROBS) -> Verdict:
+    """The verdict on a request that asked for `top_logprobs` (its logprobs are None unless it asked)."""
+    logprobs = logprobs_from_proto(msg.logprobs, top_logprobs != NO_LOGPROBS)
+    return Verdict(msg.session_id, msg.round, msg.accepted, msg.next_token, msg.cache_length, logprobs)
 
 
 def round_stats_to_proto(
