@@ -9,10 +9,12 @@ its limits) holds here too. This module only converts: requests to GenerationPar
 response chunks, domain errors (eesd/errors.py) to OpenAI error objects with their HTTP status
 (`http_error`, the one place that maps them).
 
-Not served: `logprobs` / `top_logprobs` (they must come from the verifier's target distribution, which the
-round protocol does not carry back yet; a request asking for them is refused, naming the field), penalties
-and logit_bias (they would change the distribution the verifier samples from), tools and JSON response
-formats.
+Log probabilities (`logprobs` of a completion, `logprobs` / `top_logprobs` of a chat completion) are the
+verifier's, carried by the round events (eesd/logprobs.py: the target distribution p, never the drafter's),
+computed only when asked; each token's text and bytes come from the controller's tokenizer
+(controller.text.TokenPieces). Not served: log probabilities of the prompt (`echo` with `logprobs`),
+penalties and logit_bias (they would change the distribution the verifier samples from), tools and JSON
+response formats.
 """
 
 import asyncio
@@ -41,8 +43,10 @@ from controller.openai_schema import (
     ChatCompletion,
     ChatCompletionChunk,
     ChatCompletionRequest,
+    ChoiceLogprobs,
     Completion,
     CompletionChoice,
+    CompletionLogprobs,
     CompletionRequest,
     Delta,
     ErrorBody,
@@ -50,11 +54,13 @@ from controller.openai_schema import (
     ModelCard,
     ModelList,
     Speculation,
+    TokenLogprob,
+    TopLogprob,
     Usage,
     _Sampling,
 )
 from controller.round_loop import Finished, RoundEvent, RoundLoop
-from controller.text import TextCodec, TextStream
+from controller.text import TextCodec, TextStream, TokenPieces
 from eesd.errors import (
     Aborted,
     AlreadyExists,
@@ -67,6 +73,7 @@ from eesd.errors import (
     Unavailable,
 )
 from eesd.params import (
+    NO_LOGPROBS,
     GenerationParams,
     PolicyParams,
     SamplingParams,
@@ -136,6 +143,17 @@ def error_response(error: BaseException, prompt_field: str = "prompt") -> JSONRe
     return JSONResponse(ErrorResponse(error=body).model_dump(), status_code=status, headers=headers)
 
 
+@dataclass(frozen=True)
+class _Logprob:
+    """One generated token's log probability as a response shows it: its text and bytes, and the same for
+    the most likely tokens at its position."""
+
+    token: str
+    logprob: float
+    bytes: list[int] | None
+    top: list[tuple[str, float, list[int] | None]]
+
+
 @dataclass
 class _Choice:
     """One session of a request: its place among the choices, its prompt and parameters."""
@@ -148,6 +166,54 @@ class _Choice:
     tokens: list[int] = field(default_factory=list)
     text: str = ""
     finished: Finished | None = None
+    pieces: TokenPieces | None = None  # when the request asked for log probabilities
+    logprobs: list[_Logprob] = field(default_factory=list)
+    offset: int = 0  # where the next token's text begins in the choice's text (text_offset)
+
+    def add_logprobs(self, event: RoundEvent) -> list[_Logprob]:
+        """The log probabilities of `event`'s tokens, as responses show them (recorded in the choice too)."""
+        if self.pieces is None or event.logprobs is None:
+            return []
+        out = []
+        for lp in event.logprobs:
+            top = []
+            for token, value in lp.top:
+                text = self.pieces.text(token)
+                top.append((text, value, self.pieces.bytes(token, text)))
+            text = self.pieces.text(lp.token)
+            out.append(_Logprob(text, lp.logprob, self.pieces.bytes(lp.token, text), top))
+            self.pieces.advance(lp.token)
+        self.logprobs += out
+        return out
+
+
+def _completion_logprobs(logprobs: list[_Logprob], offset: int) -> CompletionLogprobs:
+    """The legacy format; `offset`: where the first token's text begins in the choice's text."""
+    offsets = []
+    for lp in logprobs:
+        offsets.append(offset)
+        offset += len(lp.token)
+    return CompletionLogprobs(
+        tokens=[lp.token for lp in logprobs],
+        token_logprobs=[lp.logprob for lp in logprobs],
+        # The sampled token first, then the most likely ones (as OpenAI and vLLM: up to logprobs + 1 entries).
+        top_logprobs=[{lp.token: lp.logprob} | {t: v for t, v, _ in lp.top if t != lp.token} for lp in logprobs],
+        text_offset=offsets,
+    )
+
+
+def _chat_logprobs(logprobs: list[_Logprob]) -> ChoiceLogprobs:
+    return ChoiceLogprobs(
+        content=[
+            TokenLogprob(
+                token=lp.token,
+                logprob=lp.logprob,
+                bytes=lp.bytes,
+                top_logprobs=[TopLogprob(token=t, logprob=v, bytes=b) for t, v, b in lp.top],
+            )
+            for lp in logprobs
+        ]
+    )
 
 
 class _Fanout:
@@ -336,7 +402,7 @@ class OpenAIFrontEnd:
         room = self.context - prompt_length if self.context is not None else self.max_new_tokens_limit
         return max(1, min(self.max_new_tokens_limit, room))  # a prompt over the context is refused by the loop
 
-    def _params(self, req: _Sampling, max_tokens: int, index: int) -> GenerationParams:
+    def _params(self, req: _Sampling, max_tokens: int, index: int, top_logprobs: int) -> GenerationParams:
         default = self.default_policy
         if req.policy is None:
             policy = PolicyParams(default.name, default.k_max if req.k_max is None else req.k_max, default.options)
@@ -350,7 +416,9 @@ class OpenAIFrontEnd:
             seed,
         )
         stop = StopConditions(req.stop_strings(), tuple(req.stop_token_ids or ()))
-        return GenerationParams(max_tokens, sampling, policy, stop_on_eos=not req.ignore_eos, stop=stop)
+        return GenerationParams(
+            max_tokens, sampling, policy, stop_on_eos=not req.ignore_eos, stop=stop, top_logprobs=top_logprobs
+        )
 
     async def _encode(self, text: str, field_name: str, special_tokens: bool = True) -> list[int]:
         if self.codec is None:
@@ -361,21 +429,25 @@ class OpenAIFrontEnd:
         check_prompt_size(field_name, len(ids), self.max_prompt_tokens)
         return ids
 
-    def _choices(self, req: _Sampling, prompts: list[list[int]], max_tokens: int | None, request_id: str):
+    def _choices(
+        self, req: _Sampling, prompts: list[list[int]], max_tokens: int | None, request_id: str, top_logprobs: int
+    ):
+        """One choice per (prompt, n); `top_logprobs`: the log probabilities each asks for (NO_LOGPROBS: none)."""
         choices = []
         for p, prompt in enumerate(prompts):
             budget = self._max_tokens(max_tokens, len(prompt))
             for j in range(req.n):
                 index = p * req.n + j
-                params = self._params(req, budget, j)
-                choices.append(_Choice(index, p, prompt, params, f"{request_id}-{index}"))
+                params = self._params(req, budget, j, top_logprobs)
+                pieces = TokenPieces(self.codec, prompt) if top_logprobs != NO_LOGPROBS else None
+                choices.append(_Choice(index, p, prompt, params, f"{request_id}-{index}", pieces=pieces))
         return choices
 
     async def completions(self, request: Request) -> Response:
         req = await self._body(request, CompletionRequest)
         self._refuse_unsupported(req)
-        if req.logprobs:
-            raise BadRequest("logprobs", "not served yet (they must come from the verifier's distribution)")
+        if req.logprobs is not None and req.echo:
+            raise BadRequest("echo", "log probabilities of the prompt (echo with logprobs) are not served")
         if req.suffix:
             raise BadRequest("suffix", "not served")
         if req.best_of not in (None, req.n):
@@ -397,11 +469,16 @@ class OpenAIFrontEnd:
         if len(prompts) * req.n > 64:
             raise BadRequest("prompt", "at most 64 choices (prompts x n) per request")
         request_id = f"cmpl-{uuid.uuid4().hex}"
-        choices = self._choices(req, prompts, req.max_tokens, request_id)
+        top_logprobs = NO_LOGPROBS if req.logprobs is None else req.logprobs
+        choices = self._choices(req, prompts, req.max_tokens, request_id, top_logprobs)
         echo = [texts[c.prompt_index] if texts else self._decode(c.prompt) for c in choices] if req.echo else None
 
-        def chunk(choice: _Choice, text: str, finish: str | None) -> Completion:
-            part = CompletionChoice(index=choice.index, text=text, finish_reason=finish)
+        def chunk(choice: _Choice, text: str, finish: str | None, logprobs: list[_Logprob] | None = None) -> Completion:
+            listed = None
+            if logprobs:
+                listed = _completion_logprobs(logprobs, choice.offset)
+                choice.offset += sum(len(lp.token) for lp in logprobs)
+            part = CompletionChoice(index=choice.index, text=text, finish_reason=finish, logprobs=listed)
             return Completion(id=request_id, created=int(time.time()), model=self.model_name, choices=[part])
 
         if req.stream:
@@ -413,6 +490,7 @@ class OpenAIFrontEnd:
                 index=c.index,
                 text=(echo[c.index] if echo else "") + c.text,
                 finish_reason=FINISH_REASONS.get(c.finished.finish_reason),
+                logprobs=None if c.pieces is None else _completion_logprobs(c.logprobs, 0),
             )
             for c in choices
         ]
@@ -432,9 +510,8 @@ class OpenAIFrontEnd:
     async def chat_completions(self, request: Request) -> Response:
         req = await self._body(request, ChatCompletionRequest)
         self._refuse_unsupported(req)
-        if req.logprobs or req.top_logprobs:
-            field_name = "logprobs" if req.logprobs else "top_logprobs"
-            raise BadRequest(field_name, "not served yet (they must come from the verifier's distribution)")
+        if req.top_logprobs and not req.logprobs:
+            raise BadRequest("top_logprobs", "needs logprobs: true")
         if req.tools:
             raise BadRequest("tools", "tool calling is not served")
         if req.response_format and req.response_format.get("type", "text") != "text":
@@ -460,11 +537,19 @@ class OpenAIFrontEnd:
         text = await asyncio.to_thread(self.chat_template.render, messages, req.add_generation_prompt, **variables)
         prompt = await self._encode(text, "messages", special_tokens=False)  # the template has them already
         request_id = f"chatcmpl-{uuid.uuid4().hex}"
-        choices = self._choices(req, [prompt], req.max_completion_tokens or req.max_tokens, request_id)
+        top_logprobs = (req.top_logprobs or 0) if req.logprobs else NO_LOGPROBS
+        choices = self._choices(req, [prompt], req.max_completion_tokens or req.max_tokens, request_id, top_logprobs)
 
-        def chunk(choice: _Choice, text: str | None, finish: str | None, role: bool = False) -> ChatCompletionChunk:
+        def chunk(
+            choice: _Choice,
+            text: str | None,
+            finish: str | None,
+            logprobs: list[_Logprob] | None = None,
+            role: bool = False,
+        ) -> ChatCompletionChunk:
             delta = Delta(role="assistant" if role else None, content=text)
-            part = ChatChunkChoice(index=choice.index, delta=delta, finish_reason=finish)
+            listed = _chat_logprobs(logprobs) if logprobs else None
+            part = ChatChunkChoice(index=choice.index, delta=delta, finish_reason=finish, logprobs=listed)
             return ChatCompletionChunk(id=request_id, created=int(time.time()), model=self.model_name, choices=[part])
 
         if req.stream:
@@ -476,6 +561,7 @@ class OpenAIFrontEnd:
                 index=c.index,
                 message=AssistantMessage(content=c.text),
                 finish_reason=FINISH_REASONS.get(c.finished.finish_reason),
+                logprobs=None if c.pieces is None else _chat_logprobs(c.logprobs),
             )
             for c in choices
         ]
@@ -493,14 +579,16 @@ class OpenAIFrontEnd:
         return _Fanout({c.index: self.track(self.loop.generate(c.prompt, c.params, c.session_id)) for c in choices})
 
     @staticmethod
-    def _take(choice: _Choice, event: RoundEvent | Finished) -> str:
-        """Records `event` in its choice; the text it adds."""
+    def _take(choice: _Choice, event: RoundEvent | Finished) -> tuple[str, list[_Logprob]]:
+        """Records `event` in its choice; the text it adds, and its tokens' log probabilities if asked."""
+        logprobs = []
         if isinstance(event, RoundEvent):
             choice.tokens += event.tokens
+            logprobs = choice.add_logprobs(event)
         else:
             choice.finished = event
         choice.text += event.text
-        return event.text
+        return event.text, logprobs
 
     async def _run(self, choices: list[_Choice]) -> None:
         """Runs every choice's session to its end (the first error ends them all)."""
@@ -530,8 +618,9 @@ class OpenAIFrontEnd:
 
         def pieces(index: int, event: RoundEvent | Finished) -> list[str]:
             choice = choices[index]
-            text = self._take(choice, event)
-            out = [_sse(chunk(choice, text, None))] if text else []
+            text, logprobs = self._take(choice, event)
+            # A round whose text is held back (it may begin a stop string) still sends its log probabilities.
+            out = [_sse(chunk(choice, text, None, logprobs))] if text or logprobs else []
             if isinstance(event, Finished):
                 finish = FINISH_REASONS.get(event.finish_reason)
                 out.append(_sse(chunk(choice, "" if completion_chunks else None, finish)))

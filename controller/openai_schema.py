@@ -3,12 +3,17 @@ chat completions, models), with vLLM's extensions that the same clients send (to
 ignore_eos) and EESD's own (the draft policy; the speculation statistics in responses).
 
 Fields that would change the output distribution in a way the verifier does not compute (penalties,
-logit_bias, logprobs, suffix, tools, a JSON response_format) are accepted only at their neutral value and
-refused otherwise, naming the field: never silently ignored."""
+logit_bias, suffix, tools, a JSON response_format) are accepted only at their neutral value and refused
+otherwise, naming the field: never silently ignored. Log probabilities (`logprobs`, `top_logprobs`) are the
+verifier's (eesd/logprobs.py), in OpenAI's shapes: a completion's `tokens` / `token_logprobs` /
+`top_logprobs` / `text_offset`, a chat completion's `content[]` of `token` / `logprob` / `bytes` /
+`top_logprobs`."""
 
 from typing import Annotated, Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field
+
+from eesd.params import MAX_TOP_LOGPROBS
 
 # Lengths of client-supplied text kept in check before any work (the prompt itself is bounded by the
 # controller's prompt limit).
@@ -60,7 +65,9 @@ class CompletionRequest(_Sampling):
     prompt: str | list[str] | list[int] | list[list[int]]
     max_tokens: Annotated[int, Field(ge=1)] | None = 16  # OpenAI's default for completions
     echo: bool = False
-    logprobs: int | None = None
+    # The generated tokens' log probabilities and this many most likely tokens at each position (OpenAI
+    # allows 5; vLLM, and EESD, 20).
+    logprobs: Annotated[int, Field(ge=0, le=MAX_TOP_LOGPROBS)] | None = None
     suffix: str | None = None
     best_of: int | None = None
 
@@ -75,7 +82,7 @@ class ChatCompletionRequest(_Sampling):
     messages: Annotated[list[ChatMessage], Field(min_length=1)]
     max_completion_tokens: Annotated[int, Field(ge=1)] | None = None
     logprobs: bool | None = None
-    top_logprobs: int | None = None
+    top_logprobs: Annotated[int, Field(ge=0, le=MAX_TOP_LOGPROBS)] | None = None  # needs logprobs: true
     tools: list[dict[str, Any]] | None = None
     response_format: dict[str, Any] | None = None
     # vLLM's: whether the template ends with the assistant's turn opened, and extra template variables.
@@ -102,10 +109,20 @@ class Speculation(BaseModel):
     policy: str
 
 
+class CompletionLogprobs(BaseModel):
+    """A completion choice's log probabilities (the legacy format), one entry per generated token."""
+
+    tokens: list[str]
+    token_logprobs: list[float | None]
+    # The sampled token and the `logprobs` most likely ones at each position: up to logprobs + 1 entries.
+    top_logprobs: list[dict[str, float] | None]
+    text_offset: list[int]  # where each token's text begins in the choice's text
+
+
 class CompletionChoice(BaseModel):
     index: int
     text: str
-    logprobs: None = None
+    logprobs: CompletionLogprobs | None = None
     finish_reason: str | None = None
 
 
@@ -124,10 +141,25 @@ class AssistantMessage(BaseModel):
     content: str
 
 
+class TopLogprob(BaseModel):
+    token: str
+    logprob: float
+    bytes: list[int] | None = None  # the token's UTF-8 bytes (a token may hold part of a character)
+
+
+class TokenLogprob(TopLogprob):
+    top_logprobs: list[TopLogprob]  # the `top_logprobs` most likely tokens at the position, most likely first
+
+
+class ChoiceLogprobs(BaseModel):
+    content: list[TokenLogprob] | None = None
+    refusal: list[TokenLogprob] | None = None
+
+
 class ChatChoice(BaseModel):
     index: int
     message: AssistantMessage
-    logprobs: None = None
+    logprobs: ChoiceLogprobs | None = None
     finish_reason: str | None = None
 
 
@@ -149,7 +181,7 @@ class Delta(BaseModel):
 class ChatChunkChoice(BaseModel):
     index: int
     delta: Delta
-    logprobs: None = None
+    logprobs: ChoiceLogprobs | None = None
     finish_reason: str | None = None
 
 

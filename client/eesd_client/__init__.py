@@ -39,6 +39,7 @@ from eesd_client.types import (
     SessionState,
     SpeculationStats,
     TimeSplit,
+    TokenLogprob,
     Usage,
 )
 
@@ -73,6 +74,7 @@ __all__ = [
     "SpeculationStats",
     "TimeSplit",
     "TlsConfig",
+    "TokenLogprob",
     "UnauthenticatedError",
     "UnavailableError",
     "Usage",

@@ -120,7 +120,7 @@ class GenerateAttempts:
         self._request = request
         self._budget = budget
         self._resume = policy.resume
-        self.builder = ResultBuilder(request.session_id or None)
+        self.builder = ResultBuilder(request.session_id or None, request.HasField("top_logprobs"))
         # Requests that continued the session after its stream broke mid-way.
         self.resumes = 0
         self.cancelled = False

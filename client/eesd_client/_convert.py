@@ -19,6 +19,7 @@ from eesd_client.types import (
     SessionState,
     SpeculationStats,
     TimeSplit,
+    TokenLogprob,
     Usage,
 )
 
@@ -53,6 +54,7 @@ def generate_request_to_proto(request: GenerationRequest) -> controller_pb2.Gene
         ignore_eos=not request.stop_on_eos,
         stop=list(request.stop),
         stop_token_ids=list(request.stop_token_ids),
+        top_logprobs=request.top_logprobs,
     )
     if isinstance(request.prompt, str):
         message.prompt_text = request.prompt
@@ -72,6 +74,10 @@ def round_stats_from_proto(message: common_pb2.RoundStats) -> RoundStats:
         transport_ms=message.transport_ms,
         controller_ms=message.controller_ms,
     )
+
+
+def logprobs_from_proto(messages) -> tuple[TokenLogprob, ...]:
+    return tuple(TokenLogprob(m.token_id, m.logprob, tuple((t.token_id, t.logprob) for t in m.top)) for m in messages)
 
 
 def usage_from_proto(message: controller_pb2.Usage) -> Usage:
@@ -135,9 +141,12 @@ class ResultBuilder:
     tokens this builder does not have yet (`completion_tokens` is what the resume request says it has).
     """
 
-    def __init__(self, session_id: str | None = None) -> None:
+    def __init__(self, session_id: str | None = None, logprobs: bool = False) -> None:
         # The caller's choice, else the server's from the first message.
         self.session_id = session_id
+        # The request set top_logprobs: chunks carry them.
+        self.logprobs = logprobs
+        self._logprobs: list[TokenLogprob | None] = []
         # A message arrived (so the server holds the session under `session_id`).
         self.streamed = False
         self._token_ids: list[int] = []
@@ -179,6 +188,13 @@ class ResultBuilder:
             raise ProtocolError(f"Generate stream sent a message without an event: {message}")
         if catch_up and not message.chunk.token_ids and not message.chunk.text:
             return None
+        logprobs = None
+        if self.logprobs and not catch_up:
+            logprobs = logprobs_from_proto(message.chunk.logprobs)
+            if len(logprobs) != len(message.chunk.token_ids):
+                raise ProtocolError(
+                    f"Generate stream sent {len(logprobs)} log probabilities for {len(message.chunk.token_ids)} tokens"
+                )
         chunk = GenerationChunk(
             session_id=self.session_id or "",
             round=message.chunk.round,
@@ -186,8 +202,10 @@ class ResultBuilder:
             text=message.chunk.text,
             stats=round_stats_from_proto(message.chunk.stats),
             resumed=catch_up,
+            logprobs=logprobs,
         )
         self._token_ids.extend(chunk.token_ids)
+        self._logprobs.extend(logprobs if logprobs is not None else [None] * len(chunk.token_ids))
         self._text.append(chunk.text)
         if not catch_up:
             self._rounds.append(chunk.stats)
@@ -202,4 +220,5 @@ class ResultBuilder:
             text="".join(self._text),
             rounds=tuple(self._rounds),
             stats=self._stats,
+            logprobs=tuple(self._logprobs) if self.logprobs else None,
         )

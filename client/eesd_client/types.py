@@ -34,6 +34,10 @@ class FinishReason(Enum):
     STOP = "stop"
 
 
+# The most top_logprobs a request may ask for (the server's bound).
+MAX_TOP_LOGPROBS = 20
+
+
 class SessionState(Enum):
     """Lifecycle state of a session (SessionState)."""
 
@@ -74,6 +78,9 @@ class GenerationRequest:
     stop: str | Sequence[str] = ()
     # Stop token ids (at most 64): the first one generated is the last token, finish reason STOP.
     stop_token_ids: Sequence[int] = ()
+    # Log probabilities of the generated tokens (`GenerationChunk.logprobs`): None asks for none; 0 for each
+    # token's own; n (at most 20) also for the n most likely tokens at its position.
+    top_logprobs: int | None = None
 
     def __post_init__(self) -> None:
         stop = (self.stop,) if isinstance(self.stop, str) else tuple(self.stop)
@@ -100,6 +107,12 @@ class GenerationRequest:
             raise InvalidArgumentError(f"seed must be in [0, 2^63), got {self.seed}")
         if self.k_max is not None and self.k_max < 0:
             raise InvalidArgumentError(f"k_max must be >= 0, got {self.k_max}")
+        if self.top_logprobs is not None and (
+            not isinstance(self.top_logprobs, int) or not 0 <= self.top_logprobs <= MAX_TOP_LOGPROBS
+        ):
+            raise InvalidArgumentError(
+                f"top_logprobs must be None or in [0, {MAX_TOP_LOGPROBS}], got {self.top_logprobs}"
+            )
 
 
 class GenerateOptions(TypedDict, total=False):
@@ -117,6 +130,20 @@ class GenerateOptions(TypedDict, total=False):
     stop_on_eos: bool
     stop: str | Sequence[str]
     stop_token_ids: Sequence[int]
+    top_logprobs: int | None
+
+
+@dataclass(frozen=True)
+class TokenLogprob:
+    """A generated token's log-probability (TokenLogprob) under the verifier's target distribution p at its
+    position: after the request's temperature, top-k and top-p when sampling, the model's raw softmax
+    when greedy; never the drafter's, so speculation does not change it."""
+
+    token_id: int
+    logprob: float
+    # The request's top_logprobs most likely (token id, logprob) of p at the position, most likely first;
+    # tokens with p = 0 (cut by top-k / top-p) left out.
+    top: tuple[tuple[int, float], ...] = ()
 
 
 @dataclass(frozen=True)
@@ -147,6 +174,9 @@ class GenerationChunk:
     # The catch-up chunk of a resumed stream: every token the session committed while the stream was down,
     # possibly several rounds, so `round` and `stats` are what the server reported for it, not one round's.
     resumed: bool = False
+    # One per token of token_ids when the request set top_logprobs, else None; None in a catch-up chunk too
+    # (the server does not store log probabilities).
+    logprobs: tuple[TokenLogprob, ...] | None = None
 
 
 @dataclass(frozen=True)
@@ -203,6 +233,9 @@ class GenerationResult:
     # it spans arrived as one chunk), while `stats.speculation` always covers every round.
     rounds: tuple[RoundStats, ...]
     stats: FinalStats
+    # When the request set top_logprobs: one per token of token_ids, None for a token that arrived in a
+    # resumed stream's catch-up chunk; None when the request asked for none.
+    logprobs: tuple[TokenLogprob | None, ...] | None = None
 
     @property
     def finish_reason(self) -> FinishReason:

@@ -20,15 +20,17 @@ from eesd_client import (
     EesdClient,
     EesdError,
     GenerationChunk,
+    GenerationRequest,
     GenerationResult,
     InvalidArgumentError,
     ProtocolError,
     RetryPolicy,
+    TokenLogprob,
     UnavailableError,
 )
-from eesd_client._convert import ResultBuilder
+from eesd_client._convert import ResultBuilder, generate_request_to_proto
 
-from eesd_proto.eesd.v1 import controller_pb2
+from eesd_proto.eesd.v1 import common_pb2, controller_pb2
 
 FAST_RETRY = RetryPolicy(max_attempts=4, initial_backoff_s=0.01, max_backoff_s=0.02)
 
@@ -312,3 +314,37 @@ def test_result_builder_counts_each_token_once_and_checks_the_session() -> None:
     builder.add(controller_pb2.GenerateResponse(session_id="s", summary=controller_pb2.GenerationSummary()))
     result = builder.result()
     assert result.token_ids == (1, 2, 3) and result.text == "xxx" and len(result.rounds) == 1
+
+
+def test_result_builder_keeps_the_logprobs_of_each_token() -> None:
+    """Chunks carry one TokenLogprob per token when the request asked; a resumed stream's catch-up chunk
+    carries none (the server does not store them), so its tokens get None in the result."""
+
+    def chunk(ids: list[int]) -> controller_pb2.GenerateResponse:
+        logprobs = [
+            common_pb2.TokenLogprob(token_id=t, logprob=-0.5, top=[common_pb2.TopLogprob(token_id=t, logprob=-0.5)])
+            for t in ids
+        ]
+        message = controller_pb2.GenerationChunk(token_ids=ids, text="x", logprobs=logprobs)
+        return controller_pb2.GenerateResponse(session_id="s", chunk=message)
+
+    builder = ResultBuilder("s", logprobs=True)
+    first = builder.add(chunk([1, 2]))
+    assert first.logprobs == (TokenLogprob(1, -0.5, ((1, -0.5),)), TokenLogprob(2, -0.5, ((2, -0.5),)))
+    caught_up = builder.add(controller_pb2.GenerateResponse(session_id="s", chunk={"token_ids": [3]}), catch_up=True)
+    assert caught_up.logprobs is None
+    broken = controller_pb2.GenerateResponse(session_id="s", chunk={"token_ids": [4, 5], "logprobs": [{"token_id": 4}]})
+    with pytest.raises(ProtocolError, match="1 log probabilities for 2 tokens"):
+        builder.add(broken)
+    builder.add(controller_pb2.GenerateResponse(session_id="s", summary=controller_pb2.GenerationSummary()))
+    assert builder.result().logprobs == (*first.logprobs, None)
+    plain = ResultBuilder("s")
+    assert plain.add(chunk([1])).logprobs is None
+    plain.add(controller_pb2.GenerateResponse(session_id="s", summary=controller_pb2.GenerationSummary()))
+    assert plain.result().logprobs is None
+
+
+def test_the_request_carries_top_logprobs_only_when_set() -> None:
+    assert generate_request_to_proto(GenerationRequest("hi", top_logprobs=0)).top_logprobs == 0
+    assert generate_request_to_proto(GenerationRequest("hi", top_logprobs=0)).HasField("top_logprobs")
+    assert not generate_request_to_proto(GenerationRequest("hi")).HasField("top_logprobs")

@@ -153,6 +153,8 @@ def test_invalid_requests_fail_before_any_call(controller: Server) -> None:
             ("hi", {"top_p": 0.0}),
             ("hi", {"k_max": -1}),
             ("hi", {"seed": -1}),
+            ("hi", {"top_logprobs": 21}),
+            ("hi", {"top_logprobs": -1}),
         ]:
             with pytest.raises(InvalidArgumentError):
                 client.generate(prompt, **options)

@@ -10,7 +10,9 @@ import time
 import grpc
 import httpx
 import pytest
+import torch
 from eesd_client import EesdClient, FinishReason, SessionState
+from transformers import AutoModelForCausalLM
 
 from serving.local_stack import free_port
 from tests.e2e.helpers import log_tails, oracle, start_stack, stop_stack
@@ -105,6 +107,26 @@ def test_stop_strings_and_ids_through_the_grpc_sdk(stack):
     assert list(by_text.token_ids) == generated[: len(by_text.token_ids)]
     first = generated.index(generated[5])
     assert by_id.finish_reason == FinishReason.STOP and list(by_id.token_ids) == generated[: first + 1]
+
+
+@pytest.mark.parametrize("policy", ["fixed", "off"])
+def test_logprobs_through_the_grpc_sdk_and_http_are_the_models(stack, policy):
+    """Over the real protocol (drafter relaying the verifier's verdict, or verifier-only Verify calls): each
+    token's log p is transformers' log_softmax at its position, and HTTP shows the same numbers."""
+    stack, client, model = stack
+    with EesdClient(stack.controller_address, timeout=120, auth_token=TOKEN) as sdk:
+        result = sdk.generate_text(PROMPT, max_new_tokens=16, stop_on_eos=False, policy=policy, top_logprobs=3)
+    tokens = list(result.token_ids)
+    assert tokens == list(oracle(model, PROMPT, 16)) and len(result.logprobs) == 16
+    hf = AutoModelForCausalLM.from_pretrained(model, dtype=torch.float32).eval()
+    with torch.no_grad():
+        expected = hf(torch.tensor([PROMPT + tokens])).logits[0, len(PROMPT) - 1 : -1].log_softmax(-1)
+    for i, lp in enumerate(result.logprobs):
+        assert lp.token_id == tokens[i] and abs(lp.logprob - expected[i, tokens[i]].item()) < 1e-4
+        assert [t for t, _ in lp.top] == expected[i].topk(3).indices.tolist()
+    body = {"model": "tiny-chat", "prompt": PROMPT, "max_tokens": 16, "temperature": 0, "ignore_eos": True}
+    out = client.post("/v1/completions", json={**body, "logprobs": 3, "policy": policy}).json()
+    assert out["choices"][0]["logprobs"]["token_logprobs"] == [lp.logprob for lp in result.logprobs]
 
 
 def test_a_client_that_hangs_up_ends_its_session_resumably(stack):

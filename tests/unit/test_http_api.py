@@ -8,6 +8,8 @@ import json
 
 import httpx
 import pytest
+import torch
+from transformers import AutoModelForCausalLM
 
 from controller.chat_template import ChatTemplate
 from controller.discovery import StaticDiscovery
@@ -209,7 +211,8 @@ def test_bearer_tokens_are_checked_like_on_grpc(model, nodes):
         ("/v1/completions", {"model": MODEL, "prompt": PROMPT * 80}, 400, "prompt"),  # over the prompt limit
         ("/v1/completions", {"model": MODEL, "prompt": [5, 384]}, 400, "prompt"),  # outside the vocabulary
         ("/v1/completions", {"model": MODEL, "prompt": PROMPT * 50, "max_tokens": 256}, 400, "max_tokens"),  # context
-        ("/v1/completions", {"model": MODEL, "prompt": "w5", "logprobs": 2}, 400, "logprobs"),
+        ("/v1/completions", {"model": MODEL, "prompt": "w5", "logprobs": 21}, 400, "logprobs"),
+        ("/v1/completions", {"model": MODEL, "prompt": "w5", "logprobs": 1, "echo": True}, 400, "echo"),
         ("/v1/completions", {"model": MODEL, "prompt": "w5", "stop": [""]}, 400, "stop"),
         ("/v1/completions", {"model": MODEL, "prompt": "w5", "stop_token_ids": [400]}, 400, "stop_token_ids"),
         ("/v1/completions", {"model": MODEL, "prompt": "w5", "presence_penalty": 1}, 400, "presence_penalty"),
@@ -225,9 +228,15 @@ def test_bearer_tokens_are_checked_like_on_grpc(model, nodes):
         ),
         (
             "/v1/chat/completions",
-            {"model": MODEL, "messages": [{"role": "user", "content": "w5"}], "logprobs": True},
+            {"model": MODEL, "messages": [{"role": "user", "content": "w5"}], "top_logprobs": 2},
             400,
-            "logprobs",
+            "top_logprobs",
+        ),
+        (
+            "/v1/chat/completions",
+            {"model": MODEL, "messages": [{"role": "user", "content": "w5"}], "logprobs": True, "top_logprobs": 21},
+            400,
+            "top_logprobs",
         ),
     ],
 )
@@ -276,3 +285,98 @@ def test_echo_prepends_the_prompt_and_a_batch_of_prompts_gets_n_choices_each(mod
         expected = words(hf_greedy(model, [int(w[1:]) for w in prompt.split()], 4))
         assert c["text"] == prompt + " " + expected
     assert out["usage"]["prompt_tokens"] == 4 and out["usage"]["completion_tokens"] == 16
+
+
+def reference_logprobs(model, prompt: list[int], tokens: list[int]) -> torch.Tensor:
+    """log_softmax of transformers' fp32 logits at each generated position (greedy: the raw distribution)."""
+    hf = AutoModelForCausalLM.from_pretrained(model, dtype=torch.float32).eval()
+    with torch.no_grad():
+        logits = hf(torch.tensor([prompt + tokens])).logits[0]
+    return logits[len(prompt) - 1 : len(prompt) - 1 + len(tokens)].log_softmax(-1)
+
+
+@pytest.mark.parametrize("policy", ["fixed", "off"])
+def test_completion_logprobs_are_the_models_in_openais_shape(model, nodes, policy):
+    front = front_end(model, nodes, policy=policy)
+    body = {"model": MODEL, "prompt": PROMPT, "max_tokens": 12, "temperature": 0, "ignore_eos": True, "logprobs": 3}
+    out = call(front, "POST", "/v1/completions", body).json()
+    (choice,) = out["choices"]
+    lp = choice["logprobs"]
+    assert set(lp) == {"tokens", "token_logprobs", "top_logprobs", "text_offset"}
+    tokens = [int(t.strip()[1:]) for t in lp["tokens"]]  # each token's text in context: " w<id>"
+    assert tokens == hf_greedy(model, PROMPT, 12) and "".join(lp["tokens"]) == choice["text"]
+    expected = reference_logprobs(model, PROMPT, tokens)
+    for i, (token, value, top, offset) in enumerate(
+        zip(lp["tokens"], lp["token_logprobs"], lp["top_logprobs"], lp["text_offset"], strict=True)
+    ):
+        assert abs(value - expected[i, tokens[i]].item()) < 1e-4
+        assert choice["text"][offset : offset + len(token)] == token
+        # The sampled token first, then the 3 most likely (greedy: the sampled one is the most likely).
+        assert list(top)[0] == token and len(top) == 3
+        assert [int(t.strip()[1:]) for t in top] == expected[i].topk(3).indices.tolist()
+        assert all(abs(v - expected[i, int(t.strip()[1:])].item()) < 1e-4 for t, v in top.items())
+    # Streamed: each chunk carries its round's tokens, and they add up to the whole response's.
+    chunks = events(call(front, "POST", "/v1/completions", {**body, "stream": True}))[:-1]
+    parts = [c["choices"][0]["logprobs"] for c in chunks if c["choices"][0]["logprobs"]]
+    assert len(parts) > 1  # one per round, not one at the end
+    streamed = {key: [x for part in parts for x in part[key]] for key in lp}
+    assert streamed == lp
+    plain = call(front, "POST", "/v1/completions", {**body, "logprobs": None}).json()
+    assert plain["choices"][0]["logprobs"] is None and plain["choices"][0]["text"] == choice["text"]
+
+
+def test_chat_logprobs_are_the_models_in_openais_shape(model, nodes):
+    front = front_end(model, nodes)
+    messages = [{"role": "user", "content": "w12 w13"}]
+    body = {
+        "model": MODEL,
+        "messages": messages,
+        "max_tokens": 10,
+        "temperature": 0,
+        "ignore_eos": True,
+        "logprobs": True,
+        "top_logprobs": 2,
+    }
+    out = call(front, "POST", "/v1/chat/completions", body).json()
+    (choice,) = out["choices"]
+    content = choice["logprobs"]["content"]
+    assert [set(entry) for entry in content] == [{"token", "logprob", "bytes", "top_logprobs"}] * 10
+    assert "".join(entry["token"] for entry in content) == choice["message"]["content"]
+    prompt = [1, 5, 12, 13, 3, 6]  # the template's rendering (see the chat test above)
+    tokens = [int(entry["token"].strip()[1:]) for entry in content]
+    assert tokens == hf_greedy(model, prompt, 10)
+    expected = reference_logprobs(model, prompt, tokens)
+    for i, entry in enumerate(content):
+        assert abs(entry["logprob"] - expected[i, tokens[i]].item()) < 1e-4
+        assert entry["bytes"] == list(entry["token"].encode())
+        top = entry["top_logprobs"]
+        assert [set(t) for t in top] == [{"token", "logprob", "bytes"}] * 2
+        assert top[0]["token"] == entry["token"]  # greedy: the chosen token is the most likely
+        assert [t["logprob"] for t in top] == sorted((t["logprob"] for t in top), reverse=True)
+        assert [int(t["token"].strip()[1:]) for t in top] == expected[i].topk(2).indices.tolist()
+    chunks = events(call(front, "POST", "/v1/chat/completions", {**body, "stream": True}))[:-1]
+    streamed = [x for c in chunks if c["choices"][0]["logprobs"] for x in c["choices"][0]["logprobs"]["content"]]
+    assert streamed == content
+    # logprobs without top_logprobs: each token's own, no alternatives.
+    own = call(front, "POST", "/v1/chat/completions", {**body, "top_logprobs": None}).json()
+    assert [e["top_logprobs"] for e in own["choices"][0]["logprobs"]["content"]] == [[]] * 10
+    assert [e["logprob"] for e in own["choices"][0]["logprobs"]["content"]] == [e["logprob"] for e in content]
+
+
+def test_logprobs_end_with_the_tokens_at_a_stop_string(model, nodes):
+    front = front_end(model, nodes)
+    base = {"model": MODEL, "prompt": PROMPT, "max_tokens": 30, "temperature": 0, "ignore_eos": True, "logprobs": 0}
+    whole = call(front, "POST", "/v1/completions", base).json()["choices"][0]
+    stop = whole["text"].split(" ")[7]  # the 8th word: found across rounds with k_max 3
+    for stream in (False, True):
+        response = call(front, "POST", "/v1/completions", {**base, "stop": [stop], "stream": stream})
+        if stream:
+            chunks = events(response)[:-1]
+            tokens = [t for c in chunks if c["choices"][0]["logprobs"] for t in c["choices"][0]["logprobs"]["tokens"]]
+        else:
+            choice = response.json()["choices"][0]
+            assert choice["finish_reason"] == "stop"
+            tokens = choice["logprobs"]["tokens"]
+            assert [list(top) for top in choice["logprobs"]["top_logprobs"]] == [[t] for t in tokens]  # 0: own only
+        # The token that completed the stop string is the last one: no logprob of a token after it.
+        assert tokens == whole["logprobs"]["tokens"][:7] and tokens[-1] == " " + stop

@@ -1,12 +1,13 @@
 """controller.text.TextStream: streamed text deltas add up to the decoded sequence, with work linear in
-the number of tokens, for a byte-level BPE tokenizer and multi-byte characters split across tokens."""
+the number of tokens, for a byte-level BPE tokenizer and multi-byte characters split across tokens; and
+TokenPieces, each token's own text and bytes for log probabilities."""
 
 import random
 
 import pytest
 from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
 
-from controller.text import TextCodec, TextStream
+from controller.text import TextCodec, TextStream, TokenPieces
 
 TEXT = "héllo wörld, 日本語のテキスト 🙂🚀 naïve café; ünïcödé ½ — “quotes” 𝔘𝔫𝔦"
 
@@ -70,3 +71,34 @@ def test_a_stream_primed_with_what_the_client_has_continues_its_text(tokenizer, 
     resumed = TextStream(CountingCodec(tokenizer))
     resumed.skip(ids[:cut])
     assert before + resumed.push(ids[cut:]) == TEXT
+
+
+def test_token_pieces_give_each_tokens_text_and_exact_bytes(tokenizer):
+    """Log probabilities' token texts (controller.text.TokenPieces): what each token adds after the ones
+    before it, and its exact bytes, which add up to the text's UTF-8 even where a token splits a character."""
+    codec = TextCodec.__new__(TextCodec)
+    codec.tokenizer = tokenizer
+    ids = tokenizer.encode(TEXT).ids
+    pieces = TokenPieces(codec, ids[:3])
+    texts, raw = [], b""
+    for token in ids[3:]:
+        text = pieces.text(token)
+        assert pieces.text(token) == text  # asking for an alternative does not move the position
+        texts.append(text)
+        raw += bytes(pieces.bytes(token, text))
+        pieces.advance(token)
+    assert raw.decode() == tokenizer.decode(ids[3:]) == TEXT[len(tokenizer.decode(ids[:3])) :]
+    assert "\ufffd" in "".join(texts)  # a token that holds part of a character reads U+FFFD; its bytes are exact
+    assert TokenPieces(codec, []).text(tokenizer.token_to_id("<eos>")) == "<eos>"  # special tokens shown
+    assert TokenPieces(None, [1]).text(7) == "token_id:7" and TokenPieces(None, [1]).bytes(7, "") is None
+
+
+def test_token_pieces_read_sentencepiece_byte_tokens():
+    vocab = {"<unk>": 0, "▁a": 1, "<0xE2>": 2, "<0x82>": 3, "<0xAC>": 4}
+    tok = Tokenizer(models.WordLevel(vocab, unk_token="<unk>"))
+    tok.decoder = decoders.Sequence([decoders.Replace("▁", " "), decoders.ByteFallback(), decoders.Fuse()])
+    codec = TextCodec.__new__(TextCodec)
+    codec.tokenizer = tok
+    pieces = TokenPieces(codec, [1])
+    assert [pieces.bytes(t, pieces.text(t)) for t in (2, 3, 4)] == [[0xE2], [0x82], [0xAC]]  # "€" in 3 tokens
+    assert pieces.text(1) == " a" and pieces.bytes(1, " a") == [32, 97]
