@@ -90,7 +90,9 @@ def test_get_session_of_a_failed_session_says_failed_with_status_and_message():
         await run_until_error(loop, "s1")
         servicer = ControllerServicer(loop, store, None, PolicyParams("off", 0), 64, 128)
         request = controller_pb2.GetSessionRequest(session_id="s1")
-        return (await servicer.GetSession(request, NoMetadata())).session
+        session = (await servicer.GetSession(request, NoMetadata())).session
+        await loop.aclose()  # the node cleanup started in the background has finished
+        return session
 
     session = asyncio.run(scenario())
     assert session.state == controller_pb2.SESSION_STATE_FAILED
