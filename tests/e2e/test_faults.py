@@ -56,6 +56,7 @@ def test_every_fault_once_under_running_sessions(fast_stack, tiny_models):
 
 
 @pytest.mark.slow
+@pytest.mark.timeout(1800)  # about 8 minutes on 2 quiet cores, over 10 on loaded ones (pyproject's default)
 def test_fault_trials_at_scale(tiny_models, tmp_path_factory, require_redis):
     """15 kills of each process role, 2 hangs of 10 s of each, 3 trials of each Redis fault (6 s outages);
     the controllers' defaults (node_lost_s 5 s, store_wait_s 30 s). About 8 minutes on 2 cores."""
