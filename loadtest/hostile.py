@@ -1369,25 +1369,9 @@ def parse_args(argv=None) -> argparse.Namespace:
 def local_stack(args: argparse.Namespace):
     """The LocalStack the flags describe; without --model-dir the default served model, in --dtype (float32
     by default, so its greedy output can be compared with transformers' float32 greedy decoding)."""
-    from serving.local_stack import LocalStack
-    from serving.models import default_model
+    from serving.local_stack import stack_from_args
 
-    if args.model_dir is None:
-        model = default_model()
-        args.model_dir, args.exit_layer, args.exit_head = str(model.model_dir), model.exit_layer, model.exit_head
-    elif args.exit_layer is None:
-        raise SystemExit("--exit-layer is required with --model-dir")
-    return LocalStack(
-        args.model_dir,
-        args.exit_layer,
-        args.exit_head,
-        args.dtype,
-        args.drafters,
-        args.verifiers,
-        args.redis,
-        args.log_dir,
-        args.threads,
-    )
+    return stack_from_args(args, model_dtype=False)
 
 
 def main(argv=None) -> int:

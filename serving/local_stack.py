@@ -319,17 +319,18 @@ def add_stack_arguments(parser: argparse.ArgumentParser | argparse._ArgumentGrou
 
 
 def stack_from_args(
-    args: argparse.Namespace, controller_port: int = 0, controllers: int = 1, http_port: int = 0
+    args: argparse.Namespace,
+    controller_port: int = 0,
+    controllers: int = 1,
+    http_port: int = 0,
+    model_dtype: bool = True,
 ) -> LocalStack:
-    """The stack the flags describe; without --model-dir, the default served model (serving.models)."""
+    """The stack the flags describe; without --model-dir, the default served model (serving.models), in its
+    own dtype unless `model_dtype` is False (then --dtype)."""
     if args.model_dir is None:
         model = default_model()
-        args.model_dir, args.exit_layer, args.exit_head, args.dtype = (
-            model.model_dir,
-            model.exit_layer,
-            model.exit_head,
-            model.dtype,
-        )
+        args.model_dir, args.exit_layer, args.exit_head = model.model_dir, model.exit_layer, model.exit_head
+        args.dtype = model.dtype if model_dtype else args.dtype
     elif args.exit_layer is None:
         raise SystemExit("--exit-layer is required with --model-dir")
     return LocalStack(
