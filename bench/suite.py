@@ -7,8 +7,6 @@ Reported: medians over repetitions of both, and the speculation statistics poole
 """
 
 import json
-import os
-import platform
 import statistics
 import sys
 import time
@@ -20,6 +18,7 @@ import torch
 import transformers
 
 from bench.methods import Method, Run, Runners, default_methods
+from loadtest import environment
 
 POLICIES = ["heuristic", "threshold", "beta-ts", "calibration-ts"]
 HF_ASSISTED = [
@@ -56,32 +55,14 @@ class BenchConfig:
         return [m for m in methods if self.include_hf or m.kind == "ours"]
 
 
-# CPU features that decide how fast bf16 matmuls run: without avx512_bf16 or AMX, bf16 is emulated.
-CPU_FLAGS = ("avx2", "avx512f", "avx512_bf16", "avx512_vnni", "amx_tile", "amx_bf16", "amx_int8")
-
-
 def machine() -> dict:
-    cpu = platform.processor() or platform.machine()
-    flags: set[str] = set()
-    try:
-        first = Path("/proc/cpuinfo").read_text().split("\n\n")[0]  # the first processor's block
-        for line in first.splitlines():
-            if line.startswith("model name"):
-                cpu = line.split(":", 1)[1].strip()
-            elif line.startswith("flags"):
-                flags = set(line.split(":", 1)[1].split())
-    except OSError:
-        pass
+    """The machine a benchmark ran on (loadtest.environment's record) and the torch it ran with."""
     return {
-        "cpu": cpu,
-        "cpu_flags": {flag: flag in flags for flag in CPU_FLAGS},
+        **environment.machine(),
         "torch_cpu_capability": torch.backends.cpu.get_cpu_capability(),  # the kernels torch dispatches to
-        "cores_available": len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count(),
         "torch_threads": torch.get_num_threads(),
-        "python": platform.python_version(),
         "torch": torch.__version__,
         "transformers": transformers.__version__,
-        "platform": platform.platform(),
     }
 
 
