@@ -172,7 +172,7 @@ hostile: setup redis
 # Fault trials (issue #13): on a LocalStack of the default model in float32 with two controllers sharing Redis
 # (AOF on, behind a TCP proxy), two drafters and two verifiers, greedy sessions through the SDK pointed at
 # both controllers meet kill -9 and SIGSTOP of each role, Redis killed (restarted empty or from its AOF),
-# paused and unreachable; every output is compared with transformers' greedy decoding. About 45 minutes on
+# paused and unreachable; every output is compared with transformers' greedy decoding. About 50 minutes on
 # 2 cores; report in loadtest/results/faults.json (FAULTS_ARGS adds flags: `python -m loadtest.faults --help`).
 .PHONY: faults
 faults: setup redis
