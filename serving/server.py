@@ -6,6 +6,7 @@ the channel and keepalive settings of every connection between the services."""
 import asyncio
 import ctypes
 import ctypes.util
+import faulthandler
 import logging
 import signal
 from collections.abc import Awaitable, Callable
@@ -124,6 +125,7 @@ async def serve(
     client-certificate names and the plain-text health port; calls must carry one of `tokens` (a
     `token_kind`), health checks and reflection excepted."""
     return_large_allocations()
+    faulthandler.enable()  # a native crash (or a fatal signal) leaves its traceback in the log
     security = security or SecurityConfig()
     host = address.rpartition(":")[0]
     start_exporter(metrics_port, host.strip("[]") or "0.0.0.0")
