@@ -11,7 +11,6 @@ The controller writes one access line per call of its public API to the `eesd.ac
 
 from __future__ import annotations
 
-import asyncio
 import contextlib
 import datetime
 import json
@@ -126,14 +125,10 @@ def access_scope(method: str, context: Any, status: list, request: Any = None) -
         return
     fields: dict[str, Any] = {}
     token, start = _access.set(fields), time.perf_counter()
-    code = None
     try:
         yield
-    except (asyncio.CancelledError, GeneratorExit):  # the client went away
-        code = "CANCELLED"
-        raise
     finally:
-        line = _access_line(method, context, code or getattr(status[0], "name", str(status[0])), request, start)
+        line = _access_line(method, context, getattr(status[0], "name", str(status[0])), request, start)
         for key, value in fields.items():
             line.update(value.access_fields() if hasattr(value, "access_fields") else {key: value})
         tracing.annotate(**{f"eesd.{k}": v for k, v in line.items() if k not in ("method", "peer")})

@@ -9,7 +9,6 @@ process, so the metrics live in the default registry; a group is created on firs
 only the groups it records (controller, node role, RPCs). Servicers record with one call each.
 """
 
-import asyncio
 import functools
 import inspect
 import logging
@@ -503,9 +502,6 @@ class RpcMetrics:
         status, start = ["UNKNOWN"], time.perf_counter()
         try:
             yield status
-        except (asyncio.CancelledError, GeneratorExit):  # the client went away
-            status[0] = "CANCELLED"
-            raise
         finally:
             code = getattr(status[0], "name", status[0])
             self.handled.labels(service, name, code).inc()

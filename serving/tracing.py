@@ -19,7 +19,6 @@ Spans go out in batches over OTLP/gRPC (`OTLPSpanExporter`); the standard OTEL_*
 
 from __future__ import annotations
 
-import asyncio
 import atexit
 import contextlib
 import logging
@@ -114,14 +113,10 @@ def rpc_span(method: str, context: Any, status: list) -> Iterator[None]:
         record_exception=False,
         set_status_on_exception=False,
     ) as span:
-        code = None
         try:
             yield
-        except (asyncio.CancelledError, GeneratorExit):  # the client went away
-            code = "CANCELLED"
-            raise
         finally:
-            code = code or _status_name(status[0])
+            code = _status_name(status[0])
             span.set_attribute("rpc.grpc.status_code", code)
             if code != "OK":
                 span.set_status(Status(StatusCode.ERROR, code))
