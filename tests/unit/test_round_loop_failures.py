@@ -145,7 +145,9 @@ def test_cancelling_a_session_this_controller_does_not_drive_leaves_no_trace():
         loop = RoundLoop(MemoryStateStore(), router, FakeNodes(RuntimeError("unused"), fail_at=99), frozenset(), 32)
         loop.cancel_local("reused")
         params = GenerationParams(4, policy=PolicyParams("off", 0), stop_on_eos=False)
-        return [event async for event in loop.generate(PROMPT, params, "reused")]
+        events = [event async for event in loop.generate(PROMPT, params, "reused")]
+        await loop.aclose()  # the node cleanup started in the background has finished
+        return events
 
     events = asyncio.run(scenario())
     assert events[-1].finish_reason == "length" and sum(len(e.tokens) for e in events[:-1]) == 4
@@ -166,7 +168,10 @@ def test_sessions_beyond_the_controllers_limit_are_resource_exhausted_at_once():
         with pytest.raises(ResourceExhausted, match="maximum of 2 sessions"):
             await anext(loop.generate(PROMPT, params, "c"))
         rest = [event async for event in first]
-        return rest[-1].finish_reason, [event async for event in loop.generate(PROMPT, params, "c")][-1]
+        last = [event async for event in loop.generate(PROMPT, params, "c")][-1]
+        await second.aclose()
+        await loop.aclose()  # the node cleanup started in the background has finished
+        return rest[-1].finish_reason, last
 
     reason, last = asyncio.run(scenario())
     assert reason == "length" and last.finish_reason == "length"
