@@ -17,7 +17,7 @@ from eesd.errors import InvalidArgument
 from eesd.exit_layer import load_exit_head, state_hash, untrained_exit_layer, validate_exit_layer
 from eesd.identity import ModelIdentity, tokenizer_hash
 from eesd.params import check_token_ids
-from eesd.policies import make_policy
+from eesd.policies import DraftPolicy, make_policy
 from eesd.rounds import DraftBlock, DraftRequest
 from eesd.sampling import round_generator, round_seed, sample, sparse_top, target_probs
 from eesd.session import next_draft_request
@@ -64,18 +64,22 @@ class Drafter:
         return run_job(self.stack, self.propose_job(request, stop))
 
     def propose_job(
-        self, request: DraftRequest, stop: Callable[[], bool] = lambda: False, measured_cost: float | None = None
+        self,
+        request: DraftRequest,
+        stop: Callable[[], bool] = lambda: False,
+        measured_cost: float | None = None,
+        budget: int | None = None,
     ) -> Job[DraftBlock]:
         """Feeds the pending tokens, then drafts token by token while the policy says so: one row per step,
         so sessions batched together stop at their own k. `stop` is asked between drafts; when it says so,
-        drafting ends with DraftStopped. `measured_cost` is the draft cost ratio for load-aware policies."""
+        drafting ends with DraftStopped. `measured_cost` is the draft cost ratio for load-aware policies;
+        `budget` the k a batch drafting in lock step chose for this session instead of its policy's bound."""
         check_token_ids("pending_tokens", request.pending, self.config.vocab_size)
         request.sampling.validate()  # the internal API checks what the controller would have
-        policy = make_policy(request.policy, request.policy_state, measured_cost)
-        rng = random.Random(round_seed(request.seed, request.round_index, "policy"))
+        policy, rng = round_policy(request, measured_cost)
         generator = round_generator(request.seed, request.round_index, "draft", self.device)
         cache = self.sessions.at_base(request.key, request.base_length, request.pending)
-        budget = min(policy.begin_round(rng), request.max_tokens)
+        budget = min(policy.begin_round(rng) if budget is None else min(budget, policy.k_max), request.max_tokens)
         logits = (yield Row(request.pending, cache, len(request.pending) - 1))[-1]  # (vocab,)
         if budget <= 0:
             # No drafts this round, but the pending tokens are fed all the same: a drafter that fell behind
@@ -128,6 +132,13 @@ class Drafter:
         # The verifier's bonus token is its top token (greedy) or a draw from p: the drafter's top token
         # is the likeliest match either way.
         return next_draft_request(request, block, int(logits.argmax()))
+
+
+def round_policy(request: DraftRequest, measured_cost: float | None = None) -> tuple[DraftPolicy, random.Random]:
+    """The session's policy for this round and the random stream its decisions draw from (seeded by the
+    round, so whoever asks the policy draws the same)."""
+    policy = make_policy(request.policy, request.policy_state, measured_cost)
+    return policy, random.Random(round_seed(request.seed, request.round_index, "policy"))
 
 
 class DraftStopped(Exception):

@@ -2,9 +2,10 @@
 or many at once (vLLM's `LLM.generate` for users who need no server).
 
 Many prompts run as sessions batched together: each step drafts for every session that has room (one
-forward pass per draft step, sessions stopping at their own k) and then verifies every session's block in
-one pass; a session that finishes leaves and the next prompt takes its place (continuous batching, at
-most `max_batch` sessions at once, and only as many as the KV pools can hold). Each session's round is
+forward pass per draft step, sessions stopping at their own k, except that load-aware sessions draft one k
+sized for the batch: `lock_step_budgets`) and then verifies every session's block in one pass; a session
+that finishes leaves and the next prompt takes its place (continuous batching, at most `max_batch`
+sessions at once, and only as many as the KV pools can hold). Each session's round is
 `eesd.session.Session`'s, the same as the distributed controller's, so batching changes no output.
 """
 
@@ -15,12 +16,13 @@ from collections import deque
 from collections.abc import Callable, Sequence
 
 from eesd.batch import Finished, PassStats, run_jobs
-from eesd.drafter import Drafter
+from eesd.drafter import Drafter, round_policy
 from eesd.errors import ResourceExhausted
 from eesd.generation import GenerationResult
 from eesd.load import Ewma, PassTimer, draft_cost_ratio
 from eesd.params import GenerationParams, check_context, validate_prompt
-from eesd.rounds import DraftBlock
+from eesd.policies import best_block
+from eesd.rounds import DraftBlock, DraftRequest
 from eesd.session import NO_DRAFT, Session, drafter_cache_after
 from eesd.verifier import Verifier
 
@@ -32,6 +34,21 @@ def _results(finished: list[Finished]) -> list:
         if done.error is not None:
             raise done.error
     return [done.result for done in finished]
+
+
+def lock_step_budgets(requests: Sequence[DraftRequest], measured_cost: float | None) -> list[int | None]:
+    """One k for every session of the round whose policy sizes its block by the measured load, None (its
+    policy's own bound) for the others. The engine drafts in lock step, so a round's draft steps last as
+    long as its longest block: per-session k drawn apart would make all wait for the largest draw."""
+    if measured_cost is None:
+        return [None] * len(requests)
+    thetas = [policy.load_sized_theta(rng) for policy, rng in (round_policy(r, measured_cost) for r in requests)]
+    sized = [theta for theta in thetas if theta is not None]
+    if not sized:
+        return [None] * len(requests)
+    k_max = max(r.policy.k_max for r, theta in zip(requests, thetas, strict=True) if theta is not None)
+    k = best_block(sized, measured_cost, k_max, smallest=0)
+    return [None if theta is None else k for theta in thetas]
 
 
 class SpeculativeEngine:
@@ -127,9 +144,10 @@ class SpeculativeEngine:
         t0, self._pass_s = time.perf_counter(), 0.0
         drafting = [i for i, s in active.items() if self.drafter is not None and s.draft_room > 0]
         cost = self.measured_cost()
+        requests = [active[i].draft_request(active[i].drafter_length) for i in drafting]
+        budgets = lock_step_budgets(requests, cost)
         jobs = [
-            self.drafter.propose_job(active[i].draft_request(active[i].drafter_length), measured_cost=cost)
-            for i in drafting
+            self.drafter.propose_job(r, measured_cost=cost, budget=b) for r, b in zip(requests, budgets, strict=True)
         ]
         drafted = _results(run_jobs(self.drafter.stack, jobs, self._record("drafter"))) if jobs else []
         blocks: dict[int, DraftBlock] = dict(zip(drafting, drafted, strict=True))

@@ -47,6 +47,11 @@ class DraftPolicy:
         """After the `drafted`-th draft token, whose draft probability was `confidence`."""
         return True
 
+    def load_sized_theta(self, rng: random.Random) -> float | None:
+        """This round's acceptance draw, for a policy whose block size follows the measured load (None for
+        the others): a batch drafting in lock step then sizes one block for all its sessions (best_block)."""
+        return None
+
     def update(self, confidences: Sequence[float], accepted: int) -> None:
         """Learns from one verdict: `accepted` of the drafts with these confidences were kept."""
 
@@ -135,11 +140,16 @@ def expected_committed(theta: float, k: int) -> float:
     return float(k + 1) if theta >= 1.0 else (1.0 - theta ** (k + 1)) / (1.0 - theta)
 
 
-def best_block(theta: float, draft_cost: float, k_max: int, smallest: int = 1) -> int:
-    """The k in smallest..k_max maximising expected tokens per unit of cost, tau(theta, k) / (1 + draft_cost * k);
-    with smallest = 0, no speculation is a choice too (it wins whenever theta <= draft_cost)."""
-    ks = range(smallest, k_max + 1)
-    return max(ks, key=lambda k: expected_committed(theta, k) / (1.0 + draft_cost * k)) if k_max else 0
+def best_block(thetas: Sequence[float], draft_cost: float, k_max: int, smallest: int = 1) -> int:
+    """The k in smallest..k_max maximising expected tokens per unit of cost when every session of `thetas`
+    drafts k: sum_i tau(theta_i, k) / (1 + draft_cost * k). One session, or a batch drafting in lock step
+    (whose draft steps last as long as its longest block, so one k for all wastes no step). With
+    smallest = 0, no speculation is a choice too (for one session it wins whenever theta <= draft_cost)."""
+
+    def value(k: int) -> float:
+        return sum(expected_committed(theta, k) for theta in thetas) / (1.0 + draft_cost * k)
+
+    return max(range(smallest, k_max + 1), key=value) if k_max else 0
 
 
 @dataclass
@@ -164,15 +174,25 @@ class BetaTS(DraftPolicy):
 
     @property
     def _sized_by_cost(self) -> bool:
-        return self.draft_cost > 0 or bool(self.load_aware and self.measured_cost is not None)
+        return self.draft_cost > 0 or self._sized_by_load
+
+    @property
+    def _sized_by_load(self) -> bool:
+        return bool(self.load_aware and self.measured_cost is not None)
 
     def begin_round(self, rng: random.Random) -> int:
         self._theta = rng.betavariate(self.alpha, self.beta)
-        if self.load_aware and self.measured_cost is not None:
-            return best_block(self._theta, self.measured_cost, self.k_max, smallest=0)
+        if self._sized_by_load:
+            return best_block((self._theta,), self.measured_cost, self.k_max, smallest=0)
         if self.draft_cost > 0:
-            return best_block(self._theta, self.draft_cost, self.k_max)
+            return best_block((self._theta,), self.draft_cost, self.k_max)
         return self.k_max
+
+    def load_sized_theta(self, rng: random.Random) -> float | None:
+        if not self._sized_by_load:
+            return None
+        self._theta = rng.betavariate(self.alpha, self.beta)  # begin_round's draw
+        return self._theta
 
     def keep_drafting(self, drafted: int, confidence: float, rng: random.Random) -> bool:
         if self._sized_by_cost:

@@ -59,3 +59,29 @@ def test_pools_admit_what_they_can_hold_and_the_rest_waits(tiny_models):
     assert [r.token_ids for r in results] == [hf_greedy(model_dir, p, 40) for p in prompts]
     with pytest.raises(ResourceExhausted, match="KV pool"):  # could never fit, even alone
         engine.generate([4, 5, 6], GenerationParams(200, policy=PolicyParams("fixed")))
+
+
+def test_load_aware_sessions_of_a_lock_step_batch_draft_one_k(tiny_models, monkeypatch):
+    """Once the passes are measured, the engine sizes one block for every load-aware session of a round
+    (the others keep their own policy's bound), and every session still equals plain greedy."""
+    import eesd.engine
+
+    chosen: list[list[int | None]] = []
+
+    def record(requests, measured_cost):
+        budgets = lock_step_budgets(requests, measured_cost)
+        chosen.append([None if r.policy.name == "fixed" else b for r, b in zip(requests, budgets, strict=True)])
+        assert all(b is None for r, b in zip(requests, budgets, strict=True) if r.policy.name == "fixed")
+        return budgets
+
+    lock_step_budgets = eesd.engine.lock_step_budgets
+    monkeypatch.setattr(eesd.engine, "lock_step_budgets", record)
+    model_dir = tiny_models["llama"]
+    engine = SpeculativeEngine(Drafter(model_dir, 2), Verifier(model_dir))
+    aware = PolicyParams("beta-ts", k_max=6, options={"load_aware": 1.0})
+    params = [GenerationParams(30, policy=aware)] * 3 + [GenerationParams(30, policy=PolicyParams("fixed", k_max=2))]
+    results = engine.generate_batch(PROMPTS, params)
+    assert [r.token_ids for r in results] == [hf_greedy(model_dir, p, 30) for p in PROMPTS]
+    sized = [[b for b in budgets if b is not None] for budgets in chosen]
+    assert any(sized), "the load was never measured"
+    assert all(len(set(budgets)) <= 1 for budgets in sized)

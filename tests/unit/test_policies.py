@@ -93,8 +93,8 @@ def test_cost_aware_beta_ts_picks_the_block_that_maximises_throughput():
     from eesd.policies import best_block, expected_committed
 
     assert expected_committed(0.5, 2) == pytest.approx(1.75) and expected_committed(1.0, 3) == 4.0
-    assert best_block(0.95, 0.1, 8) == 8 and best_block(0.2, 0.5, 8) == 1
-    assert 1 < best_block(0.8, 0.25, 8) < 8
+    assert best_block([0.95], 0.1, 8) == 8 and best_block([0.2], 0.5, 8) == 1
+    assert 1 < best_block([0.8], 0.25, 8) < 8
     confident = make_policy(PolicyParams("beta-ts", k_max=8, options={"alpha": 90, "beta": 10, "draft_cost": 0.25}))
     rng = random.Random(0)
     ks = [confident.begin_round(rng) for _ in range(50)]
@@ -115,8 +115,8 @@ def test_load_aware_beta_ts_backs_off_as_the_draft_cost_grows():
     """k > 0 pays only while theta > rho; at rho >= 1 (a full verifier) no block beats k = 0."""
     from eesd.policies import best_block
 
-    assert best_block(0.6, 0.7, 8, smallest=0) == 0 and best_block(0.8, 0.7, 8, smallest=0) >= 1
-    assert all(best_block(0.99, rho, 8, smallest=0) == 0 for rho in (1.0, 1.5, 4.0))
+    assert best_block([0.6], 0.7, 8, smallest=0) == 0 and best_block([0.8], 0.7, 8, smallest=0) >= 1
+    assert all(best_block([0.99], rho, 8, smallest=0) == 0 for rho in (1.0, 1.5, 4.0))
     options = {"alpha": 80.0, "beta": 20.0, "load_aware": 1.0}
     mean_k = {}
     for rho in (0.05, 0.3, 0.6, 1.2):
@@ -169,3 +169,26 @@ def test_a_discounted_posterior_stays_legal():
     for _ in range(200):
         policy.update([0.5] * 4, 0)  # alpha decays towards 0, never below the legal floor
     make_policy(PolicyParams("beta-ts", options={"discount": 0.01}), policy.state())
+
+
+def test_a_lock_step_batch_drafts_one_block_that_maximises_its_expected_tokens():
+    """sum_i tau(theta_i, k) / (1 + rho k): a batch of one is the single-session rule, and a batch's k lies
+    between what its least and most confident sessions would draft alone."""
+    from eesd.policies import best_block, expected_committed
+
+    for theta, rho in ((0.9, 0.1), (0.6, 0.2), (0.3, 0.5)):
+        assert best_block([theta] * 5, rho, 8, smallest=0) == best_block([theta], rho, 8, smallest=0)
+    thetas, rho = [0.6, 0.9], 0.2
+    k = best_block(thetas, rho, 8, smallest=0)
+    assert best_block([0.6], rho, 8, smallest=0) < k < best_block([0.9], rho, 8, smallest=0)
+    value = [sum(expected_committed(t, j) for t in thetas) / (1 + rho * j) for j in range(9)]
+    assert value[k] == max(value)
+
+
+def test_only_a_load_sized_policy_offers_its_draw_to_a_lock_step_batch():
+    aware = PolicyParams("beta-ts", 8, {"load_aware": 1.0, "alpha": 3.0, "beta": 2.0})
+    theta = make_policy(aware, measured_cost=0.2).load_sized_theta(random.Random(7))
+    assert theta == random.Random(7).betavariate(3.0, 2.0)  # the draw begin_round would make
+    assert make_policy(aware).load_sized_theta(random.Random(7)) is None  # nothing measured yet
+    assert make_policy(PolicyParams("beta-ts", 8), measured_cost=0.2).load_sized_theta(random.Random(7)) is None
+    assert make_policy(PolicyParams("fixed", 4), measured_cost=0.2).load_sized_theta(random.Random(7)) is None
