@@ -9,6 +9,11 @@ its limits) holds here too. This module only converts: requests to GenerationPar
 response chunks, domain errors (eesd/errors.py) to OpenAI error objects with their HTTP status
 (`http_error`, the one place that maps them).
 
+Every request is watched as every RPC is (serving.observability.observed, through the `_Observed` middleware):
+its status and time in the metrics (eesd:http_requests_total, eesd:http_request_duration_seconds), a SERVER
+span under the request's W3C `traceparent` header when tracing is on, and an access line in `eesd.access` with
+the fields of a gRPC Generate; each choice's session also feeds the vllm: request metrics.
+
 Log probabilities (`logprobs` of a completion, `logprobs` / `top_logprobs` of a chat completion) are the
 verifier's, carried by the round events (eesd/logprobs.py: the target distribution p, never the drafter's),
 computed only when asked; each token's text and bytes come from the controller's tokenizer
@@ -24,16 +29,19 @@ import logging
 import ssl
 import time
 import uuid
-from collections.abc import AsyncIterator, Awaitable, Callable
+from collections.abc import AsyncIterator, Awaitable, Callable, Iterable
 from dataclasses import dataclass, field
+from typing import Any
 
 import uvicorn
 from pydantic import BaseModel, ValidationError
 from starlette.applications import Starlette
 from starlette.exceptions import HTTPException
+from starlette.middleware import Middleware
 from starlette.requests import Request
 from starlette.responses import JSONResponse, Response, StreamingResponse
 from starlette.routing import Route
+from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
 from controller.chat_template import ChatTemplate
 from controller.openai_schema import (
@@ -80,8 +88,11 @@ from eesd.params import (
     StopConditions,
     check_prompt_size,
 )
+from serving import logs
+from serving.calls import HTTP_CLIENT_GONE, HttpCall
 from serving.config import SecurityConfig
-from serving.metrics import controller_metrics
+from serving.metrics import RequestTimes, controller_metrics
+from serving.observability import observed
 
 log = logging.getLogger(__name__)
 
@@ -167,6 +178,7 @@ class _Choice:
     text: str = ""
     finished: Finished | None = None
     pieces: TokenPieces | None = None  # when the request asked for log probabilities
+    times: RequestTimes = field(default_factory=RequestTimes)  # its metrics and access-line fields
     logprobs: list[_Logprob] = field(default_factory=list)
     offset: int = 0  # where the next token's text begins in the choice's text (text_offset)
 
@@ -253,6 +265,65 @@ class _Fanout:
         await asyncio.gather(*self._tasks, return_exceptions=True)
 
 
+@dataclass(frozen=True)
+class _Sessions:
+    """The sessions of one request as its access line shows them: one choice with the fields of a gRPC
+    Generate, several summed under the request's id."""
+
+    request_id: str
+    times: list[RequestTimes]
+
+    def access_fields(self) -> dict[str, Any]:
+        if len(self.times) == 1:
+            return self.times[0].access_fields()
+        each = [t.access_fields() for t in self.times]
+        fields: dict[str, Any] = {"session": self.request_id, "choices": len(each)}
+        for key in ("rounds", "streamed_tokens", "generated_tokens", "drafted", "accepted"):
+            fields[key] = sum(f.get(key, 0) for f in each)
+        if ttft := [f["ttft_ms"] for f in each if "ttft_ms" in f]:
+            fields["ttft_ms"] = min(ttft)
+        return fields
+
+
+class _Observed:
+    """ASGI middleware: every request is watched as every RPC is (serving.observability.observed: metrics, a
+    SERVER span under its `traceparent` header, the access line), with the status of its response; 499 when
+    the client hung up before the response ended (a stream cut short)."""
+
+    def __init__(self, app: ASGIApp, routes: Iterable[str]):
+        self.app, self.routes = app, frozenset(routes)
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        if scope["type"] != "http":
+            await self.app(scope, receive, send)
+            return
+        status, ended, gone = 500, False, False  # 500 until a response starts: an error escaped the app
+
+        async def receiving() -> Message:
+            nonlocal gone
+            message = await receive()
+            gone = gone or (message["type"] == "http.disconnect" and not ended)
+            return message
+
+        async def sending(message: Message) -> None:
+            nonlocal status, ended, gone
+            if message["type"] == "http.response.start":
+                status = message["status"]
+            elif message["type"] == "http.response.body" and not message.get("more_body", False):
+                ended = True
+            try:
+                await send(message)
+            except OSError:  # ASGI 2.4 servers tell a client that hung up this way
+                gone = True
+                raise
+
+        with observed(HttpCall.of(scope, self.routes)) as call:
+            try:
+                await self.app(scope, receiving, sending)
+            finally:
+                call.status = HTTP_CLIENT_GONE if gone and not ended else status
+
+
 def _usage(choices: list[_Choice]) -> Usage:
     prompts = {c.prompt_index: len(c.prompt) for c in choices}  # each prompt counted once, as OpenAI does
     completion = sum(c.finished.stats.generated if c.finished else len(c.tokens) for c in choices)
@@ -309,13 +380,13 @@ class OpenAIFrontEnd:
         max_request_bytes: int,
         context: int | None = None,
         tokens=None,
-        track: Callable[[AsyncIterator], AsyncIterator] | None = None,
+        track: Callable[[AsyncIterator, RequestTimes], AsyncIterator] | None = None,
     ):
         self.loop, self.codec, self.chat_template = loop, codec, chat_template
         self.model_name, self.default_policy = model_name, default_policy
         self.max_new_tokens_limit, self.max_prompt_tokens = max_new_tokens_limit, max_prompt_tokens
         self.max_request_bytes, self.context, self.tokens = max_request_bytes, context, tokens
-        self.track = track or (lambda events: controller_metrics().track(events))
+        self.track = track or (lambda events, times: controller_metrics().track(events, times))
         self.created = int(time.time())
         self.ready = False  # /health: 503 until the controller is SERVING, and again while it drains
 
@@ -325,14 +396,16 @@ class OpenAIFrontEnd:
             body = ErrorBody(message=f"{request.method} {request.url.path}: {error.detail}", type=kind)
             return JSONResponse(ErrorResponse(error=body).model_dump(), status_code=error.status_code)
 
+        routes = [
+            Route("/v1/completions", self._guarded(self.completions, "prompt"), methods=["POST"]),
+            Route("/v1/chat/completions", self._guarded(self.chat_completions, "messages"), methods=["POST"]),
+            Route("/v1/models", self._guarded(self.models, "prompt"), methods=["GET"]),
+            Route("/health", self.health, methods=["GET"]),
+        ]
         return Starlette(
-            routes=[
-                Route("/v1/completions", self._guarded(self.completions, "prompt"), methods=["POST"]),
-                Route("/v1/chat/completions", self._guarded(self.chat_completions, "messages"), methods=["POST"]),
-                Route("/v1/models", self._guarded(self.models, "prompt"), methods=["GET"]),
-                Route("/health", self.health, methods=["GET"]),
-            ],
+            routes=routes,
             exception_handlers={HTTPException: not_found},
+            middleware=[Middleware(_Observed, routes=[r.path for r in routes])],
         )
 
     def _guarded(self, handler: Callable[[Request], Awaitable[Response]], prompt_field: str):
@@ -441,6 +514,13 @@ class OpenAIFrontEnd:
                 params = self._params(req, budget, j, top_logprobs)
                 pieces = TokenPieces(self.codec, prompt) if top_logprobs != NO_LOGPROBS else None
                 choices.append(_Choice(index, p, prompt, params, f"{request_id}-{index}", pieces=pieces))
+        # The access line (serving.logs) reports what the sessions got to, however they end; never the prompt.
+        logs.access_fields().update(
+            prompt_tokens=sum(map(len, prompts)),
+            max_new_tokens=max(c.params.max_new_tokens for c in choices),
+            policy=choices[0].params.policy.name,
+            request=_Sessions(request_id, [c.times for c in choices]),
+        )
         return choices
 
     async def completions(self, request: Request) -> Response:
@@ -576,7 +656,9 @@ class OpenAIFrontEnd:
         return JSONResponse(body.model_dump())
 
     def _fanout(self, choices: list[_Choice]) -> _Fanout:
-        return _Fanout({c.index: self.track(self.loop.generate(c.prompt, c.params, c.session_id)) for c in choices})
+        return _Fanout(
+            {c.index: self.track(self.loop.generate(c.prompt, c.params, c.session_id), c.times) for c in choices}
+        )
 
     @staticmethod
     def _take(choice: _Choice, event: RoundEvent | Finished) -> tuple[str, list[_Logprob]]:

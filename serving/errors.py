@@ -5,14 +5,13 @@ other exception is a bug or a fault of the machine (a torch RuntimeError, an out
 gets INTERNAL with a generic message (raw text can leak internals), the log gets the traceback with the
 method and session, and eesd:grpc_server_handled_total counts it under code INTERNAL.
 
-The same wrapper times every call (metrics), opens its span when tracing is on (serving/tracing.py) and writes
-the access line of every call of the controller's public API (serving/logs.py).
+The same wrapper watches every call through serving.observability.observed (the rule the HTTP API's requests
+follow too): its status and time in the metrics, its span when tracing is on, and the access line of every
+call of the controller's public API.
 """
 
-import asyncio
-import contextlib
 import logging
-from collections.abc import AsyncIterator, Callable, Iterator
+from collections.abc import AsyncIterator, Callable
 from dataclasses import dataclass
 from typing import Any
 
@@ -20,8 +19,8 @@ import grpc
 from grpc import aio
 
 from eesd.errors import ERRORS, AlreadyExists, EesdError, InvalidArgument, Unavailable
-from serving import logs, tracing
-from serving.metrics import rpc_metrics
+from serving.calls import GrpcCall
+from serving.observability import observed
 
 log = logging.getLogger(__name__)
 
@@ -105,9 +104,9 @@ async def _decoded_each(requests: AsyncIterator[Any]) -> AsyncIterator[Any]:
         yield _decoded(request)
 
 
-def _fail(status: list, context: aio.ServicerContext, error: Exception, method: str, request) -> None:
-    """Records the status `error` maps to in `status[0]` and sets it on the call, which the handler then
-    ends. Not `context.abort`: the AbortError it raises from inside the handler's `except` block chains the
+def _fail(call: GrpcCall, context: aio.ServicerContext, error: Exception, request: Any) -> None:
+    """Records the status `error` maps to in `call` and sets it on the call, which the handler then ends.
+    Not `context.abort`: the AbortError it raises from inside the handler's `except` block chains the
     error, whose traceback keeps every frame of the call (the parsed request with them) alive until the
     cyclic GC runs; refused maximum-size requests then held gigabytes."""
     if isinstance(error, EesdError):
@@ -118,8 +117,8 @@ def _fail(status: list, context: aio.ServicerContext, error: Exception, method: 
         code, message = grpc.StatusCode.INTERNAL, INTERNAL_MESSAGE
     if code == grpc.StatusCode.INTERNAL:
         session_id = str(getattr(request, "session_id", ""))[:_LOGGED_ID_CHARS]
-        log.error("%s (session %r) failed", method, session_id, exc_info=error)
-    status[0] = code
+        log.error("%s (session %r) failed", call.method, session_id, exc_info=error)
+    call.status = code
     context.set_code(code)
     context.set_details(message)
 
@@ -128,34 +127,17 @@ def _bounded(message: str) -> str:
     return message if len(message) <= MAX_DETAIL_CHARS else message[: MAX_DETAIL_CHARS - 15] + "... (truncated)"
 
 
-@contextlib.contextmanager
-def _observed(method: str, context: aio.ServicerContext, request: Any) -> Iterator[list]:
-    """Everything that watches a call: its status and time in the metrics, its span (tracing on), its access
-    line (the controller's public API). Yields the list whose item 0 the call sets to its grpc.StatusCode; a call
-    the client went away from is CANCELLED here, once, for all three."""
-    with (
-        rpc_metrics().call(method) as status,
-        tracing.rpc_span(method, context, status),
-        logs.access_scope(method, context, status, request),
-    ):
-        try:
-            yield status
-        except (asyncio.CancelledError, GeneratorExit):  # the client went away
-            status[0] = grpc.StatusCode.CANCELLED
-            raise
-
-
 def _wrap_unary(behavior, method: str):
     async def wrapper(request, context):
-        with _observed(method, context, request) as status:
+        with observed(GrpcCall.of(method, context, request)) as call:
             try:
                 response = await behavior(_decoded(request), context)
-                status[0] = grpc.StatusCode.OK
+                call.status = grpc.StatusCode.OK
                 return response
             except aio.AbortError:  # the handler chose its status itself
                 raise
             except Exception as error:
-                _fail(status, context, error, method, request)
+                _fail(call, context, error, request)
             return None
 
     return wrapper
@@ -165,14 +147,14 @@ def _wrap_stream(behavior, method: str, decoded: Callable[[Any], Any]):
     """`decoded` checks the request: a message (`_decoded`) or an iterator of them (`_decoded_each`)."""
 
     async def wrapper(request, context):
-        with _observed(method, context, request) as status:
+        with observed(GrpcCall.of(method, context, request)) as call:
             try:
                 async for response in behavior(decoded(request), context):
                     yield response
-                status[0] = grpc.StatusCode.OK
+                call.status = grpc.StatusCode.OK
             except aio.AbortError:
                 raise
             except Exception as error:
-                _fail(status, context, error, method, request)
+                _fail(call, context, error, request)
 
     return wrapper

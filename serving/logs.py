@@ -5,7 +5,7 @@ extra fields (`log.info("...", extra={...})`), `trace_id` / `span_id` while a tr
 `exc` with the traceback of an exception. A message is never split over lines: a newline a client put into
 an id stays escaped inside its JSON string (text lines escape it too).
 
-The controller writes one access line per call of its public API to the `eesd.access` logger
+The controller writes one access line per call of its public API, gRPC or HTTP, to the `eesd.access` logger
 (`access_scope`): for Generate the session, status, tokens, tau and durations, never the prompt or its text.
 """
 
@@ -22,11 +22,11 @@ from contextvars import ContextVar
 from typing import Any, TextIO
 
 from serving import tracing
+from serving.calls import Call
 
 LOG_FORMATS = ("json", "text")
 LOG_LEVELS = ("DEBUG", "INFO", "WARNING", "ERROR", "CRITICAL")
 ACCESS_LOGGER = "eesd.access"
-ACCESS_LOGGED = "/eesd.v1.ControllerService/"  # the RPCs that get an access line: the controller's public API
 # Attributes every LogRecord has: whatever else a record carries came from `extra`.
 _STANDARD = set(vars(logging.LogRecord("", 0, "", 0, "", None, None))) | {"message", "asctime", "taskName"}
 
@@ -116,11 +116,11 @@ def access_fields() -> dict[str, Any]:
 
 
 @contextlib.contextmanager
-def access_scope(method: str, context: Any, status: list, request: Any = None) -> Iterator[None]:
-    """Around one call of the controller's public API (serving.errors opens it for every RPC): writes its
-    access line to the `eesd.access` logger when it ends, `status[0]` being its grpc.StatusCode, and puts the
-    same fields on the call's span."""
-    if not method.startswith(ACCESS_LOGGED):
+def access_scope(call: Call) -> Iterator[None]:
+    """Around one call of the controller's public API (`call.access_logged`; serving.observability opens it
+    for every call): writes its access line to the `eesd.access` logger when it ends, with the status
+    `call.status` holds then, and puts the same fields on the call's span."""
+    if not call.access_logged:
         yield
         return
     fields: dict[str, Any] = {}
@@ -128,7 +128,7 @@ def access_scope(method: str, context: Any, status: list, request: Any = None) -
     try:
         yield
     finally:
-        line = _access_line(method, context, getattr(status[0], "name", str(status[0])), request, start)
+        line = _access_line(call, start)
         for key, value in fields.items():
             line.update(value.access_fields() if hasattr(value, "access_fields") else {key: value})
         tracing.annotate(**{f"eesd.{k}": v for k, v in line.items() if k not in ("method", "peer")})
@@ -137,12 +137,11 @@ def access_scope(method: str, context: Any, status: list, request: Any = None) -
             _access.reset(token)
 
 
-def _access_line(method: str, context: Any, code: str, request: Any, start: float) -> dict[str, Any]:
-    line: dict[str, Any] = {"method": method.rpartition("/")[2], "status": code}
-    session_id = getattr(request, "session_id", "")
-    if isinstance(session_id, str) and session_id:
-        line["session"] = session_id[:64]  # client-chosen: bounded (and escaped by the formatter)
+def _access_line(call: Call, start: float) -> dict[str, Any]:
+    line: dict[str, Any] = {"method": call.name, "status": call.status_name, "protocol": call.protocol}
+    if call.session:
+        line["session"] = call.session[:64]  # client-chosen: bounded (and escaped by the formatter)
     line["duration_ms"] = round((time.perf_counter() - start) * 1e3, 3)
-    with contextlib.suppress(Exception):
-        line["peer"] = context.peer()
+    if call.peer:
+        line["peer"] = call.peer
     return line

@@ -24,6 +24,7 @@ from prometheus_client import REGISTRY, CollectorRegistry, Counter, Gauge, Histo
 from eesd.generation import GenerationStats
 from eesd.rounds import RoundStats
 from serving import tracing
+from serving.calls import Call, HttpCall
 
 log = logging.getLogger(__name__)
 T = TypeVar("T")
@@ -477,7 +478,8 @@ class NodeMetrics:
 
 
 class RpcMetrics:
-    """Every status a server returns, by method (go-grpc-prometheus names, eesd: prefix)."""
+    """Every status a server returns, by method: RPCs under go-grpc-prometheus names, requests to the HTTP API
+    under prometheus-fastapi-instrumentator's (vLLM's API server exports those), both with the eesd: prefix."""
 
     def __init__(self, registry: CollectorRegistry = REGISTRY):
         labels = ("grpc_service", "grpc_method")
@@ -494,18 +496,34 @@ class RpcMetrics:
             buckets=REQUEST_BUCKETS,
             registry=registry,
         )
+        self.http_requests = Counter(
+            PREFIX + "http_requests",
+            "HTTP requests completed, by route (handler), method and status code (499: the client went away).",
+            ("handler", "method", "status"),
+            registry=registry,
+        )
+        self.http_seconds = Histogram(
+            PREFIX + "http_request_duration_seconds",
+            "HTTP request time until its response ended.",
+            ("handler", "method"),
+            buckets=REQUEST_BUCKETS,
+            registry=registry,
+        )
 
     @contextmanager
-    def call(self, method: str):
-        """Times the call; the body sets `status[0]` to the grpc.StatusCode it ends with."""
-        service, _, name = method.lstrip("/").rpartition("/")
-        status, start = ["UNKNOWN"], time.perf_counter()
+    def served(self, call: Call):
+        """Times `call`; counts it with the status `call.status` holds when it ends."""
+        start = time.perf_counter()
         try:
-            yield status
+            yield
         finally:
-            code = getattr(status[0], "name", status[0])
-            self.handled.labels(service, name, code).inc()
-            self.seconds.labels(service, name).observe(time.perf_counter() - start)
+            seconds = time.perf_counter() - start
+            if isinstance(call, HttpCall):
+                self.http_requests.labels(call.route, call.verb, call.status_name).inc()
+                self.http_seconds.labels(call.route, call.verb).observe(seconds)
+            else:
+                self.handled.labels(call.service, call.rpc, call.status_name).inc()
+                self.seconds.labels(call.service, call.rpc).observe(seconds)
 
 
 @functools.cache

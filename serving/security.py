@@ -39,6 +39,7 @@ from grpc import aio
 
 from eesd.errors import InvalidArgument
 from serving import tracing
+from serving.calls import GrpcCall
 from serving.config import SecurityConfig
 from serving.metrics import rpc_metrics
 
@@ -200,8 +201,9 @@ class AuthInterceptor(aio.ServerInterceptor):
 
 
 def _refuse(context: aio.ServicerContext, method: str, message: str) -> None:
-    with rpc_metrics().call(method) as status:
-        status[0] = grpc.StatusCode.UNAUTHENTICATED
+    call = GrpcCall.of(method)
+    with rpc_metrics().served(call):
+        call.status = grpc.StatusCode.UNAUTHENTICATED
     context.set_code(grpc.StatusCode.UNAUTHENTICATED)
     context.set_details(message)
 

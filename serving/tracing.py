@@ -7,7 +7,9 @@ On, the spans of one request share its trace id (docs/observability.md, "Traces"
 
 - every RPC of an `eesd.v1` service gets a SERVER span (`serving.errors.DomainErrorInterceptor` opens it),
   the child of the W3C `traceparent` / `tracestate` the call carries in its gRPC metadata (the client SDK
-  sends the caller's; the controller sends its own to the nodes through `client_interceptors`);
+  sends the caller's; the controller sends its own to the nodes through `client_interceptors`); so does every
+  request to the controller's HTTP API, the child of its `traceparent` header (`server_span`, one rule for
+  both through serving.observability.observed);
 - the controller opens one span per round (`eesd.round`, under the request's `Generate` span) and one per
   state-store call; the drafter's Draft span is the parent of the verifier's span for the round
   (`eesd.verify`), whose context travels in the VerifyRequest's `traceparent` field because the drafter's
@@ -22,16 +24,16 @@ from __future__ import annotations
 import atexit
 import contextlib
 import logging
-from collections.abc import Iterator, Mapping, Sequence
+from collections.abc import Iterator, Mapping
 from typing import Any
 
 from grpc import aio
 
+from serving.calls import TRACEPARENT, Call
+
 log = logging.getLogger(__name__)
 
-TRACEPARENT, TRACESTATE = "traceparent", "tracestate"
 MAX_TRACE_HEADER_CHARS = 512  # a traceparent is 55 characters, a tracestate at most 512 (W3C)
-TRACED_PREFIX = "/eesd."  # RPCs of the eesd services get spans; health checks and reflection do not
 
 _tracer: Any = None  # an opentelemetry Tracer once set up
 _provider: Any = None
@@ -87,39 +89,29 @@ def _context_from(carrier: Mapping[str, str]) -> Any:
     return _propagator.extract(carrier) if TRACEPARENT in carrier else None
 
 
-def _status_name(status: Any) -> str:
-    return getattr(status, "name", str(status))
-
-
 @contextlib.contextmanager
-def rpc_span(method: str, context: Any, status: list) -> Iterator[None]:
-    """A SERVER span around one RPC of an eesd service, child of the `traceparent` in the call's metadata
-    (`context`: its grpc.aio.ServicerContext); `status[0]` holds the grpc.StatusCode the call ends with
-    (serving.errors sets it)."""
-    if _tracer is None or not method.startswith(TRACED_PREFIX):
+def server_span(call: Call) -> Iterator[None]:
+    """A SERVER span around a served call (`call.traced`: an RPC of an eesd service, a request to the HTTP API),
+    the child of the W3C traceparent it came with; its status is the one `call.status` holds at the end."""
+    if _tracer is None or not call.traced:
         yield
         return
     from opentelemetry.trace import SpanKind, Status, StatusCode
 
-    metadata: Sequence[tuple[str, Any]] = context.invocation_metadata() or ()
-    carrier = {k: v for k, v in metadata if k in (TRACEPARENT, TRACESTATE) and isinstance(v, str)}
-    service, _, name = method.lstrip("/").rpartition("/")
-    attributes = {"rpc.system": "grpc", "rpc.service": service, "rpc.method": name}
     with _tracer.start_as_current_span(
-        f"{service}/{name}",
-        context=_context_from(carrier),
+        call.span_name,
+        context=_context_from(call.carrier),
         kind=SpanKind.SERVER,
-        attributes=attributes,
+        attributes=call.span_attributes(),
         record_exception=False,
         set_status_on_exception=False,
     ) as span:
         try:
             yield
         finally:
-            code = _status_name(status[0])
-            span.set_attribute("rpc.grpc.status_code", code)
-            if code != "OK":
-                span.set_status(Status(StatusCode.ERROR, code))
+            span.set_attributes(call.status_attributes())
+            if call.failed:
+                span.set_status(Status(StatusCode.ERROR, call.status_name))
 
 
 @contextlib.contextmanager

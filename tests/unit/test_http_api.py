@@ -5,10 +5,13 @@ usage and the speculation extension, chat templates, auth, and errors with their
 
 import asyncio
 import json
+import logging
 
 import httpx
 import pytest
 import torch
+from opentelemetry.trace import StatusCode
+from prometheus_client import REGISTRY
 from transformers import AutoModelForCausalLM
 
 from controller.chat_template import ChatTemplate
@@ -22,6 +25,7 @@ from eesd.drafter import Drafter
 from eesd.errors import InvalidArgument, ResourceExhausted, Unavailable
 from eesd.params import PolicyParams
 from eesd.verifier import Verifier
+from serving import logs
 from serving.security import Tokens
 from tests.conftest import hf_greedy
 from tests.openai_helpers import servable_model, words
@@ -380,3 +384,90 @@ def test_logprobs_end_with_the_tokens_at_a_stop_string(model, nodes):
             assert [list(top) for top in choice["logprobs"]["top_logprobs"]] == [[t] for t in tokens]  # 0: own only
         # The token that completed the stop string is the last one: no logprob of a token after it.
         assert tokens == whole["logprobs"]["tokens"][:7] and tokens[-1] == " " + stop
+
+
+TRACE_ID, PARENT_ID = "4bf92f3577b34da6a3ce929d0e0e4736", "00f067aa0ba902b7"
+
+
+def http_count(handler: str, method: str, status: str) -> float:
+    labels = {"handler": handler, "method": method, "status": status}
+    return REGISTRY.get_sample_value("eesd:http_requests_total", labels) or 0.0
+
+
+def test_http_requests_get_the_access_line_span_and_metrics_an_rpc_gets(model, nodes, spans, caplog):
+    front = front_end(model, nodes)
+    counted = [("/v1/completions", "POST", "200"), ("/v1/completions", "POST", "404"), ("none", "GET", "404")]
+    counted.append(("/health", "GET", "200"))
+    before = [http_count(*labels) for labels in counted]
+    body = {"model": MODEL, "prompt": PROMPT, "max_tokens": 6, "temperature": 0, "ignore_eos": True}
+    with caplog.at_level(logging.INFO, logger=logs.ACCESS_LOGGER):
+        out = call(front, "POST", "/v1/completions", body, {"traceparent": f"00-{TRACE_ID}-{PARENT_ID}-01"}).json()
+        assert call(front, "POST", "/v1/completions", {**body, "model": "other"}).status_code == 404
+        assert call(front, "GET", "/health").status_code == 200
+        assert call(front, "GET", "/v1/nothing").status_code == 404
+
+    assert [http_count(*labels) - b for labels, b in zip(counted, before, strict=True)] == [1, 1, 1, 1]
+    lines = [r for r in caplog.records if r.name == logs.ACCESS_LOGGER]  # none for the probes' /health
+    assert [(r.method, r.status, r.protocol) for r in lines] == [
+        ("POST /v1/completions", "200", "http"),
+        ("POST /v1/completions", "404", "http"),
+        ("GET none", "404", "http"),
+    ]
+    line = lines[0]
+    assert line.session == out["id"] + "-0" and line.finish_reason == "length" and line.policy == "fixed"
+    assert (line.prompt_tokens, line.max_new_tokens, line.generated_tokens, line.streamed_tokens) == (7, 6, 6, 6)
+    assert line.rounds == out["speculation"]["rounds"] and line.ttft_ms > 0 and line.duration_ms > 0
+
+    served = [s for s in spans.get_finished_spans() if s.name == "POST /v1/completions"]
+    assert [s.attributes["http.response.status_code"] for s in served] == [200, 404]
+    ok, refused = served
+    # The client's traceparent is the parent; the rounds of the request's session are spans of the same trace.
+    assert f"{ok.context.trace_id:032x}" == TRACE_ID and f"{ok.parent.span_id:016x}" == PARENT_ID
+    assert ok.attributes["eesd.generated_tokens"] == 6 and ok.attributes["http.route"] == "/v1/completions"
+    rounds = [s for s in spans.get_finished_spans() if s.name == "eesd.round"]
+    assert len(rounds) == out["speculation"]["rounds"] and {s.context.trace_id for s in rounds} == {ok.context.trace_id}
+    # A 4xx is the client's error: not the server span's ERROR (OpenTelemetry's HTTP convention).
+    assert refused.parent is None and refused.status.status_code == StatusCode.UNSET
+
+
+def test_a_client_that_hangs_up_mid_stream_is_a_499(model, nodes, caplog):
+    """Starlette ends a stream whose client went away (http.disconnect): the request's access line and metrics
+    say 499 (tests/e2e/test_http_api.py checks that its session then ends failed CANCELLED)."""
+    front = front_end(model, nodes)
+    body = {"model": MODEL, "prompt": PROMPT, "max_tokens": 200, "ignore_eos": True, "stream": True}
+    before = http_count("/v1/completions", "POST", "499")
+    first_chunk = asyncio.Event()
+    sent: list[dict] = []
+    pending = [{"type": "http.request", "body": json.dumps(body).encode(), "more_body": False}]
+
+    async def receive() -> dict:
+        if pending:
+            return pending.pop()
+        await first_chunk.wait()
+        return {"type": "http.disconnect"}
+
+    async def send(message: dict) -> None:
+        sent.append(message)
+        if message["type"] == "http.response.body" and message.get("body"):
+            first_chunk.set()
+
+    scope = {
+        "type": "http",
+        "asgi": {"version": "3.0", "spec_version": "2.3"},
+        "http_version": "1.1",
+        "method": "POST",
+        "scheme": "http",
+        "path": "/v1/completions",
+        "raw_path": b"/v1/completions",
+        "query_string": b"",
+        "root_path": "",
+        "headers": [(b"content-type", b"application/json")],
+        "client": ("127.0.0.1", 5000),
+        "server": ("test", 80),
+    }
+    with caplog.at_level(logging.INFO, logger=logs.ACCESS_LOGGER):
+        asyncio.run(front.app()(scope, receive, send))
+    assert sent[0]["status"] == 200 and not any(m["type"] == "http.response.body" and not m["more_body"] for m in sent)
+    assert http_count("/v1/completions", "POST", "499") - before == 1
+    (line,) = [r for r in caplog.records if r.name == logs.ACCESS_LOGGER]
+    assert line.status == "499" and line.method == "POST /v1/completions"

@@ -10,7 +10,6 @@ import time
 import grpc
 import pytest
 from grpc import aio
-from opentelemetry.sdk.trace.export.in_memory_span_exporter import InMemorySpanExporter
 from prometheus_client import CollectorRegistry
 
 from controller.round_loop import Finished, RoundEvent
@@ -22,16 +21,6 @@ from serving.errors import DomainErrorInterceptor
 from serving.metrics import ControllerMetrics, RequestTimes
 
 MODEL = "tiny-llama"
-
-
-@pytest.fixture
-def spans():
-    exporter = InMemorySpanExporter()
-    tracing.setup_tracing("test", exporter=exporter)
-    try:
-        yield exporter
-    finally:
-        tracing.shutdown_tracing()
 
 
 def log_line(formatter: logging.Formatter, message: str, **extra) -> str:
