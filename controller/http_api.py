@@ -17,7 +17,8 @@ the fields of a gRPC Generate; each choice's session also feeds the vllm: reques
 Log probabilities (`logprobs` of a completion, `logprobs` / `top_logprobs` of a chat completion) are the
 verifier's, carried by the round events (eesd/logprobs.py: the target distribution p, never the drafter's),
 computed only when asked; each token's text and bytes come from the controller's tokenizer
-(controller.text.TokenPieces). Not served: log probabilities of the prompt (`echo` with `logprobs`),
+(controller.text.TokenPieces). Not served: log probabilities of the prompt (`echo` with `logprobs`, vLLM's
+`prompt_logprobs`),
 penalties and logit_bias (they would change the distribution the verifier samples from), tools and JSON
 response formats.
 """
@@ -457,6 +458,8 @@ class OpenAIFrontEnd:
         return parsed
 
     def _refuse_unsupported(self, req: _Sampling) -> None:
+        if req.prompt_logprobs is not None:
+            raise BadRequest("prompt_logprobs", "log probabilities of the prompt are not served")
         for name in ("presence_penalty", "frequency_penalty"):
             if getattr(req, name) not in (None, 0, 0.0):
                 raise BadRequest(name, "only 0 is served (a penalty would change the model's distribution)")
@@ -552,17 +555,36 @@ class OpenAIFrontEnd:
         top_logprobs = NO_LOGPROBS if req.logprobs is None else req.logprobs
         choices = self._choices(req, prompts, req.max_tokens, request_id, top_logprobs)
         echo = [texts[c.prompt_index] if texts else self._decode(c.prompt) for c in choices] if req.echo else None
+        prompted: set[int] = set()  # choices whose prompt ids went out (return_token_ids: in their first chunk)
 
-        def chunk(choice: _Choice, text: str, finish: str | None, logprobs: list[_Logprob] | None = None) -> Completion:
+        def chunk(
+            choice: _Choice,
+            text: str,
+            finish: str | None,
+            logprobs: list[_Logprob] | None = None,
+            tokens: list[int] | None = None,
+        ) -> Completion:
             listed = None
             if logprobs:
                 listed = _completion_logprobs(logprobs, choice.offset)
                 choice.offset += sum(len(lp.token) for lp in logprobs)
-            part = CompletionChoice(index=choice.index, text=text, finish_reason=finish, logprobs=listed)
+            prompt_ids = None
+            if req.return_token_ids and choice.index not in prompted:
+                prompt_ids = choice.prompt
+                prompted.add(choice.index)
+            part = CompletionChoice(
+                index=choice.index,
+                text=text,
+                finish_reason=finish,
+                logprobs=listed,
+                token_ids=tokens,
+                prompt_token_ids=prompt_ids,
+            )
             return Completion(id=request_id, created=int(time.time()), model=self.model_name, choices=[part])
 
         if req.stream:
-            prologue = [chunk(c, echo[c.index], None) for c in choices] if echo else []
+            no_tokens = [] if req.return_token_ids else None
+            prologue = [chunk(c, echo[c.index], None, tokens=no_tokens) for c in choices] if echo else []
             return await self._stream(req, choices, request_id, prologue, chunk, completion_chunks=True)
         await self._run(choices)
         out = [
@@ -571,6 +593,8 @@ class OpenAIFrontEnd:
                 text=(echo[c.index] if echo else "") + c.text,
                 finish_reason=FINISH_REASONS.get(c.finished.finish_reason),
                 logprobs=None if c.pieces is None else _completion_logprobs(c.logprobs, 0),
+                token_ids=c.tokens if req.return_token_ids else None,
+                prompt_token_ids=c.prompt if req.return_token_ids else None,
             )
             for c in choices
         ]
@@ -625,15 +649,26 @@ class OpenAIFrontEnd:
             text: str | None,
             finish: str | None,
             logprobs: list[_Logprob] | None = None,
+            tokens: list[int] | None = None,
             role: bool = False,
         ) -> ChatCompletionChunk:
             delta = Delta(role="assistant" if role else None, content=text)
             listed = _chat_logprobs(logprobs) if logprobs else None
-            part = ChatChunkChoice(index=choice.index, delta=delta, finish_reason=finish, logprobs=listed)
-            return ChatCompletionChunk(id=request_id, created=int(time.time()), model=self.model_name, choices=[part])
+            part = ChatChunkChoice(
+                index=choice.index, delta=delta, finish_reason=finish, logprobs=listed, token_ids=tokens
+            )
+            prompt_ids = choice.prompt if role and req.return_token_ids else None  # in each choice's first chunk
+            return ChatCompletionChunk(
+                id=request_id,
+                created=int(time.time()),
+                model=self.model_name,
+                choices=[part],
+                prompt_token_ids=prompt_ids,
+            )
 
         if req.stream:
-            prologue = [chunk(c, "", None, role=True) for c in choices]
+            no_tokens = [] if req.return_token_ids else None
+            prologue = [chunk(c, "", None, tokens=no_tokens, role=True) for c in choices]
             return await self._stream(req, choices, request_id, prologue, chunk, completion_chunks=False)
         await self._run(choices)
         out = [
@@ -642,6 +677,7 @@ class OpenAIFrontEnd:
                 message=AssistantMessage(content=c.text),
                 finish_reason=FINISH_REASONS.get(c.finished.finish_reason),
                 logprobs=None if c.pieces is None else _chat_logprobs(c.logprobs),
+                token_ids=c.tokens if req.return_token_ids else None,
             )
             for c in choices
         ]
@@ -652,6 +688,7 @@ class OpenAIFrontEnd:
             choices=out,
             usage=_usage(choices),
             speculation=_speculation(choices),
+            prompt_token_ids=prompt if req.return_token_ids else None,
         )
         return JSONResponse(body.model_dump())
 
@@ -661,16 +698,18 @@ class OpenAIFrontEnd:
         )
 
     @staticmethod
-    def _take(choice: _Choice, event: RoundEvent | Finished) -> tuple[str, list[_Logprob]]:
-        """Records `event` in its choice; the text it adds, and its tokens' log probabilities if asked."""
-        logprobs = []
+    def _take(choice: _Choice, event: RoundEvent | Finished) -> tuple[str, list[_Logprob], list[int]]:
+        """Records `event` in its choice; the text and tokens it adds, and its tokens' log probabilities if
+        asked."""
+        logprobs, tokens = [], []
         if isinstance(event, RoundEvent):
-            choice.tokens += event.tokens
+            tokens = list(event.tokens)
+            choice.tokens += tokens
             logprobs = choice.add_logprobs(event)
         else:
             choice.finished = event
         choice.text += event.text
-        return event.text, logprobs
+        return event.text, logprobs, tokens
 
     async def _run(self, choices: list[_Choice]) -> None:
         """Runs every choice's session to its end (the first error ends them all)."""
@@ -700,12 +739,14 @@ class OpenAIFrontEnd:
 
         def pieces(index: int, event: RoundEvent | Finished) -> list[str]:
             choice = choices[index]
-            text, logprobs = self._take(choice, event)
-            # A round whose text is held back (it may begin a stop string) still sends its log probabilities.
-            out = [_sse(chunk(choice, text, None, logprobs))] if text or logprobs else []
+            text, logprobs, tokens = self._take(choice, event)
+            ids, no_ids = (tokens, []) if req.return_token_ids else (None, None)
+            # A round whose text is held back (it may begin a stop string) still sends its log probabilities
+            # and, when asked, its token ids.
+            out = [_sse(chunk(choice, text, None, logprobs, ids))] if text or logprobs or ids else []
             if isinstance(event, Finished):
                 finish = FINISH_REASONS.get(event.finish_reason)
-                out.append(_sse(chunk(choice, "" if completion_chunks else None, finish)))
+                out.append(_sse(chunk(choice, "" if completion_chunks else None, finish, None, no_ids)))
             return out
 
         async def body() -> AsyncIterator[str]:

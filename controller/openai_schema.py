@@ -3,8 +3,9 @@ chat completions, models), with vLLM's extensions that the same clients send (to
 ignore_eos) and EESD's own (the draft policy; the speculation statistics in responses).
 
 Fields that would change the output distribution in a way the verifier does not compute (penalties,
-logit_bias, suffix, tools, a JSON response_format) are accepted only at their neutral value and refused
-otherwise, naming the field: never silently ignored. Log probabilities (`logprobs`, `top_logprobs`) are the
+logit_bias, suffix, tools, a JSON response_format), or ask for what is not computed (the prompt's log
+probabilities), are accepted only at their neutral value and refused otherwise, naming the field: never
+silently ignored. Log probabilities (`logprobs`, `top_logprobs`) are the
 verifier's (eesd/logprobs.py), in OpenAI's shapes: a completion's `tokens` / `token_logprobs` /
 `top_logprobs` / `text_offset`, a chat completion's `content[]` of `token` / `logprob` / `bytes` /
 `top_logprobs`."""
@@ -50,6 +51,10 @@ class _Sampling(_Request):
     repetition_penalty: float | None = None
     logit_bias: dict[str, float] | None = None
     user: str | None = None
+    # vLLM's: the prompt's log probabilities (refused: not served) and the token ids of prompt and output
+    # alongside the text (`prompt_token_ids` once per choice, `token_ids` of each chunk).
+    prompt_logprobs: int | None = None
+    return_token_ids: bool = False
     # EESD: the draft-length policy and its largest block (the server's defaults when unset).
     policy: str | None = None
     k_max: Annotated[int, Field(ge=0, le=64)] | None = None
@@ -124,6 +129,9 @@ class CompletionChoice(BaseModel):
     text: str
     logprobs: CompletionLogprobs | None = None
     finish_reason: str | None = None
+    # vLLM's, with return_token_ids: the tokens of the choice (of the chunk, streaming) and of its prompt.
+    token_ids: list[int] | None = None
+    prompt_token_ids: list[int] | None = None
 
 
 class Completion(BaseModel):
@@ -161,6 +169,7 @@ class ChatChoice(BaseModel):
     message: AssistantMessage
     logprobs: ChoiceLogprobs | None = None
     finish_reason: str | None = None
+    token_ids: list[int] | None = None  # vLLM's, with return_token_ids
 
 
 class ChatCompletion(BaseModel):
@@ -171,6 +180,7 @@ class ChatCompletion(BaseModel):
     choices: list[ChatChoice]
     usage: Usage
     speculation: Speculation | None = None
+    prompt_token_ids: list[int] | None = None  # vLLM's, with return_token_ids
 
 
 class Delta(BaseModel):
@@ -183,6 +193,7 @@ class ChatChunkChoice(BaseModel):
     delta: Delta
     logprobs: ChoiceLogprobs | None = None
     finish_reason: str | None = None
+    token_ids: list[int] | None = None  # vLLM's, with return_token_ids: the chunk's
 
 
 class ChatCompletionChunk(BaseModel):
@@ -193,6 +204,7 @@ class ChatCompletionChunk(BaseModel):
     choices: list[ChatChunkChoice]
     usage: Usage | None = None
     speculation: Speculation | None = None
+    prompt_token_ids: list[int] | None = None  # vLLM's, with return_token_ids: in each choice's first chunk
 
 
 class ModelCard(BaseModel):

@@ -217,6 +217,7 @@ def test_bearer_tokens_are_checked_like_on_grpc(model, nodes):
         ("/v1/completions", {"model": MODEL, "prompt": PROMPT * 50, "max_tokens": 256}, 400, "max_tokens"),  # context
         ("/v1/completions", {"model": MODEL, "prompt": "w5", "logprobs": 21}, 400, "logprobs"),
         ("/v1/completions", {"model": MODEL, "prompt": "w5", "logprobs": 1, "echo": True}, 400, "echo"),
+        ("/v1/completions", {"model": MODEL, "prompt": "w5", "prompt_logprobs": 0}, 400, "prompt_logprobs"),
         ("/v1/completions", {"model": MODEL, "prompt": "w5", "stop": [""]}, 400, "stop"),
         ("/v1/completions", {"model": MODEL, "prompt": "w5", "stop_token_ids": [400]}, 400, "stop_token_ids"),
         ("/v1/completions", {"model": MODEL, "prompt": "w5", "presence_penalty": 1}, 400, "presence_penalty"),
@@ -235,6 +236,12 @@ def test_bearer_tokens_are_checked_like_on_grpc(model, nodes):
             {"model": MODEL, "messages": [{"role": "user", "content": "w5"}], "top_logprobs": 2},
             400,
             "top_logprobs",
+        ),
+        (
+            "/v1/chat/completions",
+            {"model": MODEL, "messages": [{"role": "user", "content": "w5"}], "prompt_logprobs": 1},
+            400,
+            "prompt_logprobs",
         ),
         (
             "/v1/chat/completions",
@@ -384,6 +391,32 @@ def test_logprobs_end_with_the_tokens_at_a_stop_string(model, nodes):
             assert [list(top) for top in choice["logprobs"]["top_logprobs"]] == [[t] for t in tokens]  # 0: own only
         # The token that completed the stop string is the last one: no logprob of a token after it.
         assert tokens == whole["logprobs"]["tokens"][:7] and tokens[-1] == " " + stop
+
+
+def test_return_token_ids_gives_the_prompts_ids_once_and_each_chunks_tokens(model, nodes):
+    """vLLM's return_token_ids: prompt_token_ids in the first chunk of a choice (the whole response: once),
+    token_ids of each chunk, adding up to the model's greedy tokens."""
+    front = front_end(model, nodes)
+    body = {"model": MODEL, "prompt": PROMPT, "max_tokens": 12, "temperature": 0, "ignore_eos": True}
+    expected = hf_greedy(model, PROMPT, 12)
+    plain = call(front, "POST", "/v1/completions", body).json()["choices"][0]
+    assert plain["token_ids"] is None and plain["prompt_token_ids"] is None  # only when asked
+    whole = call(front, "POST", "/v1/completions", {**body, "return_token_ids": True}).json()["choices"][0]
+    assert whole["token_ids"] == expected and whole["prompt_token_ids"] == PROMPT
+    chunks = events(call(front, "POST", "/v1/completions", {**body, "return_token_ids": True, "stream": True}))
+    parts = [c["choices"][0] for c in chunks[:-1]]
+    assert [p["prompt_token_ids"] for p in parts] == [PROMPT] + [None] * (len(parts) - 1)
+    assert sum((p["token_ids"] for p in parts), []) == expected and all(p["token_ids"] for p in parts[:-1])
+    assert parts[-1]["token_ids"] == [] and parts[-1]["finish_reason"] == "length"
+
+    chat = {"model": MODEL, "messages": [{"role": "user", "content": "w12"}], "max_tokens": 8, "temperature": 0}
+    chat |= {"ignore_eos": True, "return_token_ids": True}
+    prompt = [1, 5, 12, 3, 6]  # the template's: bos, the user's turn, the assistant's opened
+    whole = call(front, "POST", "/v1/chat/completions", chat).json()
+    assert whole["prompt_token_ids"] == prompt and whole["choices"][0]["token_ids"] == hf_greedy(model, prompt, 8)
+    chunks = events(call(front, "POST", "/v1/chat/completions", {**chat, "stream": True}))[:-1]
+    assert [c["prompt_token_ids"] for c in chunks] == [prompt] + [None] * (len(chunks) - 1)
+    assert sum((c["choices"][0]["token_ids"] for c in chunks), []) == whole["choices"][0]["token_ids"]
 
 
 TRACE_ID, PARENT_ID = "4bf92f3577b34da6a3ce929d0e0e4736", "00f067aa0ba902b7"
