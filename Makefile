@@ -118,7 +118,8 @@ clean:
 # requirements.lock holds them and `make setup` installs them; the name stays for the targets that use it.
 deploy-tools: $(STAMP)
 
-# Plain kubectl manifests under deploy/k8s/, rendered from the Helm chart (the single source of truth).
+# The chart's values.schema.json, generated from the services' config dataclasses, then the plain kubectl
+# manifests under deploy/k8s/, rendered from the Helm chart (the single source of truth).
 manifests: deploy-tools
 	$(BIN)/python deploy/render.py
 

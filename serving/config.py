@@ -22,6 +22,10 @@ def env_name(field: str) -> str:
     return ENV_PREFIX + field.upper()
 
 
+def flag_name(field: str) -> str:
+    return field.replace("_", "-")
+
+
 def _convert(field: str, kind: type, text: str):
     if kind is bool:
         if text.lower() in ("1", "true", "yes", "on"):
@@ -42,7 +46,7 @@ def load_config(cls: type[C], argv: Sequence[str] | None = None, env: Mapping[st
     parser = argparse.ArgumentParser(description=cls.__doc__)
     for f in dataclasses.fields(cls):
         parser.add_argument(
-            f"--{f.name.replace('_', '-')}",
+            f"--{flag_name(f.name)}",
             dest=f.name,
             default=None,
             help=f"{f.metadata.get('help', '')} (env {env_name(f.name)}; default {f.default!r})",
@@ -54,16 +58,106 @@ def load_config(cls: type[C], argv: Sequence[str] | None = None, env: Mapping[st
         if text is not None:
             values[f.name] = _convert(f.name, hints[f.name], text)
     config = cls(**values)
+    check_fields(config)  # each field's own Rules, then the rules that tie fields together
     validate = getattr(config, "validate", None)
     if validate is not None:
         validate()
-    if isinstance(config, ObservabilityConfig):
-        config.validate_observability()
     return config
 
 
-def field(default, help: str):  # noqa: A002 - mirrors argparse's name
-    return dataclasses.field(default=default, metadata={"help": help})
+@dataclasses.dataclass(frozen=True)
+class Pattern:
+    """A string's shape: `regex`, matched in full, and `shape`, how a matching value reads (for messages)."""
+
+    regex: str
+    shape: str
+
+
+@dataclasses.dataclass(frozen=True)
+class Rules:
+    """What a config field accepts, declared with it (`field`). The service checks it when it loads its config
+    (`check_fields`), and deploy/render.py writes it into the Helm chart's values.schema.json
+    (`json_schema`), so a rule is written once. "Empty" is "" or 0, the unset value of a field."""
+
+    choices: tuple[str, ...] = ()
+    minimum: float | None = None
+    maximum: float | None = None
+    exclusive_minimum: float | None = None
+    pattern: Pattern | None = None  # for a non-empty string; "" stays the field's "unset"
+    required: bool = False  # a string that may not be empty
+    requires: tuple[str, ...] = ()  # fields that must be set too when this one is
+
+    def violation(self, value) -> str | None:
+        """What is wrong with `value` on its own, or None."""
+        if self.required and not value:
+            return "is required"
+        if self.choices and value not in self.choices:
+            return f"must be one of {', '.join(self.choices)}, got {value!r}"
+        if self.minimum is not None and value < self.minimum:
+            return f"must be >= {self.minimum}, got {value!r}"
+        if self.maximum is not None and value > self.maximum:
+            return f"must be <= {self.maximum}, got {value!r}"
+        if self.exclusive_minimum is not None and value <= self.exclusive_minimum:
+            return f"must be > {self.exclusive_minimum}, got {value!r}"
+        if self.pattern is not None and value and not re.fullmatch(self.pattern.regex, value):
+            return f"must be {self.pattern.shape}"  # not echoed: a URL may carry a password
+        return None
+
+    def json_schema(self, empty_allowed: bool = False) -> dict:
+        """The JSON Schema keywords of these rules; `empty_allowed`: "" passes a required string (the chart fills
+        it in). `requires` has none: a $def sees one value, and the chart may fill the other field."""
+        schema: dict = {}
+        if self.choices:
+            schema["enum"] = list(self.choices)
+        for key, bound in (
+            ("minimum", self.minimum),
+            ("maximum", self.maximum),
+            ("exclusiveMinimum", self.exclusive_minimum),
+        ):
+            if bound is not None:
+                schema[key] = bound
+        if self.required and not empty_allowed:
+            schema["minLength"] = 1
+        if self.pattern is not None:
+            schema["pattern"] = f"^({self.pattern.regex})?$"
+        return schema
+
+
+def field(
+    default,
+    help: str,  # noqa: A002 - mirrors argparse's name
+    *,
+    choices: Sequence[str] = (),
+    minimum: float | None = None,
+    maximum: float | None = None,
+    exclusive_minimum: float | None = None,
+    pattern: Pattern | None = None,
+    required: bool = False,
+    requires: Sequence[str] = (),
+):
+    """A config field: its default, its --help text and what it accepts (`Rules`)."""
+    rules = Rules(tuple(choices), minimum, maximum, exclusive_minimum, pattern, required, tuple(requires))
+    return dataclasses.field(default=default, metadata={"help": help, "rules": rules})
+
+
+def check_fields(config) -> None:
+    """Raises InvalidArgument naming the first field of `config` that breaks its `Rules`."""
+    for f in dataclasses.fields(config):
+        rules: Rules = f.metadata["rules"]
+        value = getattr(config, f.name)
+        problem = rules.violation(value)
+        if problem is not None:
+            raise InvalidArgument(f.name, f"{problem} (--{flag_name(f.name)} or {env_name(f.name)})")
+        for other in rules.requires if value else ():
+            if not getattr(config, other):
+                raise InvalidArgument(f.name, f"needs {other} too")
+
+
+# Ports a service listens on; with OR_OFF, 0 turns that listener off.
+PORT = {"minimum": 1, "maximum": 65535}
+PORT_OR_OFF = {"minimum": 0, "maximum": 65535}
+# host:port[,host:port...] as serving.addresses.parse_addresses reads it (IPv6 hosts in brackets).
+ADDRESSES = Pattern(r"\s*[^\s,]+:[0-9]+\s*(,\s*[^\s,]+:[0-9]+\s*)*", "host:port[,host:port...]")
 
 
 @dataclasses.dataclass(frozen=True)
@@ -72,23 +166,14 @@ class ObservabilityConfig:
     docs/observability.md)."""
 
     served_model_name: str = field("", "model_name label of the vllm: metrics (empty: the model directory's name)")
-    log_format: str = field("json", "json (one JSON object per line) or text")
-    log_level: str = field("INFO", "DEBUG, INFO, WARNING, ERROR or CRITICAL")
+    log_format: str = field("json", "json (one JSON object per line) or text", choices=LOG_FORMATS)
+    log_level: str = field("INFO", "DEBUG, INFO, WARNING, ERROR or CRITICAL", choices=LOG_LEVELS)
     otlp_endpoint: str = field(
         "",
         "OTLP/gRPC collector the traces go to, e.g. http://otel-collector:4317 (https:// for TLS; empty: tracing "
         "off); the OTEL_* environment variables (sampler, headers, batching) apply too",
+        pattern=Pattern(r"https?://[^\s/]+(/.*)?", "http://host:port or https://host:port"),
     )
-
-    def validate_observability(self) -> None:
-        if self.log_format not in LOG_FORMATS:
-            raise InvalidArgument("log_format", f"must be one of {LOG_FORMATS}, got {self.log_format!r}")
-        if self.log_level.upper() not in LOG_LEVELS:
-            raise InvalidArgument("log_level", f"must be one of {LOG_LEVELS}, got {self.log_level!r}")
-        if self.otlp_endpoint and not re.fullmatch(r"https?://[^\s/]+(/.*)?", self.otlp_endpoint):
-            raise InvalidArgument(
-                "otlp_endpoint", f"must be http://host:port or https://host:port, got {self.otlp_endpoint!r}"
-            )
 
 
 @dataclasses.dataclass(frozen=True)
@@ -100,18 +185,24 @@ class SecurityConfig:
         "",
         "PEM certificate chain served on the gRPC port (TLS on, with tls_key_file; re-read when it changes); also "
         "the client certificate this service presents to the drafters and verifiers it calls",
+        requires=("tls_key_file",),
     )
-    tls_key_file: str = field("", "PEM private key of tls_cert_file")
+    tls_key_file: str = field("", "PEM private key of tls_cert_file", requires=("tls_cert_file",))
     tls_ca_file: str = field(
         "",
         "PEM CA bundle that verifies the drafters' and verifiers' certificates (empty: the system's CAs) and, with "
         "tls_client_auth, the clients' certificates",
     )
-    tls_client_auth: bool = field(False, "mutual TLS: refuse clients without a certificate signed by tls_ca_file")
+    tls_client_auth: bool = field(
+        False,
+        "mutual TLS: refuse clients without a certificate signed by tls_ca_file",
+        requires=("tls_cert_file", "tls_ca_file"),
+    )
     tls_client_names: str = field(
         "",
         "with tls_client_auth: names (DNS SAN or common name) a client certificate must carry one of, comma-"
         "separated; other callers are UNAUTHENTICATED (empty: any certificate tls_ca_file signed)",
+        requires=("tls_client_auth",),
     )
     internal_tls: bool = field(False, "call the drafters and verifiers over TLS, verifying them with tls_ca_file")
     internal_server_name: str = field(
@@ -123,60 +214,50 @@ class SecurityConfig:
         "accepted); drafters and verifiers refuse calls without one: UNAUTHENTICATED (empty: off)",
     )
     internal_token_file: str = field("", "file of internal tokens, one a line (the first is sent); re-read on change")
-    health_port: int = field(0, "plain-text port serving only grpc.health.v1, for probes without TLS (0: off)")
+    health_port: int = field(
+        0, "plain-text port serving only grpc.health.v1, for probes without TLS (0: off)", **PORT_OR_OFF
+    )
 
     @property
     def tls(self) -> bool:
         return bool(self.tls_cert_file)
 
     def validate_security(self) -> None:
-        if bool(self.tls_cert_file) != bool(self.tls_key_file):
-            raise InvalidArgument("tls_key_file", "TLS needs both tls_cert_file and tls_key_file")
-        if self.tls_client_auth and not (self.tls and self.tls_ca_file):
-            raise InvalidArgument("tls_client_auth", "needs TLS (tls_cert_file, tls_key_file) and tls_ca_file")
-        if self.tls_client_names and not self.tls_client_auth:
-            raise InvalidArgument("tls_client_names", "names client certificates: needs tls_client_auth")
         for name in ("tls_cert_file", "tls_key_file", "tls_ca_file", "internal_token_file"):
             path = getattr(self, name)
             if path and not os.path.isfile(path):
                 raise InvalidArgument(name, f"no such file: {path}")
-        if not 0 <= self.health_port <= 65535:
-            raise InvalidArgument("health_port", f"must be a port or 0, got {self.health_port}")
 
 
 @dataclasses.dataclass(frozen=True)
 class ModelNodeConfig(SecurityConfig, ObservabilityConfig):
     """What a drafter and a verifier are both configured with: one model, its KV pool, its batching."""
 
-    host: str = field("0.0.0.0", "address to listen on")
-    port: int = field(50061, "gRPC port")
-    metrics_port: int = field(9101, "Prometheus /metrics port (0: off)")
-    model_dir: str = field("", "Hugging Face checkpoint directory")
-    dtype: str = field("float32", "float32, bfloat16, float16 or auto")
-    device: str = field("cpu", "cpu or cuda")
-    max_sessions: int = field(256, "KV caches kept at once; more is RESOURCE_EXHAUSTED")
-    kv_tokens: int = field(0, "KV pool size in token positions, preallocated (0: a full context per max_sessions)")
-    max_batch: int = field(64, "sessions batched in one forward pass (1: one session per pass)")
-    max_pass_tokens: int = field(2048, "new tokens a forward pass takes at most, summed over its sessions")
-    session_idle_s: float = field(600.0, "a session's KV cache unused this long is closed (0: never)")
-    session_evict_s: float = field(
-        10.0, "when the node is full, sessions unused this long make room for a new one, least recently used first"
+    host: str = field("0.0.0.0", "address to listen on", required=True)
+    port: int = field(50061, "gRPC port", **PORT)
+    metrics_port: int = field(9101, "Prometheus /metrics port (0: off)", **PORT_OR_OFF)
+    model_dir: str = field("", "Hugging Face checkpoint directory", required=True)
+    dtype: str = field(
+        "float32", "float32, bfloat16, float16 or auto", choices=("auto", "float32", "bfloat16", "float16")
     )
-    max_pass_s: float = field(60.0, "a forward pass or model call running longer turns health NOT_SERVING")
+    device: str = field("cpu", "cpu or cuda", choices=("cpu", "cuda"))
+    max_sessions: int = field(256, "KV caches kept at once; more is RESOURCE_EXHAUSTED", minimum=1)
+    kv_tokens: int = field(
+        0, "KV pool size in token positions, preallocated (0: a full context per max_sessions)", minimum=0
+    )
+    max_batch: int = field(64, "sessions batched in one forward pass (1: one session per pass)", minimum=1)
+    max_pass_tokens: int = field(2048, "new tokens a forward pass takes at most, summed over its sessions", minimum=1)
+    session_idle_s: float = field(600.0, "a session's KV cache unused this long is closed (0: never)", minimum=0)
+    session_evict_s: float = field(
+        10.0,
+        "when the node is full, sessions unused this long make room for a new one, least recently used first",
+        minimum=0,
+    )
+    max_pass_s: float = field(
+        60.0, "a forward pass or model call running longer turns health NOT_SERVING", exclusive_minimum=0
+    )
     node_id: str = field("", "name in handshakes and metrics (default host:port)")
-    grace_s: float = field(10.0, "seconds in-flight rounds get to finish on SIGTERM")
+    grace_s: float = field(10.0, "seconds in-flight rounds get to finish on SIGTERM", minimum=0)
 
     def validate(self) -> None:
         self.validate_security()
-        if not self.model_dir:
-            raise InvalidArgument("model_dir", "is required (--model-dir or EESD_MODEL_DIR)")
-        for name in ("max_sessions", "max_batch", "max_pass_tokens"):
-            if getattr(self, name) < 1:
-                raise InvalidArgument(name, f"must be >= 1, got {getattr(self, name)}")
-        if self.max_pass_s <= 0:
-            raise InvalidArgument("max_pass_s", f"must be > 0, got {self.max_pass_s}")
-        for name in ("session_idle_s", "session_evict_s"):
-            if getattr(self, name) < 0:
-                raise InvalidArgument(name, f"must be >= 0, got {getattr(self, name)}")
-        if self.kv_tokens < 0:
-            raise InvalidArgument("kv_tokens", f"must be >= 0, got {self.kv_tokens}")

@@ -9,10 +9,6 @@ import dataclasses
 import importlib.util
 from pathlib import Path
 
-from controller.config import ControllerConfig
-from drafter_service.config import DrafterConfig
-from verifier_service.config import VerifierConfig
-
 ROOT = Path(__file__).resolve().parents[2]
 EXAMPLES = ("cpu", "gpu", "external-redis", "ha-redis", "autoscaling", "pod-fields", "model-fetch", "tls")
 ROLES = ("controller", "drafter", "verifier")
@@ -79,13 +75,7 @@ def release_for(example: str | None) -> Release:
 
 
 # The services' config fields: the contract between the chart's `<role>.config` and the services.
-CONFIGS = {"controller": ControllerConfig, "drafter": DrafterConfig, "verifier": VerifierConfig}
-# Set by the templates rather than by values: the Secrets' tokens and the pod's own name.
-FROM_TEMPLATES = {
-    "controller": {"auth_token", "internal_token"},
-    "drafter": {"node_id", "internal_token"},
-    "verifier": {"node_id", "internal_token"},
-}
+CONFIGS, FROM_TEMPLATES = render.CONFIGS, render.FROM_TEMPLATES
 SERVICE_FIELDS = {
     role: {f.name for f in dataclasses.fields(cls)} - FROM_TEMPLATES[role] for role, cls in CONFIGS.items()
 }

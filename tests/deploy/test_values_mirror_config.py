@@ -5,23 +5,18 @@ import json
 
 import pytest
 import yaml
-from deploy_helpers import CONFIGS, FROM_TEMPLATES, ROOT, SERVICE_FIELDS, release_for
+from deploy_helpers import CONFIGS, FROM_TEMPLATES, ROOT, SERVICE_FIELDS, release_for, render
 
 from serving.config import env_name
 
 CHART = ROOT / "deploy" / "helm" / "eesd"
 
 
-def camel(name: str) -> str:
-    head, *rest = name.split("_")
-    return head + "".join(part.title() for part in rest)
-
-
 @pytest.mark.parametrize("role", CONFIGS)
 def test_values_and_schema_mirror_the_config_dataclass(role):
     values = yaml.safe_load((CHART / "values.yaml").read_text())[role]["config"]
     schema = json.loads((CHART / "values.schema.json").read_text())["$defs"][f"{role}Config"]["properties"]
-    expected = {camel(name) for name in SERVICE_FIELDS[role]}
+    expected = {render.camel(name) for name in SERVICE_FIELDS[role]}
     assert set(values) == expected
     assert set(schema) == expected
 

@@ -19,7 +19,7 @@ from grpc import aio
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 from grpc_health.v1._async import HealthServicer
 
-from serving.config import SecurityConfig
+from serving.config import SecurityConfig, check_fields
 from serving.errors import DomainErrorInterceptor
 from serving.security import Peers, Tokens, bearer_of, server_credentials, server_interceptor
 from serving.server import CHANNEL_OPTIONS, client_keepalive, server_keepalive, server_options
@@ -96,9 +96,9 @@ def test_config_checks(tmp_path) -> None:
     from eesd.errors import InvalidArgument
 
     with pytest.raises(InvalidArgument, match="tls_key_file"):
-        SecurityConfig(tls_cert_file="x").validate_security()
+        check_fields(SecurityConfig(tls_cert_file="x"))
     with pytest.raises(InvalidArgument, match="tls_client_auth"):
-        SecurityConfig(tls_client_auth=True).validate_security()
+        check_fields(SecurityConfig(tls_client_auth=True))
     with pytest.raises(InvalidArgument, match="no such file"):
         SecurityConfig(tls_cert_file=str(tmp_path / "no"), tls_key_file=str(tmp_path / "no")).validate_security()
 
