@@ -9,7 +9,7 @@ import dataclasses
 import os
 import re
 from collections.abc import Mapping, Sequence
-from typing import TypeVar, get_type_hints
+from typing import Any, TypeVar, get_type_hints
 
 from eesd.errors import InvalidArgument
 from serving.logs import LOG_FORMATS, LOG_LEVELS
@@ -87,7 +87,7 @@ class Rules:
     required: bool = False  # a string that may not be empty
     requires: tuple[str, ...] = ()  # fields that must be set too when this one is
 
-    def violation(self, value) -> str | None:
+    def violation(self, value: Any) -> str | None:
         """What is wrong with `value` on its own, or None."""
         if self.required and not value:
             return "is required"
@@ -124,7 +124,7 @@ class Rules:
 
 
 def field(
-    default,
+    default: Any,
     help: str,  # noqa: A002 - mirrors argparse's name
     *,
     choices: Sequence[str] = (),
@@ -134,13 +134,13 @@ def field(
     pattern: Pattern | None = None,
     required: bool = False,
     requires: Sequence[str] = (),
-):
+) -> Any:
     """A config field: its default, its --help text and what it accepts (`Rules`)."""
     rules = Rules(tuple(choices), minimum, maximum, exclusive_minimum, pattern, required, tuple(requires))
     return dataclasses.field(default=default, metadata={"help": help, "rules": rules})
 
 
-def check_fields(config) -> None:
+def check_fields(config: Any) -> None:
     """Raises InvalidArgument naming the first field of `config` that breaks its `Rules`."""
     for f in dataclasses.fields(config):
         rules: Rules = f.metadata["rules"]
