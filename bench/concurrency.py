@@ -31,7 +31,7 @@ anything; the issue's targets are computed and printed as measured facts, never 
     python -m bench.concurrency [--concurrency 1,2,4,8,16,32] [--max-new-tokens 64] [--repetitions 1]
                                 [--policies off,fixed,beta-ts,load-aware] [--fixed-k 2,4]
                                 [--settings in-process,stack] [--batching batched,single] [--max-batch 64]
-                                [--dtype bfloat16] [--threads 1] [--model-dir DIR --exit-layer N]
+                                [--dtype auto] [--threads 1] [--model-dir DIR --exit-layer N]
 """
 
 import argparse
@@ -52,7 +52,7 @@ from pathlib import Path
 import torch
 
 from bench.suite import machine
-from eesd.checkpoint import load_config, resolve_dtype
+from eesd import hardware
 from eesd.drafter import Drafter
 from eesd.engine import SpeculativeEngine
 from eesd.load import PassTimer
@@ -378,7 +378,7 @@ def run(
         "model": str(model.model_dir),
         "exit_layer": model.exit_layer,
         "exit_head": model.exit_head,
-        "dtype": str(resolve_dtype(dtype, load_config(model.model_dir))).removeprefix("torch."),
+        "dtype": hardware.dtype_name(dtype),
         "dtype_requested": dtype,
         "commit": commit(),
         "torch_threads": threads,

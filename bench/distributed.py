@@ -25,6 +25,7 @@ import torch
 from eesd_client import EesdClient
 
 from bench.suite import machine
+from eesd import hardware
 from eesd.drafter import Drafter
 from eesd.engine import SpeculativeEngine
 from eesd.params import GenerationParams, PolicyParams
@@ -140,7 +141,8 @@ def run(
         "machine": machine(),
         "model": str(model.model_dir),
         "exit_layer": model.exit_layer,
-        "dtype": dtype,
+        "dtype": hardware.dtype_name(dtype),
+        "dtype_requested": dtype,
         "policy": policy,
         "prompts": len(prompt_list),
         "max_new_tokens": max_new_tokens,

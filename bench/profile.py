@@ -9,6 +9,7 @@ import time
 import torch
 from torch.profiler import ProfilerActivity, profile
 
+from eesd import hardware
 from eesd.drafter import Drafter
 from eesd.verifier import Verifier
 
@@ -41,7 +42,7 @@ def main() -> None:
     parser.add_argument("--model", default=".cache/reference-model")
     parser.add_argument("--exit-layer", type=int, default=2)
     parser.add_argument("--exit-head")
-    parser.add_argument("--dtype", default="bfloat16")
+    parser.add_argument("--dtype", default="auto", help=hardware.DTYPE_HELP)
     parser.add_argument("--threads", type=int, default=1)
     args = parser.parse_args()
     torch.set_num_threads(args.threads)

@@ -15,7 +15,8 @@ def markdown(result: dict) -> str:
         f"### {result['name']}",
         "",
         f"Machine: {m['cpu']}, {m['cores_available']} cores available, torch {m['torch']} "
-        f"({m['torch_threads']} threads), transformers {m['transformers']}; dtype {result['config']['dtype']}, "
+        f"({m['torch_threads']} threads), transformers {m['transformers']}; "
+        f"dtype {result.get('dtype', result['config']['dtype'])} ({result['config']['dtype']} requested), "
         f"{result['config']['num_prompts']} prompts x {result['config']['max_new_tokens']} new tokens, "
         f"median of {result['config']['repetitions']} interleaved repetitions.",
         "",

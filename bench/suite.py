@@ -18,6 +18,7 @@ import torch
 import transformers
 
 from bench.methods import Method, Run, Runners, default_methods
+from eesd import hardware
 from loadtest import environment
 
 POLICIES = ["heuristic", "threshold", "beta-ts", "calibration-ts"]
@@ -40,7 +41,7 @@ class BenchConfig:
     max_new_tokens: int = 96
     repetitions: int = 3
     temperatures: list[float] = field(default_factory=lambda: [0.0, 0.7])
-    dtype: str = "bfloat16"
+    dtype: str = "auto"  # eesd.hardware's rule; the result records what it resolved to
     k_max: int = 8
     fixed_ks: list[int] = field(default_factory=lambda: list(range(1, 9)))
     policies: list[str] = field(default_factory=lambda: list(POLICIES))
@@ -56,14 +57,9 @@ class BenchConfig:
 
 
 def machine() -> dict:
-    """The machine a benchmark ran on (loadtest.environment's record) and the torch it ran with."""
-    return {
-        **environment.machine(),
-        "torch_cpu_capability": torch.backends.cpu.get_cpu_capability(),  # the kernels torch dispatches to
-        "torch_threads": torch.get_num_threads(),
-        "torch": torch.__version__,
-        "transformers": transformers.__version__,
-    }
+    """The machine a benchmark ran on (loadtest.environment's record) and the torch it ran with (eesd.hardware's:
+    threads, CPU kernels, CUDA device, what dtype auto chooses)."""
+    return {**environment.machine(), **hardware.hardware_record(), "transformers": transformers.__version__}
 
 
 def _pool(runs: list[Run]) -> dict:
@@ -151,6 +147,7 @@ def run_suite(cfg: BenchConfig, progress: bool = True) -> dict:
     result = {
         "name": cfg.name,
         "machine": machine(),
+        "dtype": hardware.dtype_name(cfg.dtype),  # config.dtype as requested, this as resolved
         "config": {k: v for k, v in asdict(cfg).items() if k != "prompts"}
         | {"num_prompts": len(cfg.prompts), "prompt_lengths": [len(p) for p in cfg.prompts]},
         "wall_s": time.time() - started,

@@ -19,7 +19,6 @@ from eesd.errors import InvalidArgument
 
 # model_type -> class-name prefix in transformers.models.<type>.modeling_<type>
 SUPPORTED_MODEL_TYPES = {"llama": "Llama", "mistral": "Mistral", "qwen2": "Qwen2"}
-DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 # Fields that do not change what the network computes; left out of the identity hash.
 _CONFIG_HASH_IGNORED = {
     "transformers_version",
@@ -50,15 +49,6 @@ def config_hash(config: PretrainedConfig) -> str:
     """Stable hash of what determines the network's function; the exit layer and the handshake carry it."""
     items = {k: v for k, v in config.to_dict().items() if k not in _CONFIG_HASH_IGNORED and not k.startswith("_")}
     return hashlib.sha256(json.dumps(items, sort_keys=True, default=str).encode()).hexdigest()[:16]
-
-
-def resolve_dtype(name: str, config: PretrainedConfig) -> torch.dtype:
-    if name == "auto":
-        stored = getattr(config, "dtype", None) or getattr(config, "torch_dtype", None)
-        return stored if isinstance(stored, torch.dtype) else DTYPES.get(str(stored), torch.float32)
-    if name not in DTYPES:
-        raise InvalidArgument("dtype", f"unknown dtype {name!r}; expected auto or one of {sorted(DTYPES)}")
-    return DTYPES[name]
 
 
 def modeling_module(config: PretrainedConfig) -> tuple[ModuleType, str]:

@@ -7,7 +7,7 @@ import sys
 import time
 from pathlib import Path
 
-from eesd import fetch
+from eesd import fetch, hardware
 from eesd.errors import EesdError, InvalidArgument
 from eesd.params import POLICY_NAMES, GenerationParams, PolicyParams, SamplingParams
 
@@ -197,7 +197,7 @@ def add_distill_parser(sub) -> None:
     dist.add_argument("--checkpoint-every", type=int, default=50)
     dist.add_argument("--seed", type=int, default=0)
     dist.add_argument("--device", default="cpu", help="cpu or cuda")
-    dist.add_argument("--dtype", default="auto", help="target dtype; auto: bfloat16 on cuda, float32 on cpu")
+    dist.add_argument("--dtype", default="auto", help=f"the target's dtype: {hardware.DTYPE_HELP}")
     dist.add_argument("--no-resume", action="store_true", help="ignore checkpoints and start over")
     dist.add_argument("--no-progress", action="store_true")
     dist.set_defaults(func=cmd_distill)
@@ -278,7 +278,7 @@ def add_bench_parser(sub) -> None:
     bench.add_argument("--max-new-tokens", type=int, default=96)
     bench.add_argument("--repetitions", type=int, default=3)
     bench.add_argument("--temperatures", default="0,0.7", help="comma-separated; 0 is greedy")
-    bench.add_argument("--dtype", default="bfloat16")
+    bench.add_argument("--dtype", default="auto", help=hardware.DTYPE_HELP)
     bench.add_argument("--k-max", type=int, default=8)
     bench.add_argument("--fixed-ks", default="1,2,3,4,5,6,7,8")
     bench.add_argument("--policies", default="heuristic,threshold,beta-ts,calibration-ts")
@@ -315,7 +315,9 @@ def reference_distill_config(model_dir: str, head_dir: str, exit_layer: int, pro
         checkpoint_every=50,
         seed=0,
         dtype="float32",  # batched generation on this CPU is faster in fp32
-        train_bf16=True,  # the exit layer's matmuls are not: bf16 autocast, fp32 master weights
+        # The exit layer's matmuls are not: bf16 autocast (fp32 master weights) where the CPU computes bf16
+        # natively. Part of the config distill.json records, so the head is rebuilt when the choice changes.
+        train_bf16=hardware.native_bf16("cpu"),
     )
 
 
@@ -397,7 +399,7 @@ def build_parser() -> argparse.ArgumentParser:
     gen.add_argument("--seed", type=int)
     gen.add_argument("--policy", default="beta-ts", help=f"one of {', '.join(POLICY_NAMES)}")
     gen.add_argument("--k-max", type=int, default=8)
-    gen.add_argument("--dtype", default="float32", help="float32, bfloat16, float16 or auto")
+    gen.add_argument("--dtype", default="auto", help=hardware.DTYPE_HELP)
     gen.add_argument("--json", action="store_true", help="print one JSON object instead of streaming text")
     gen.set_defaults(func=cmd_generate)
     add_distill_parser(sub)
@@ -412,6 +414,8 @@ def build_parser() -> argparse.ArgumentParser:
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     try:
+        if getattr(args, "dtype", None) == "auto":
+            print(f"eesd: {hardware.describe_auto(getattr(args, 'device', 'cpu'))}", file=sys.stderr)
         return args.func(args)
     except EesdError as exc:
         print(f"eesd: error: {exc}", file=sys.stderr)

@@ -23,7 +23,8 @@ import torch.nn.functional as F
 from torch import nn
 from transformers import AutoModelForCausalLM
 
-from eesd.checkpoint import CheckpointReader, config_hash, load_config, modeling_module, resolve_dtype
+from eesd import hardware
+from eesd.checkpoint import CheckpointReader, config_hash, load_config, modeling_module
 from eesd.decoder_stack import attention_window, causal_mask
 from eesd.errors import InvalidArgument
 from eesd.exit_layer import META_FILE, ExitLayerMeta, save_exit_head, untrained_exit_layer, validate_exit_layer
@@ -51,7 +52,7 @@ class DistillConfig:
     checkpoint_every: int = 50
     seed: int = 0
     device: str = "cpu"
-    dtype: str = "auto"  # the target's dtype; auto: bfloat16 on cuda, float32 on cpu
+    dtype: str = "auto"  # the target's dtype; auto: bfloat16 where the device computes it natively (eesd.hardware)
     train_bf16: bool = False  # bf16 autocast for the exit layer's training also under a float32 target
     gen_batch_size: int = 32
 
@@ -69,7 +70,7 @@ class DistillConfig:
     def corpus_key(self) -> dict:
         """The settings that determine the generated corpus (a resumed run must match them)."""
         keys = ("prompts", "num_prompts", "prompt_len", "gen_len", "sampled_fraction", "sample_temperature", "seed")
-        return {k: getattr(self, k) for k in keys} | {"dtype": self.dtype}
+        return {k: getattr(self, k) for k in keys} | {"dtype": hardware.dtype_name(self.dtype, self.device)}
 
 
 # ---------------------------------------------------------------------------------------------- prompts
@@ -282,17 +283,16 @@ def distill(cfg: DistillConfig, resume: bool = True, progress: bool = True, mode
     config = load_config(cfg.model_dir)
     validate_exit_layer(cfg.exit_layer, config)
     device = torch.device(cfg.device)
-    dtype = (
-        resolve_dtype(cfg.dtype, config)
-        if cfg.dtype != "auto"
-        else (torch.bfloat16 if device.type == "cuda" else torch.float32)
-    )
+    dtype = hardware.resolve_dtype(cfg.dtype, cfg.device)
     autocast = dtype == torch.bfloat16 or cfg.train_bf16
     out = Path(cfg.out_dir)
     ckpt_dir = out / "checkpoints"
     ckpt_dir.mkdir(parents=True, exist_ok=True)
     torch.manual_seed(cfg.seed)
     log = (lambda *a: print(*a, file=sys.stderr)) if progress else (lambda *a: None)
+    flags = " ".join(sorted(f for f, on in hardware.cpu_record()["cpu_flags"].items() if on)) or "none"
+    training = "under bf16 autocast" if autocast else "in float32"
+    log(f"distill: target in {dtype}, exit layer trained {training} ({cfg.device}; CPU flags: {flags})")
 
     model = AutoModelForCausalLM.from_pretrained(cfg.model_dir, dtype=dtype, attn_implementation="sdpa")
     model = model.to(device).eval().requires_grad_(False)
@@ -370,6 +370,9 @@ def distill(cfg: DistillConfig, resume: bool = True, progress: bool = True, mode
     report = {
         "config": asdict(cfg),
         "model_stamp": model_stamp,
+        "dtype": str(dtype).removeprefix("torch."),
+        "train_bf16_autocast": autocast,
+        "hardware": hardware.hardware_record(cfg.device),
         "train_sequences": len(train),
         "eval_sequences": len(held_out),
         "train_tokens": sum(f[0].shape[0] for f in train),

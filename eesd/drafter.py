@@ -11,10 +11,11 @@ from collections.abc import Callable
 from pathlib import Path
 
 from eesd.batch import Job, run_job
-from eesd.checkpoint import CheckpointReader, config_hash, load_config, resolve_dtype
+from eesd.checkpoint import CheckpointReader, config_hash, load_config
 from eesd.decoder_stack import Row, build_stack
 from eesd.errors import InvalidArgument
 from eesd.exit_layer import load_exit_head, state_hash, untrained_exit_layer, validate_exit_layer
+from eesd.hardware import resolve_dtype
 from eesd.identity import ModelIdentity, tokenizer_hash
 from eesd.params import check_token_ids
 from eesd.policies import DraftPolicy, make_policy
@@ -39,7 +40,7 @@ class Drafter:
         validate_exit_layer(exit_layer, self.config)
         if draft_top_k < 1:
             raise InvalidArgument("draft_top_k", f"must be >= 1, got {draft_top_k}")
-        torch_dtype = resolve_dtype(dtype, self.config)
+        torch_dtype = resolve_dtype(dtype, device)
         reader = CheckpointReader.open(model_dir)
         exit_state = (
             load_exit_head(exit_head, self.config, exit_layer, torch_dtype)

@@ -12,7 +12,8 @@ Size (hidden 256, 16 layers, 4 heads of 64, FFN 768, vocab 4096, context 512; ~1
   model: at a per-token acceptance of 0.6 and k=4 that is roughly the difference between a ~1.15x and a
   ~1.05x speedup.
 - Width 256 is what the time budget allows: training is compute-bound (~1.9k tokens/s with bf16
-  autocast on 2 cores, about 2x fp32), so the whole build must fit in well under 15 minutes and the
+  autocast on 2 cores with avx512_bf16, about 2x fp32; a CPU without native bf16 trains in fp32, see
+  eesd.hardware), so the whole build must fit in well under 15 minutes and the
   model sees well under one epoch of its ~2.6M training tokens; a wider model would see fewer tokens.
 - Vocab 4096: byte-level BPE on code still gives ~3.6 characters per token, the LM head stays cheap
   for the drafter (which runs it every draft token), and the embeddings learn faster from few tokens.
@@ -46,7 +47,7 @@ import transformers
 from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
 from transformers import GenerationConfig, LlamaConfig, LlamaForCausalLM, PreTrainedTokenizerFast
 
-from eesd import corpus
+from eesd import corpus, hardware
 
 log = logging.getLogger("eesd.reference_model")  # also when run as __main__
 
@@ -58,6 +59,11 @@ PROMPTS_FILE = "heldout_prompts.jsonl"
 TRAIN_PROMPTS_FILE = "train_prompts.jsonl"  # for distillation, which must not see the held-out text
 SPLIT_FILE = "corpus_split.json"
 DEFAULT_OUT = Path(".cache/reference-model")
+
+
+def bf16_autocast_for(dtype: str) -> bool:
+    """Whether a build in `dtype` trains under bf16 autocast (auto: where the CPU computes bf16 natively)."""
+    return hardware.resolve_dtype(dtype, "cpu") == torch.bfloat16
 
 
 @dataclasses.dataclass(frozen=True)
@@ -76,7 +82,9 @@ class Recipe:
     min_lr_ratio: float = 0.1
     warmup_steps: int = 20
     weight_decay: float = 0.1
-    bf16_autocast: bool = True
+    # The resolved dtype, so part of the stamp: a build is deterministic for its dtype. (A bool rather than
+    # the dtype's name keeps the stamps of builds made before auto.)
+    bf16_autocast: bool = dataclasses.field(default_factory=lambda: bf16_autocast_for("auto"))
     threads: int = 2
     seed: int = 0
     heldout_percent: int = 5
@@ -284,6 +292,7 @@ def build_reference_model(out_dir: Path | str = DEFAULT_OUT, recipe: Recipe | No
     work_dir.mkdir(parents=True)
     with deterministic_torch(recipe.threads):
         report = _build(work_dir, recipe, train_sources, heldout_sources)
+    report |= {"dtype": "bfloat16" if recipe.bf16_autocast else "float32", "hardware": hardware.hardware_record()}
     (work_dir / REPORT_FILE).write_text(json.dumps({"stamp": stamp, **report}, indent=2) + "\n")
     shutil.rmtree(out_dir, ignore_errors=True)
     work_dir.rename(out_dir)
@@ -358,9 +367,11 @@ def main(argv: Sequence[str] | None = None) -> None:
     parser.add_argument("--out", type=Path, default=DEFAULT_OUT, help="checkpoint directory")
     parser.add_argument("--steps", type=int, default=Recipe.steps, help="training steps")
     parser.add_argument("--force", action="store_true", help="rebuild even when the stamp matches")
+    parser.add_argument("--dtype", default="auto", choices=("auto", "float32", "bfloat16"), help="training precision")
     args = parser.parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s %(message)s")
-    build_reference_model(args.out, Recipe(steps=args.steps), force=args.force)
+    recipe = Recipe(steps=args.steps, bf16_autocast=bf16_autocast_for(args.dtype))
+    build_reference_model(args.out, recipe, force=args.force)
 
 
 if __name__ == "__main__":

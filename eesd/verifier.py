@@ -11,9 +11,10 @@ import torch
 
 from eesd.acceptance import accept_greedy, accept_stochastic
 from eesd.batch import Job, run_job
-from eesd.checkpoint import CheckpointReader, config_hash, load_config, resolve_dtype
+from eesd.checkpoint import CheckpointReader, config_hash, load_config
 from eesd.decoder_stack import Row, build_stack
 from eesd.errors import InvalidArgument
+from eesd.hardware import resolve_dtype
 from eesd.identity import ModelIdentity, tokenizer_hash
 from eesd.logprobs import token_logprobs
 from eesd.params import NO_LOGPROBS, check_token_ids, check_top_logprobs
@@ -48,7 +49,7 @@ class Verifier:
         kv_tokens: int = 0,
     ):
         self.config = load_config(model_dir)
-        torch_dtype = resolve_dtype(dtype, self.config)
+        torch_dtype = resolve_dtype(dtype, device)
         reader = CheckpointReader.open(model_dir)
         self.identity = ModelIdentity(
             self.config.model_type,

@@ -10,7 +10,7 @@ from pathlib import Path
 
 import grpc
 
-CPU_FLAGS = ("avx2", "avx512f", "avx512_bf16", "avx512_vnni", "amx_tile", "amx_bf16", "amx_int8")
+from eesd import hardware
 
 
 def load_average() -> list[float]:
@@ -19,20 +19,9 @@ def load_average() -> list[float]:
 
 
 def machine() -> dict:
-    cpu, flags = platform.processor() or platform.machine(), set()
-    try:
-        first = Path("/proc/cpuinfo").read_text().split("\n\n")[0]
-        for line in first.splitlines():
-            if line.startswith("model name"):
-                cpu = line.split(":", 1)[1].strip()
-            elif line.startswith("flags"):
-                flags = set(line.split(":", 1)[1].split())
-    except OSError:
-        pass
+    """eesd.hardware's CPU record (model, CPU flags, cores) and the rest of the machine."""
     return {
-        "cpu": cpu,
-        "cpu_flags": {flag: flag in flags for flag in CPU_FLAGS},
-        "cores_available": len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count(),
+        **hardware.cpu_record(),
         "memory_gb": round(os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES") / 2**30, 1),
         "load_average": load_average(),
         "python": platform.python_version(),
@@ -90,6 +79,7 @@ def model_description(model_dir: str | Path | None, exit_layer: int | None, exit
     except (OSError, ValueError):
         out["parameters"] = None
     stored = config.get("dtype") or config.get("torch_dtype")
-    out["dtype"] = stored if dtype in (None, "auto") else dtype
+    # auto as eesd.hardware resolves it on this machine (a local stack's); unknown (None): what the files store
+    out["dtype"] = stored if dtype is None else hardware.dtype_name(dtype)
     out["dtype_stored"] = stored
     return out

@@ -12,6 +12,7 @@ from collections.abc import Mapping, Sequence
 from typing import Any, TypeVar, get_type_hints
 
 from eesd.errors import InvalidArgument
+from eesd.hardware import DTYPE_HELP, DTYPES
 from serving.logs import LOG_FORMATS, LOG_LEVELS
 
 C = TypeVar("C")
@@ -237,9 +238,7 @@ class ModelNodeConfig(SecurityConfig, ObservabilityConfig):
     port: int = field(50061, "gRPC port", **PORT)
     metrics_port: int = field(9101, "Prometheus /metrics port (0: off)", **PORT_OR_OFF)
     model_dir: str = field("", "Hugging Face checkpoint directory", required=True)
-    dtype: str = field(
-        "float32", "float32, bfloat16, float16 or auto", choices=("auto", "float32", "bfloat16", "float16")
-    )
+    dtype: str = field("auto", DTYPE_HELP, choices=("auto", *DTYPES))
     device: str = field("cpu", "cpu or cuda", choices=("cpu", "cuda"))
     max_sessions: int = field(256, "KV caches kept at once; more is RESOURCE_EXHAUSTED", minimum=1)
     kv_tokens: int = field(

@@ -12,6 +12,7 @@ import grpc
 from eesd_client import EesdClient
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 
+from eesd import hardware
 from serving.local_stack import LocalStack
 from serving.models import default_model
 
@@ -72,7 +73,8 @@ def main() -> None:
     prompts = model.prompts[: args.prompts]
     stack = None
     if not controller_up(args.controller):
-        print(f"starting a local stack on {model.model_dir} (N={model.exit_layer}, {model.dtype}) ...", flush=True)
+        dtype = hardware.describe_auto() if model.dtype == "auto" else model.dtype
+        print(f"starting a local stack on {model.model_dir} (N={model.exit_layer}; {dtype}) ...", flush=True)
         stack = LocalStack(
             model.model_dir,
             model.exit_layer,

@@ -46,7 +46,7 @@ def distilled_head(model_dir: Path) -> Path | None:
 def default_model() -> ServedModel:
     if (REFERENCE_DIR / "build_report.json").is_file() and (head := distilled_head(REFERENCE_DIR)) is not None:
         exit_layer = json.loads((head / "exit_layer.json").read_text())["exit_layer"]
-        return ServedModel(REFERENCE_DIR, exit_layer, str(head), "bfloat16", held_out_prompts(REFERENCE_DIR))
+        return ServedModel(REFERENCE_DIR, exit_layer, str(head), "auto", held_out_prompts(REFERENCE_DIR))
     from eesd.tiny import save_tiny_model
 
     if not (TINY_DIR / "config.json").is_file():

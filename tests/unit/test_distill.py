@@ -21,7 +21,9 @@ N = 2
 
 
 def _config(model_dir, out_dir, **kw) -> DistillConfig:
+    # fp32 as on any machine: the verifier below compares with it, and auto would follow the CPU.
     base = dict(num_prompts=48, prompt_len=8, gen_len=24, steps=40, batch_size=16, lr=3e-3, warmup_steps=3)
+    base |= dict(dtype="float32")
     return DistillConfig(str(model_dir), N, str(out_dir), **{**base, **kw})
 
 
@@ -57,6 +59,8 @@ def test_loss_falls_and_report_is_written(distilled):
     assert report["trainable_parameters"] < report["model_parameters"]
     assert json.loads((out / REPORT_FILE).read_text())["after"] == report["after"]
     assert json.loads((out / META_FILE).read_text())["trained"] is True
+    assert (report["dtype"], report["train_bf16_autocast"]) == ("float32", False)
+    assert report["hardware"]["device"] == "cpu" and "avx512_bf16" in report["hardware"]["cpu_flags"]
 
 
 def test_up_to_date_names_config_and_model_build(tiny_models, distilled):

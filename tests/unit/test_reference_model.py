@@ -100,6 +100,9 @@ def test_report_has_losses(built: Path) -> None:
     report = json.loads((built / REPORT_FILE).read_text())
     assert report["heldout_loss"] > 0 and report["train_loss"] > 0
     assert report["last_steps_loss"] < report["first_step_loss"]  # it learns, even in 6 steps
+    # The precision it trained in (the recipe's, so the stamp's) and the CPU that chose it.
+    assert report["dtype"] == ("bfloat16" if TINY.bf16_autocast else "float32")
+    assert report["hardware"]["cpu_flags"].keys() >= {"avx2", "avx512_bf16", "amx_bf16"}
 
 
 def test_cached_build_is_a_no_op_and_a_new_recipe_rebuilds(tmp_path: Path) -> None:
