@@ -13,12 +13,13 @@ from controller.routing import Router
 from controller.servicer import ControllerServicer
 from controller.state_store import open_state_store
 from controller.text import model_facts
+from eesd.fetch import resolve_model
 from eesd_proto.eesd.v1 import controller_pb2, controller_pb2_grpc
 from serving import observability
 from serving.config import load_config
 from serving.metrics import TimedStateStore
 from serving.security import Peers, Tokens, internal_tokens_of
-from serving.server import serve
+from serving.server import run_service, serve
 
 
 async def main() -> None:
@@ -27,7 +28,8 @@ async def main() -> None:
     store = TimedStateStore(
         open_state_store(config.redis_url, config.session_ttl_s, config.redis_max_connections, config.redis_ca_file)
     )
-    facts = model_facts(config.model_dir)
+    model_dir = str(resolve_model(config.model_dir, "model_dir")) if config.model_dir else ""
+    facts = model_facts(model_dir)
     nodes = NodeClients(
         config.round_timeout_s, config.node_probe_s, config.node_lost_s, facts.checkpoint, Peers.of(config)
     )
@@ -65,7 +67,7 @@ async def main() -> None:
         front = OpenAIFrontEnd(
             loop,
             facts.codec,
-            ChatTemplate.of_model(config.model_dir),
+            ChatTemplate.of_model(model_dir),
             observability.model_name_of(config),  # served_model_name, else model_dir's folder name
             config.default_policy_params(),
             config.max_new_tokens_limit,
@@ -122,4 +124,4 @@ async def main() -> None:
 
 if __name__ == "__main__":
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s %(levelname)s %(message)s")
-    asyncio.run(main())
+    run_service("controller", main)

@@ -71,7 +71,9 @@ class ControllerConfig(SecurityConfig, ObservabilityConfig):
         "longest prompt in tokens, refused before any work (0: the model's context, 65536 without model_dir)",
         minimum=0,
     )
-    model_dir: str = field("", "checkpoint directory for the tokenizer, EOS ids and vocabulary (optional)")
+    model_dir: str = field(
+        "", "checkpoint directory or Hugging Face id org/name[@revision]: tokenizer, EOS ids, vocabulary (optional)"
+    )
     auth_token: str = field(
         "",
         "bearer tokens clients may send, comma-separated: several at once rotate without downtime (empty, and no "

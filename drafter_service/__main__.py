@@ -1,18 +1,18 @@
 """python -m drafter_service [--flags]: see DrafterConfig (flags and EESD_* environment variables)."""
 
-import asyncio
 import logging
 
 from drafter_service.config import DrafterConfig
 from drafter_service.servicer import DrafterServicer
 from drafter_service.verifier_link import VerifierAllowlist
 from eesd.drafter import Drafter
+from eesd.fetch import resolve_model
 from eesd_proto.eesd.v1 import drafter_pb2, drafter_pb2_grpc
 from serving import observability
 from serving.config import load_config
 from serving.node import ModelNode
 from serving.security import Peers, internal_tokens_of
-from serving.server import serve
+from serving.server import run_service, serve
 
 
 async def main() -> None:
@@ -26,7 +26,7 @@ async def main() -> None:
     async def load() -> None:
         await node.load(
             lambda: Drafter(
-                config.model_dir,
+                resolve_model(config.model_dir, "model_dir"),  # a hub id is downloaded here, off the event loop
                 config.exit_layer,
                 config.exit_head or None,
                 config.dtype,
@@ -59,4 +59,4 @@ async def main() -> None:
 
 if __name__ == "__main__":
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s %(levelname)s %(message)s")
-    asyncio.run(main())
+    run_service("drafter", main)

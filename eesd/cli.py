@@ -11,6 +11,8 @@ from eesd import fetch, hardware
 from eesd.errors import EesdError, InvalidArgument
 from eesd.params import POLICY_NAMES, GenerationParams, PolicyParams, SamplingParams
 
+MODEL_HELP = "checkpoint directory (Llama/Mistral/Qwen2), or a Hugging Face id org/name[@revision]"
+
 
 def parse_ids(text: str) -> list[int]:
     try:
@@ -183,7 +185,7 @@ def cmd_distill(args: argparse.Namespace) -> int:
 
 def add_distill_parser(sub) -> None:
     dist = sub.add_parser("distill", help="train the exit layer by self-distillation from the frozen model")
-    dist.add_argument("--model", required=True, help="Hugging Face checkpoint directory (Llama/Mistral/Qwen2)")
+    dist.add_argument("--model", required=True, help=MODEL_HELP)
     dist.add_argument("--exit-layer", type=int, required=True, help="N: the exit layer reads layer N-1's output")
     dist.add_argument("--out", required=True, help="exit-head directory to write (checkpoints under out/checkpoints)")
     dist.add_argument("--prompts", help="prompt corpus: text file, directory of text files, or .jsonl")
@@ -270,7 +272,7 @@ def cmd_bench(args: argparse.Namespace) -> int:
 
 def add_bench_parser(sub) -> None:
     bench = sub.add_parser("bench", help="benchmark EESD against HF generate / assisted generation / ours")
-    bench.add_argument("--model", required=True)
+    bench.add_argument("--model", required=True, help=MODEL_HELP)
     bench.add_argument("--exit-layer", type=int, required=True)
     bench.add_argument("--exit-head", help="trained exit-head directory (default: untrained)")
     bench.add_argument("--prompts", help=".jsonl or .json prompts (default: random ids)")
@@ -379,7 +381,7 @@ def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="eesd", description="Early-Exiting Speculative Decoding")
     sub = parser.add_subparsers(dest="command", required=True)
     gen = sub.add_parser("generate", help="generate with the in-process engine")
-    gen.add_argument("--model", required=True, help="Hugging Face checkpoint directory (Llama/Mistral/Qwen2)")
+    gen.add_argument("--model", required=True, help=MODEL_HELP)
     gen.add_argument("--exit-layer", type=int, required=True, help="N: the drafter runs layers 0..N-1")
     gen.add_argument("--exit-head", help="trained exit-head directory (default: untrained copy of the last layer)")
     prompt = gen.add_mutually_exclusive_group(required=True)
@@ -414,6 +416,8 @@ def build_parser() -> argparse.ArgumentParser:
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     try:
+        if getattr(args, "model", None):  # every command's --model: a directory or a Hugging Face id
+            args.model = str(fetch.resolve_model(args.model))
         if getattr(args, "dtype", None) == "auto":
             print(f"eesd: {hardware.describe_auto(getattr(args, 'device', 'cpu'))}", file=sys.stderr)
         return args.func(args)

@@ -1,16 +1,23 @@
-"""Fetching a checkpoint into a directory: `python -m eesd.fetch` (the chart's model init container) and
-`eesd fetch`.
+"""Where a checkpoint comes from: a local directory or a Hugging Face model id.
 
-A source is a Hugging Face model id, `org/name` or `org/name@revision` (optionally `hf://...`), downloaded
-with huggingface_hub (HF_ENDPOINT and HF_TOKEN apply as usual, so a mirror or a private hub works); or an
-http(s) URL of a .tar or .tar.gz archive of the checkpoint directory (a presigned S3 URL, an internal
-artifact store). Fetching is idempotent and safe from many pods at once: the checkpoint is assembled in a
-temporary directory next to the destination and renamed into place, and a destination that already holds
-a checkpoint is kept. `--wait` only waits for another pod's fetch to finish.
+`resolve_model` is the one rule for every `--model` / `model_dir` (the CLI, the services): an existing
+directory is used as it is; otherwise a Hugging Face id, `org/name` or `org/name@revision` (a branch, tag or
+commit; optionally `hf://...`), is looked up in huggingface_hub's cache and downloaded into it when missing.
+huggingface_hub's variables apply as usual: HF_ENDPOINT (a mirror, a private hub), HF_HOME or HF_HUB_CACHE
+(where the cache lies), HF_HUB_OFFLINE (the cache only), HF_TOKEN (gated and private models). An id that
+cannot be had (offline and not cached, no such model or revision, the hub unreachable) is a NotFound naming it.
+
+Fetching a checkpoint into a directory: `python -m eesd.fetch` (the chart's model init container) and
+`eesd fetch`. A source is a hub id as above, downloaded by the same code, or an http(s) URL of a .tar or
+.tar.gz archive of the checkpoint directory (a presigned S3 URL, an internal artifact store). Fetching is
+idempotent and safe from many pods at once: the checkpoint is assembled in a temporary directory next to
+the destination and renamed into place, and a destination that already holds a checkpoint is kept.
+`--wait` only waits for another pod's fetch to finish.
 """
 
 import argparse
 import logging
+import re
 import shutil
 import sys
 import tarfile
@@ -34,6 +41,52 @@ HUB_FILES = [
     "*.safetensors",
     "*.safetensors.index.json",
 ]
+
+
+# org/name[@revision]: the hub's repository names (letters, digits, - _ .), a revision without spaces.
+HUB_ID = re.compile(r"(?:hf://)?([A-Za-z0-9][\w.-]*/[A-Za-z0-9][\w.-]*)(?:@(\S+))?")
+
+
+def hub_id(source: str) -> tuple[str, str | None] | None:
+    """(repository, revision or None) of a Hugging Face id; None when `source` is not one."""
+    match = HUB_ID.fullmatch(source)
+    return (match.group(1), match.group(2)) if match else None
+
+
+def resolve_model(model: str, field: str = "model") -> Path:
+    """The checkpoint directory `model` names: a local directory, or a hub id's snapshot in the cache."""
+    if Path(model).is_dir():
+        return Path(model)
+    if hub_id(model) is None:
+        raise InvalidArgument(field, f"{model!r} is neither a directory nor a Hugging Face id (org/name[@revision])")
+    return Path(_download(model, field))
+
+
+def _download(source: str, field: str, local_dir: Path | None = None) -> str:
+    """The hub id's checkpoint files, into huggingface_hub's cache (or `local_dir`); NotFound naming the id
+    when they cannot be had, InvalidArgument naming `field` for a name the hub refuses."""
+    from huggingface_hub import constants, snapshot_download  # only what downloads needs it
+    from huggingface_hub.errors import (
+        HfHubHTTPError,
+        HFValidationError,
+        LocalEntryNotFoundError,
+        RevisionNotFoundError,
+    )
+
+    repo, revision = hub_id(source)
+    where = f"the Hugging Face hub at {constants.ENDPOINT}"
+    try:
+        return snapshot_download(repo, revision=revision, local_dir=local_dir, allow_patterns=HUB_FILES)
+    except HFValidationError as error:  # a name the hub refuses ("--", "..", too long)
+        raise InvalidArgument(field, f"{source!r}: {error}") from error
+    except RevisionNotFoundError as error:
+        raise NotFound(f"{source}: {where} has no revision {revision!r} of {repo}") from error
+    except HfHubHTTPError as error:  # no such repository, gated or private (a 401 or 404), the hub failing
+        status = error.response.status_code if error.response is not None else "no answer"
+        raise NotFound(f"{source}: {where} answered {status} for {repo} (no such model, or set HF_TOKEN)") from error
+    except LocalEntryNotFoundError as error:  # offline, or the hub unreachable, and not in the cache
+        why = "HF_HUB_OFFLINE is set" if constants.is_offline_mode() else f"{where} cannot be reached"
+        raise NotFound(f"{source}: not in the Hugging Face cache ({constants.HF_HUB_CACHE}) and {why}") from error
 
 
 def is_checkpoint(path: Path) -> bool:
@@ -67,12 +120,9 @@ def fetch(source: str, dest: str | Path) -> Path:
 
 
 def _fetch_hub(source: str, into: Path) -> None:
-    from huggingface_hub import snapshot_download  # only the fetching pod needs it
-
-    repo, _, revision = source.removeprefix("hf://").partition("@")
-    if repo.count("/") != 1:
+    if hub_id(source) is None:
         raise InvalidArgument("source", f"{source!r}: expected org/name[@revision] or an http(s) URL")
-    snapshot_download(repo, revision=revision or None, local_dir=into, allow_patterns=HUB_FILES)
+    _download(source, "source", local_dir=into)
     shutil.rmtree(into / ".cache", ignore_errors=True)  # huggingface_hub's bookkeeping
 
 

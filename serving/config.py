@@ -237,7 +237,9 @@ class ModelNodeConfig(SecurityConfig, ObservabilityConfig):
     host: str = field("0.0.0.0", "address to listen on", required=True)
     port: int = field(50061, "gRPC port", **PORT)
     metrics_port: int = field(9101, "Prometheus /metrics port (0: off)", **PORT_OR_OFF)
-    model_dir: str = field("", "Hugging Face checkpoint directory", required=True)
+    model_dir: str = field(
+        "", "checkpoint directory, or a Hugging Face id org/name[@revision] (eesd/fetch.py)", required=True
+    )
     dtype: str = field("auto", DTYPE_HELP, choices=("auto", *DTYPES))
     device: str = field("cpu", "cpu or cuda", choices=("cpu", "cuda"))
     max_sessions: int = field(256, "KV caches kept at once; more is RESOURCE_EXHAUSTED", minimum=1)

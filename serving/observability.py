@@ -9,15 +9,18 @@ from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
+from eesd.fetch import hub_id
 from serving import logs, metrics, tracing
 from serving.calls import Call
 
 
 def model_name_of(config: Any) -> str:
-    """The served model's name: `served_model_name`, else the name of `model_dir`'s folder, else "eesd" (a
-    controller without a model directory); the controller's HTTP API serves the model under the same name."""
-    name = getattr(config, "served_model_name", "")
-    return name or Path(getattr(config, "model_dir", "") or "").name or "eesd"
+    """The served model's name: `served_model_name`, else the name of `model_dir`'s folder or the repository
+    of its Hugging Face id (org/name), else "eesd" (a controller without a model directory); the
+    controller's HTTP API serves the model under the same name."""
+    name, model_dir = getattr(config, "served_model_name", ""), getattr(config, "model_dir", "") or ""
+    hub = None if Path(model_dir).is_dir() else hub_id(model_dir)
+    return name or (hub[0] if hub else Path(model_dir).name) or "eesd"
 
 
 def setup(config: Any, service: str) -> None:

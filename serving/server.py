@@ -16,6 +16,7 @@ from grpc_health.v1 import health_pb2, health_pb2_grpc
 from grpc_health.v1._async import HealthServicer
 from grpc_reflection.v1alpha import reflection
 
+from eesd.errors import EesdError
 from serving.config import SecurityConfig
 from serving.errors import DomainErrorInterceptor
 from serving.metrics import start_exporter
@@ -186,6 +187,17 @@ async def serve(
     if on_stop is not None:
         await on_stop()
     log.info("%s stopped", name)
+
+
+def run_service(name: str, main: Callable[[], Awaitable[None]]) -> None:
+    """Runs a service's `main` to its end. A domain error that keeps it from starting (a bad setting, a model
+    that cannot be found or loaded) ends the process with status 2 and one log line that names the cause,
+    not a traceback."""
+    try:
+        asyncio.run(main())
+    except EesdError as error:
+        log.error("%s did not start: %s", name, error)
+        raise SystemExit(2) from None
 
 
 async def watch_progress(

@@ -1,15 +1,15 @@
 """python -m verifier_service [--flags]: see VerifierConfig (flags and EESD_* environment variables)."""
 
-import asyncio
 import logging
 
+from eesd.fetch import resolve_model
 from eesd.verifier import Verifier
 from eesd_proto.eesd.v1 import verifier_pb2, verifier_pb2_grpc
 from serving import observability
 from serving.config import load_config
 from serving.node import ModelNode
 from serving.security import internal_tokens_of
-from serving.server import serve
+from serving.server import run_service, serve
 from verifier_service.config import VerifierConfig
 from verifier_service.servicer import VerifierServicer
 
@@ -22,7 +22,13 @@ async def main() -> None:
 
     async def load() -> None:
         await node.load(
-            lambda: Verifier(config.model_dir, config.dtype, config.device, config.max_sessions, config.kv_tokens)
+            lambda: Verifier(
+                resolve_model(config.model_dir, "model_dir"),  # a hub id is downloaded here, off the event loop
+                config.dtype,
+                config.device,
+                config.max_sessions,
+                config.kv_tokens,
+            )
         )
 
     def register(server) -> list[str]:
@@ -47,4 +53,4 @@ async def main() -> None:
 
 if __name__ == "__main__":
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s %(levelname)s %(message)s")
-    asyncio.run(main())
+    run_service("verifier", main)

@@ -535,3 +535,11 @@ def test_tls_mounts_the_secret_and_probes_in_plain_text():
     assert all("EESD_TLS_CERT_FILE" not in default.config(role) for role in ROLES)
     with pytest.raises(helm_python.HelmError, match="issuerRef.name"):
         render.render({"tls": {"enabled": True, "certManager": {"enabled": True}}})
+
+
+def test_the_role_environment_reaches_the_model_fetch():
+    """A hub mirror (HF_ENDPOINT in verifier.env) is where the init container fetches the model from too."""
+    mirror = {"name": "HF_ENDPOINT", "value": "http://hf-mirror.internal"}
+    spec = Release({"model": {"source": "org/name@v1"}, "verifier": {"env": [mirror]}}).pod_spec("verifier")
+    (init,) = spec["initContainers"]
+    assert mirror in init["env"] and mirror in spec["containers"][0]["env"]

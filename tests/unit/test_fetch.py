@@ -1,15 +1,10 @@
 """eesd.fetch: a checkpoint from an http(s) archive or from the Hugging Face hub, here a local HTTP server
 standing in for each (no network), into a directory, idempotently."""
 
-import hashlib
-import http.server
 import io
-import json
-import os
 import subprocess
 import sys
 import tarfile
-import threading
 from pathlib import Path
 
 import pytest
@@ -17,9 +12,7 @@ import pytest
 from eesd import fetch
 from eesd.errors import InvalidArgument, NotFound
 from eesd.identity import tokenizer_hash
-
-ROOT = Path(__file__).resolve().parents[2]
-REPO, COMMIT = "tiny-org/tiny-llama", "0123456789abcdef0123456789abcdef01234567"
+from tests.hub import REPO, Server, hub_env, hub_routes
 
 
 def archive_of(model: Path, top: str = "tiny-llama") -> bytes:
@@ -27,43 +20,6 @@ def archive_of(model: Path, top: str = "tiny-llama") -> bytes:
     with tarfile.open(fileobj=buffer, mode="w:gz") as tar:
         tar.add(model, arcname=top)
     return buffer.getvalue()
-
-
-class Server:
-    """A loopback HTTP server answering `routes` (path -> (status, headers, body)); HEAD as GET without body."""
-
-    def __init__(self, routes: dict[str, tuple[int, dict, bytes]]):
-        self.routes, self.requests = routes, []
-        outer = self
-
-        class Handler(http.server.BaseHTTPRequestHandler):
-            def _answer(self, body: bool) -> None:
-                path = self.path.split("?")[0]
-                outer.requests.append((self.command, path))
-                status, headers, content = outer.routes.get(path, (404, {}, b"not found"))
-                self.send_response(status)
-                for name, value in {**headers, "Content-Length": str(len(content))}.items():
-                    self.send_header(name, value)
-                self.end_headers()
-                if body:
-                    self.wfile.write(content)
-
-            def do_GET(self):  # noqa: N802 - http.server's naming
-                self._answer(True)
-
-            def do_HEAD(self):  # noqa: N802
-                self._answer(False)
-
-            def log_message(self, *args):
-                pass
-
-        self.httpd = http.server.ThreadingHTTPServer(("127.0.0.1", 0), Handler)
-        self.url = f"http://127.0.0.1:{self.httpd.server_address[1]}"
-        threading.Thread(target=self.httpd.serve_forever, daemon=True).start()
-
-    def close(self) -> None:
-        self.httpd.shutdown()
-        self.httpd.server_close()
 
 
 def same_files(a: Path, b: Path) -> bool:
@@ -108,34 +64,14 @@ def test_an_archive_escaping_its_directory_or_holding_no_checkpoint_is_refused(t
         server.close()
 
 
-def hub_routes(model: Path) -> dict[str, tuple[int, dict, bytes]]:
-    """The endpoints huggingface_hub's snapshot_download uses: the revision, its file tree, each file."""
-    files = sorted(p.name for p in model.iterdir() if p.is_file())
-    bodies = {name: (model / name).read_bytes() for name in files}
-    bodies |= {"README.md": b"# a model card", "model.bin": b"weights in another format"}
-    as_json = {"Content-Type": "application/json"}
-    info = {"id": REPO, "sha": COMMIT, "siblings": [{"rfilename": n} for n in bodies]}
-    tree = [{"type": "file", "path": n, "size": len(b), "oid": hashlib.sha1(b).hexdigest()} for n, b in bodies.items()]
-    routes = {
-        f"/api/models/{REPO}/revision/main": (200, as_json, json.dumps(info).encode()),
-        f"/api/models/{REPO}/tree/{COMMIT}": (200, as_json, json.dumps(tree).encode()),
-    }
-    for name, body in bodies.items():
-        headers = {"ETag": f'"{hashlib.sha256(body).hexdigest()}"', "X-Repo-Commit": COMMIT}
-        for revision in (COMMIT, "main"):
-            routes[f"/{REPO}/resolve/{revision}/{name}"] = (200, headers, body)
-    return routes
-
-
 def test_a_hub_model_id_is_fetched_through_the_configured_endpoint(tiny_models, tmp_path):
     """As the chart's init container runs it: `python -m eesd.fetch` with HF_ENDPOINT set (read at import)."""
     model, dest = tiny_models["llama"], tmp_path / "models" / "hub-llama"
     server = Server(hub_routes(model))
-    env = {**os.environ, "HF_ENDPOINT": server.url, "HF_HOME": str(tmp_path / "hf-home"), "PYTHONPATH": str(ROOT)}
     try:
         done = subprocess.run(
             [sys.executable, "-m", "eesd.fetch", "--source", REPO, "--dest", str(dest)],
-            env=env,
+            env=hub_env(server.url, tmp_path / "hf-home"),
             capture_output=True,
             text=True,
             timeout=120,

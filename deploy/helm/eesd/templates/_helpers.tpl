@@ -259,6 +259,10 @@ spec:
                   name: {{ $root.Values.model.hfTokenSecret }}
                   key: HF_TOKEN
             {{- end }}
+            {{- /* The role's own variables (HF_ENDPOINT for a mirror, a proxy) apply to the fetch too. */}}
+            {{- with $v.env }}
+            {{- toYaml . | nindent 12 }}
+            {{- end }}
           securityContext:
             {{- toYaml $root.Values.securityContext | nindent 12 }}
           volumeMounts:
