@@ -1,7 +1,10 @@
-"""python -m loadtest: load a running controller (--target) or a LocalStack it starts (--local-stack).
+"""python -m loadtest: load a running controller (--target) or a LocalStack it starts (--local-stack), through
+the gRPC SDK (--protocol grpc, the default) or the OpenAI-compatible HTTP API (--protocol http).
 
     python -m loadtest --target localhost:50051 --metrics-urls http://localhost:9100/metrics \\
         --concurrency 4 --requests 32 --max-new-tokens 64 --slo ttft=500,tpot=50
+    python -m loadtest --protocol http --target https://eesd.example:8000 --auth-token-file token \\
+        --tls-ca-file ca.pem --concurrency 8 --requests 64
     python -m loadtest --local-stack --rate 2 --duration 30
     python -m loadtest --local-stack --sweep --requests 12 --out loadtest/results   # concurrency x spec on/off
 
@@ -20,9 +23,10 @@ from pathlib import Path
 from loadtest.environment import load_average, machine, model_description, source_tree
 from loadtest.prompts import load_prompts
 from loadtest.report import Slo, summarize, write_report
-from loadtest.runner import Load, run_load
+from loadtest.runner import PROTOCOLS, Connection, Load, run_load
 from loadtest.scrape import scrape, speculation_stats
-from serving.local_stack import add_stack_arguments, stack_from_args
+from serving.local_stack import add_stack_arguments, free_port, stack_from_args
+from serving.security import Tokens
 
 log = logging.getLogger("loadtest")
 SWEEP_CONCURRENCY = "1,2,4,8"
@@ -35,8 +39,18 @@ def _list(kind):
 def parse_args(argv=None) -> argparse.Namespace:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     where = p.add_mutually_exclusive_group(required=True)
-    where.add_argument("--target", help="controller HOST:PORT")
+    where.add_argument("--target", help="controller HOST:PORT (gRPC); with --protocol http its API's URL or HOST:PORT")
     where.add_argument("--local-stack", action="store_true", help="start a LocalStack (loopback processes)")
+    p.add_argument("--protocol", choices=PROTOCOLS, default="grpc", help="the SDK (grpc) or /v1/completions (http)")
+    p.add_argument("--model", help="http: the request's model (default: the one GET /v1/models lists)")
+    c = p.add_argument_group("authentication and TLS (both protocols; as the services' and the SDK's settings)")
+    c.add_argument("--auth-token", help="bearer token (a comma list: the first is sent)")
+    c.add_argument("--auth-token-file", help="file of bearer tokens, one a line (the first is sent)")
+    c.add_argument("--tls", action="store_true", help="TLS with the system's roots (implied by the options below)")
+    c.add_argument("--tls-ca-file", help="CA certificate (PEM) to verify the server with")
+    c.add_argument("--tls-cert-file", help="client certificate (PEM) for mutual TLS, with --tls-key-file")
+    c.add_argument("--tls-key-file", help="client private key (PEM) for mutual TLS")
+    c.add_argument("--tls-server-name", help="the name the server's certificate must carry, if not the target's host")
     p.add_argument("--metrics-urls", type=_list(str), default=[], help="services' /metrics URLs to scrape")
     p.add_argument("--concurrency", type=_list(int), help="closed loop: clients in flight (comma list sweeps)")
     p.add_argument("--rate", type=_list(float), help="open loop: Poisson requests/s (comma list sweeps)")
@@ -71,7 +85,30 @@ def parse_args(argv=None) -> argparse.Namespace:
         p.error("give --requests, --duration or both")
     if args.model_dir and args.exit_layer is None:
         p.error("--exit-layer is required with --model-dir")
+    secured = (args.auth_token, args.auth_token_file, args.tls, args.tls_ca_file, args.tls_cert_file)
+    if args.local_stack and any(secured):
+        p.error("--local-stack serves neither TLS nor tokens; give --target a stack that does")
+    try:  # token files and TLS files read, and the SDK's checks made, for either protocol, before anything starts
+        connection(args).tls_config()
+    except (ValueError, OSError) as error:  # eesd.errors.InvalidArgument is a ValueError
+        p.error(f"authentication or TLS settings: {error}")
     return args
+
+
+def connection(args: argparse.Namespace) -> Connection:
+    """How the runs reach the controller (--target, set by --local-stack once its stack listens)."""
+    tokens = Tokens(args.auth_token or "", args.auth_token_file or "")  # the services' token lists and files
+    return Connection(
+        args.target or "",
+        args.protocol,
+        tokens.first() or None,
+        args.tls,
+        args.tls_ca_file,
+        args.tls_cert_file,
+        args.tls_key_file,
+        args.tls_server_name,
+        args.model,
+    )
 
 
 def loads(args: argparse.Namespace) -> list[Load]:
@@ -97,10 +134,11 @@ def loads(args: argparse.Namespace) -> list[Load]:
 
 
 def start_stack(args: argparse.Namespace, stack: ExitStack):
-    local = stack_from_args(args)
+    http_port = free_port() if args.protocol == "http" else 0
+    local = stack_from_args(args, http_port=http_port)
     log.info("starting a LocalStack (%s, N=%d) ...", args.model_dir, args.exit_layer)
     stack.enter_context(local)
-    args.target = local.controller_address
+    args.target = f"http://127.0.0.1:{http_port}" if http_port else local.controller_address
     args.metrics_urls = args.metrics_urls or [n.metrics_url for n in local.nodes if n.metrics_port]
     return local
 
@@ -120,7 +158,7 @@ def environment(args: argparse.Namespace, argv: list[str], started: dict, served
     else:  # --target without --model-dir: only what the metrics say
         model = {"name": ",".join(served), "served_model_names": served} if served else None
     return {
-        "command": " ".join(["python -m loadtest", *argv]),
+        "command": " ".join(["python -m loadtest", *_redacted(argv)]),
         **source_tree(),
         "model": model,
         "machine": started["machine"],
@@ -128,6 +166,9 @@ def environment(args: argparse.Namespace, argv: list[str], started: dict, served
         "stack": {
             "local": args.local_stack,
             "target": args.target,
+            "protocol": args.protocol,
+            "tls": connection(args).secure,
+            "auth": bool(args.auth_token or args.auth_token_file),
             "drafters": args.drafters if args.local_stack else None,
             "verifiers": args.verifiers if args.local_stack else None,
             "state_store": ("redis" if args.redis else "memory") if args.local_stack else None,
@@ -138,6 +179,15 @@ def environment(args: argparse.Namespace, argv: list[str], started: dict, served
         "time_end": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
         "seconds": round(time.perf_counter() - started["clock"], 1),
     }
+
+
+def _redacted(argv: list[str]) -> list[str]:
+    """The command line without the value of --auth-token: a report is shared, its token must not be."""
+    out, hide = [], False
+    for arg in argv:
+        out.append("***" if hide else ("--auth-token=***" if arg.startswith("--auth-token=") else arg))
+        hide = arg == "--auth-token"
+    return out
 
 
 def run(args: argparse.Namespace, argv: list[str] | None = None) -> dict:
@@ -155,15 +205,16 @@ def run(args: argparse.Namespace, argv: list[str] | None = None) -> dict:
             start_stack(args, stack)
         prompts = load_prompts(args.prompts)
         slo = Slo.parse(args.slo)
+        reach = connection(args)
         if args.warmup:
             warm = Load(concurrency=1, requests=args.warmup, max_new_tokens=8, timeout_s=args.timeout)
-            asyncio.run(run_load(args.target, prompts, warm))
+            asyncio.run(run_load(reach, prompts, warm))
         runs = []
         for load in loads(args):
             before = scrape(args.metrics_urls) if args.metrics_urls else None
             served = served or (served_model_names(before) if before is not None else [])
             load_before = load_average()
-            records, wall_s = asyncio.run(run_load(args.target, prompts, load))
+            records, wall_s = asyncio.run(run_load(reach, prompts, load))
             server = speculation_stats(scrape(args.metrics_urls) - before) if before is not None else None
             runs.append(summarize(load, records, wall_s, slo, server))
             r = runs[-1]

@@ -72,22 +72,29 @@ def _sum_lists(lists: Sequence[Sequence[int]]) -> list[int]:
 
 
 def client_speculation(done: Sequence[RequestRecord]) -> dict:
-    """Speculation stats summed from the per-request summaries the client received."""
+    """Speculation stats summed from the per-request summaries the client received; the k histogram,
+    acceptance by position and round time split are None when the responses did not carry them (HTTP)."""
     rounds, drafted, accepted = (sum(getattr(r, f) for r in done) for f in ("rounds", "drafted", "accepted"))
     committed = sum(r.completion_tokens for r in done)
-    k_histogram = sum((Counter(r.k_histogram) for r in done), Counter())
-    drafted_at, accepted_at = _sum_lists([r.drafted_at for r in done]), _sum_lists([r.accepted_at for r in done])
-    split = {k: sum(r.time_split_ms.get(k, 0.0) for r in done) for k in ("draft", "verify", "transport", "controller")}
-    return {
+    out = {
         "rounds": rounds,
         "draft_tokens": drafted,
         "accepted_tokens": accepted,
         "acceptance_rate": accepted / drafted if drafted else None,
         "mean_accepted_tokens": committed / rounds if rounds else None,
-        "acceptance_by_position": [a / d for a, d in zip(accepted_at, drafted_at, strict=True) if d],
-        "k_histogram": {str(k): v for k, v in sorted(k_histogram.items())},
-        "round_time_ms": split,
+        "acceptance_by_position": None,
+        "k_histogram": None,
+        "round_time_ms": None,
     }
+    if any(r.k_histogram is None for r in done):
+        return out
+    k_histogram = sum((Counter(r.k_histogram) for r in done), Counter())
+    drafted_at, accepted_at = _sum_lists([r.drafted_at for r in done]), _sum_lists([r.accepted_at for r in done])
+    split = {k: sum(r.time_split_ms.get(k, 0.0) for r in done) for k in ("draft", "verify", "transport", "controller")}
+    out["acceptance_by_position"] = [a / d for a, d in zip(accepted_at, drafted_at, strict=True) if d]
+    out["k_histogram"] = {str(k): v for k, v in sorted(k_histogram.items())}
+    out["round_time_ms"] = split
+    return out
 
 
 def _rounded(values) -> list[float | None]:

@@ -71,6 +71,11 @@ def k_histogram(delta: Samples) -> dict[int, int]:
     return out
 
 
+def _counted(counts: dict[str, float]) -> dict[str, float]:
+    """The labels counted during the run (a series an earlier run made shows a change of 0)."""
+    return {label: n for label, n in counts.items() if n}
+
+
 def _ratio(a: float, b: float) -> float | None:
     return a / b if b else None
 
@@ -118,7 +123,8 @@ def speculation_stats(delta: Samples) -> dict:
         "rollback_tokens": delta.by_label(P + "kv_rollback_tokens_total", "role"),
         "prefills": delta.by_label(P + "prefills_total", "role"),
         "cache_mismatches": delta.by_label(P + "cache_mismatches_total", "role"),
-        "grpc_codes": delta.by_label(P + "grpc_server_handled_total", "grpc_code"),
+        "grpc_codes": _counted(delta.by_label(P + "grpc_server_handled_total", "grpc_code")),
+        "http_statuses": _counted(delta.by_label(P + "http_requests_total", "status", handler="/v1/completions")),
         "node_forward_ms_mean": mean_ms(delta, P + "node_forward_seconds", "role", "op"),
         "node_queue_wait_ms_mean": mean_ms(delta, P + "node_queue_wait_seconds", "role"),
         "state_store_ms_mean": mean_ms(delta, P + "state_store_request_duration_seconds", "op"),

@@ -157,6 +157,7 @@ class LocalStack:
         self.log_dir.mkdir(parents=True, exist_ok=True)
         self.threads = threads
         self.security = security or StackSecurity()
+        self.http_port = http_port  # the first controller's HTTP API (0: off)
         model = ["--model-dir", str(model_dir), "--dtype", dtype]
         self.nodes: list[Node] = []
         if redis:

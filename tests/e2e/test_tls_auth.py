@@ -1,11 +1,15 @@
 """A whole stack with TLS, mutual TLS and tokens on (certificates made by the test): the SDK generates the
 model's greedy output through it, and plain-text, certificate-less, foreign, wrong-identity, token-less and
 wrong-token calls are refused. The controller, the drafter and the verifier serve TLS, require client
-certificates of the test CA, and the nodes accept only the services' own certificate and the internal token."""
+certificates of the test CA, and the nodes accept only the services' own certificate and the internal token.
+The load generator reaches the controller through both its ports, gRPC and HTTPS (the OpenAI API), with the
+same TLS and token options."""
 
+import json
 import time
 
 import grpc
+import httpx
 import pytest
 from eesd_client import AsyncEesdClient, EesdClient, RetryPolicy, TlsConfig, UnauthenticatedError, UnavailableError
 from grpc_health.v1 import health_pb2, health_pb2_grpc
@@ -18,7 +22,8 @@ from eesd_proto.eesd.v1 import (
     verifier_pb2,
     verifier_pb2_grpc,
 )
-from serving.local_stack import StackSecurity
+from loadtest.__main__ import main as loadtest_main
+from serving.local_stack import StackSecurity, free_port
 from tests.e2e.helpers import log_tails, oracle, start_stack, stop_stack
 from tests.tls import SERVICE_NAME, make_pki
 
@@ -39,7 +44,8 @@ def secure_stack(tiny_models, tmp_path_factory):
         internal_token=f"{INTERNAL_TOKEN},internal-token-0",
         auth_token=f"old-client-token,{CLIENT_TOKEN}",
     )
-    stack = start_stack(tiny_models["llama"], 1, tmp_path_factory.mktemp("secure-stack-logs"), security=security)
+    logs = tmp_path_factory.mktemp("secure-stack-logs")
+    stack = start_stack(tiny_models["llama"], 1, logs, security=security, http_port=free_port())
     try:
         wait_for_drafting(stack, pki)
     except BaseException:
@@ -180,3 +186,64 @@ def test_get_session_and_cancel_need_the_token(secure_stack) -> None:
             with pytest.raises(grpc.RpcError) as refused:
                 method(request, timeout=10)
             assert refused.value.code() == grpc.StatusCode.UNAUTHENTICATED
+
+
+LOAD_REQUESTS, LOAD_TOKENS = 4, 8
+
+
+def run_loadtest(stack, pki, out, protocol: str, token: str | None, name: str, *extra: str) -> dict:
+    """loadtest over `protocol` with the client certificate of the test CA (mutual TLS), the CA, and the name the
+    service certificate carries (the target is an IP address); its report."""
+    target = f"https://127.0.0.1:{stack.http_port}" if protocol == "http" else stack.controller_address
+    prompts = out / "prompts.jsonl"
+    prompts.write_text('{"prompt": [11, 12, 13, 14]}\n[5, 6, 7, 8, 9]\n')
+    argv = ["--target", target, "--protocol", protocol, "--tls-ca-file", str(pki.ca), "--tls-server-name", SERVICE_NAME]
+    argv += ["--tls-cert-file", str(pki.client_cert), "--tls-key-file", str(pki.client_key)]
+    argv += ["--auth-token", token] if token else []
+    argv += ["--metrics-urls", ",".join(n.metrics_url for n in stack.nodes if n.metrics_port), "--warmup", "0"]
+    argv += ["--concurrency", "2", "--requests", str(LOAD_REQUESTS), "--max-new-tokens", str(LOAD_TOKENS)]
+    argv += ["--policy", "fixed", "--k-max", "3", "--prompts", str(prompts), "--out", str(out), "--name", name]
+    loadtest_main([*argv, *extra])
+    return json.loads((out / f"{name}.json").read_text())
+
+
+@pytest.mark.parametrize("protocol", ["http", "grpc"])
+def test_loadtest_over_tls_and_tokens_on_either_port(secure_stack, tmp_path, protocol) -> None:
+    """The same report from either front end: every request completes, one chunk per round, the tokens and
+    speculation counts the responses carried equal the servers' metrics; the protocol is recorded, the token
+    is not."""
+    stack, pki = secure_stack
+    report = run_loadtest(stack, pki, tmp_path, protocol, CLIENT_TOKEN, protocol)
+    env, (run,) = report["environment"], report["runs"]
+    assert env["stack"] | {"target": None} == {
+        "local": False,
+        "target": None,
+        "protocol": protocol,
+        "tls": True,
+        "auth": True,
+        "drafters": None,
+        "verifiers": None,
+        "state_store": None,
+        "threads_per_process": None,
+    }
+    assert CLIENT_TOKEN not in json.dumps(report) and "--auth-token ***" in env["command"]
+    assert run["requests"] == {"issued": LOAD_REQUESTS, "completed": LOAD_REQUESTS, "failed": 0, "errors": {}}
+    tokens, client, server = run["tokens"], run["speculation_client"], run["speculation_server"]
+    assert tokens["output"] == tokens["output_in_results"] == tokens["output_in_summaries"]
+    assert tokens["output"] == LOAD_REQUESTS * LOAD_TOKENS  # ignore_eos: every request runs to its length
+    assert tokens["chunks"] == client["rounds"] == server["rounds"] and run["ttft_ms"]["count"] == LOAD_REQUESTS
+    assert (client["draft_tokens"], client["accepted_tokens"]) == (server["draft_tokens"], server["accepted_tokens"])
+    assert server["http_statuses"] == ({"200": LOAD_REQUESTS} if protocol == "http" else {})
+    # Only the gRPC summaries carry the k histogram; over HTTP the report has it from the metrics alone.
+    assert (client["k_histogram"] is None) == (protocol == "http") and server["k_histogram"]
+
+
+def test_loadtest_without_the_token_fails_every_request(secure_stack, tmp_path, tiny_models) -> None:
+    stack, pki = secure_stack
+    with pytest.raises(httpx.HTTPStatusError, match="401"):  # the model's name is asked first, with the token
+        run_loadtest(stack, pki, tmp_path, "http", None, "refused")
+    with pytest.raises(SystemExit) as failed:
+        run_loadtest(stack, pki, tmp_path, "http", None, "refused", "--model", tiny_models["llama"].name)
+    assert failed.value.code == 1
+    (run,) = json.loads((tmp_path / "refused.json").read_text())["runs"]
+    assert run["requests"]["errors"] == {"HTTP 401": LOAD_REQUESTS}

@@ -1,5 +1,6 @@
 """The load generator against a LocalStack it starts: a bounded run (closed loop with speculation on and off,
-one open-loop rate) finishes without errors and writes a consistent report."""
+one open-loop rate) finishes without errors and writes a consistent report; through the stack's HTTP API
+(--protocol http) the report has the same shape and agrees with the servers' metrics."""
 
 import json
 
@@ -103,3 +104,38 @@ def test_slo_and_distribution_helpers():
     d = distribution(list(range(1, 101)))
     assert d["p50"] == pytest.approx(50.5) and d["p99"] == pytest.approx(99.01) and d["count"] == 100
     assert distribution([])["p50"] is None
+
+
+@pytest.fixture(scope="module")
+def http_report(tiny_models, tmp_path_factory):
+    out = tmp_path_factory.mktemp("loadtest-http")
+    argv = ["--local-stack", "--protocol", "http", "--model-dir", str(tiny_models["llama"]), "--exit-layer", "1"]
+    argv += ["--log-dir", str(out / "logs"), "--concurrency", "2", "--speculation", "on,off", "--policy", "beta-ts"]
+    argv += ["--requests", str(REQUESTS), "--max-new-tokens", str(MAX_NEW_TOKENS), "--warmup", "1"]
+    main([*argv, "--prompts", str(_prompts(out)), "--slo", "ttft=60000,tpot=60000", "--out", str(out)])
+    return json.loads((out / "loadtest.json").read_text())
+
+
+def _shape(run: dict) -> dict:
+    """A run's fields and, for those that are objects, their fields."""
+    return {k: sorted(v) if isinstance(v, dict) else type(v).__name__ for k, v in run.items()}
+
+
+def test_the_http_api_gives_a_report_of_the_same_shape_and_numbers(report, http_report):
+    assert http_report["environment"]["stack"]["protocol"] == "http"
+    assert http_report["environment"]["stack"]["target"].startswith("http://127.0.0.1:")
+    grpc_run = report[1]["runs"][0]
+    for run in http_report["runs"]:
+        assert run["requests"] == {"issued": REQUESTS, "completed": REQUESTS, "failed": 0, "errors": {}}
+        tokens, client, server = run["tokens"], run["speculation_client"], run["speculation_server"]
+        assert tokens["output"] == tokens["output_in_results"] == tokens["output_in_summaries"]
+        assert tokens["output"] == REQUESTS * MAX_NEW_TOKENS
+        assert tokens["chunks"] == client["rounds"] == server["rounds"]  # one SSE chunk per round, as on gRPC
+        for key in ("draft_tokens", "accepted_tokens", "acceptance_rate", "mean_accepted_tokens"):
+            assert server[key] == pytest.approx(client[key]), key
+        assert server["http_statuses"] == {"200": REQUESTS}
+        # What only the gRPC summaries carry is None on the client's side; the servers' metrics still have it.
+        assert client["k_histogram"] is client["acceptance_by_position"] is client["round_time_ms"] is None
+        assert sum(server["k_histogram"].values()) == server["rounds"]
+        assert _shape(run) == _shape(grpc_run)
+    assert http_report["runs"][1]["tokens_per_chunk"]["mean"] == 1.0  # speculation off: one token per round
