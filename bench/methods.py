@@ -37,6 +37,9 @@ class Method:
     policy: str = "off"  # ours: the policy name
     options: dict = field(default_factory=dict)  # ours: policy options; hf-assisted-ee: generation_config fields
     label: str = ""  # what plots and tables show
+    # ours: (N, exit-head directory or None for an untrained exit layer); None: the Runners' own drafter
+    drafter: tuple[int, str | None] | None = None
+    tuned: bool = False  # its options were chosen by a tuning run (on other prompts than the evaluation's)
 
     @property
     def speculative(self) -> bool:
@@ -80,10 +83,13 @@ class Runners:
         need_hf: bool,
         eos_token_ids: frozenset[int] = frozenset(),
     ):
+        self.model_dir, self.dtype, self.eos_token_ids = model_dir, dtype, eos_token_ids
         self.exit_layer, self.k_max = exit_layer, k_max
-        verifier = Verifier(model_dir, dtype=dtype)
-        drafter = Drafter(model_dir, exit_layer, exit_head, dtype=dtype)
-        self.engine = SpeculativeEngine(drafter, verifier, eos_token_ids)
+        self.drafter = (exit_layer, exit_head)
+        self.verifier = verifier = Verifier(model_dir, dtype=dtype)
+        # One engine per drafter (exit layer, head), all on the one verifier: a sweep over N loads it once.
+        self.engines: dict[tuple[int, str | None], SpeculativeEngine] = {}
+        self.engine_for(self.drafter)  # loaded now: a bad exit layer or head fails before any measurement
         self.hf = None
         if need_hf:
             torch_dtype = verifier.stack.embed_tokens.weight.dtype
@@ -91,6 +97,13 @@ class Runners:
             self.hf.eval()
             self.hf.generation_config.eos_token_id = None  # run exactly max_new_tokens, like the engine below
             self._hf_defaults = self.hf.generation_config.to_dict()
+
+    def engine_for(self, drafter: tuple[int, str | None]) -> SpeculativeEngine:
+        if drafter not in self.engines:
+            exit_layer, exit_head = drafter
+            draft = Drafter(self.model_dir, exit_layer, exit_head, dtype=self.dtype)
+            self.engines[drafter] = SpeculativeEngine(draft, self.verifier, self.eos_token_ids)
+        return self.engines[drafter]
 
     def run(self, method: Method, prompt: list[int], max_new_tokens: int, temperature: float, seed: int) -> Run:
         if method.kind == "ours":
@@ -104,8 +117,9 @@ class Runners:
             PolicyParams(method.policy, self.k_max, dict(method.options)),
             stop_on_eos=False,
         )
+        engine = self.engine_for(method.drafter or self.drafter)
         start = time.perf_counter()
-        result = self.engine.generate(prompt, params)
+        result = engine.generate(prompt, params)
         elapsed = time.perf_counter() - start
         per_round = [{"k": r.k_chosen, "drafted": r.drafted, "accepted": r.accepted} for r in result.stats.per_round]
         return Run(result.token_ids, elapsed, result.stats.summary() | {"per_round": per_round})

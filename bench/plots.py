@@ -94,3 +94,44 @@ def plot_all(result: dict, out_dir: Path) -> list[Path]:
         if any(r["kind"] == "ours" and r["policy"] not in ("off", "fixed") for r in rows.values()):
             paths.append(plot_k_histogram(result, temperature, Path(f"{stem}-k-histogram.png")))
     return paths
+
+
+def plot_sweep(result: dict, path: Path) -> Path:
+    """eesd sweep: speedup over plain decoding (median, bars: the repetitions' range) and tau and per-token
+    acceptance against the exit layer N; the recommended N marked."""
+    rows = sorted(result["exit_layers"].values(), key=lambda r: r["exit_layer"])
+    ns = [r["exit_layer"] for r in rows]
+    speedups = [r["speedup_vs_ours_ar"] for r in rows]
+    low = [s - min(r["speedup_vs_ours_ar_per_repetition"]) for s, r in zip(speedups, rows, strict=True)]
+    high = [max(r["speedup_vs_ours_ar_per_repetition"]) - s for s, r in zip(speedups, rows, strict=True)]
+    best = result["recommended"]["exit_layer"]
+    fig, (ax_speed, ax_tau) = plt.subplots(1, 2, figsize=(11, 4.2))
+    ax_speed.errorbar(ns, speedups, yerr=[low, high], fmt="o-", color="#4c72b0", capsize=3)
+    ax_speed.plot([best], [result["recommended"]["speedup_vs_ours_ar"]], "*", ms=16, color="#dd8452", label=f"N={best}")
+    ax_speed.axhline(1.0, color="black", lw=0.8)
+    ax_speed.set_xlabel("exit layer N")
+    ax_speed.set_ylabel("speedup vs ours, no speculation")
+    ax_speed.legend(fontsize=8)
+    ax_tau.plot(ns, [r["mean_accepted_tokens"] for r in rows], "o-", color="#4c72b0", label="tau (tokens per round)")
+    ax_acc = ax_tau.twinx()
+    ax_acc.plot(ns, [r["acceptance_rate"] for r in rows], "s--", color="#55a868", label="per-token acceptance")
+    ax_acc.set_ylim(0, 1)
+    ax_tau.set_xlabel("exit layer N")
+    ax_tau.set_ylabel("tau: tokens committed per round")
+    ax_acc.set_ylabel("per-token acceptance")
+    ax_tau.legend(loc="upper left", fontsize=8)
+    ax_acc.legend(loc="lower right", fontsize=8)
+    for ax in (ax_speed, ax_tau):
+        ax.set_xticks(ns)
+    config, model = result["config"], result["model"]
+    mode = "greedy" if config["temperature"] == 0 else f"T={config['temperature']}"
+    heads = "untrained exit layers" if config["untrained"] else f"exit layers distilled {config['distill_steps']} steps"
+    fig.suptitle(
+        f"{result['name']}: {Path(model['model_dir']).name} ({model['layers']} layers, {model['dtype']}), {heads}, "
+        f"{config['policy']}, {mode}, median of {config['repetitions']}; load {result['load_average']['start']}",
+        fontsize=9,
+    )
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+    return path

@@ -4,11 +4,15 @@ Within a repetition the methods run prompt by prompt in a rotating order, so slo
 machine hits every method alike; each repetition yields one tokens/s per method (tokens over seconds
 summed across the prompts) and one speedup per method against each baseline of the same repetition.
 Reported: medians over repetitions of both, and the speculation statistics pooled over all runs.
+
+Policy options are tuned on other prompts than those the result is measured on: with `tune_policies`,
+the candidates run first on `tune_prompts` (disjoint from `prompts`), the best option set of each policy
+there joins the evaluation as a row labelled tuned, and the headline is a policy with its default options,
+chosen on the tuning prompts too.
 """
 
 import json
 import statistics
-import sys
 import time
 from collections import Counter
 from dataclasses import asdict, dataclass, field
@@ -17,11 +21,16 @@ from pathlib import Path
 import torch
 import transformers
 
-from bench.methods import Method, Run, Runners, default_methods
+from bench.methods import Method, Run, Runners, default_methods, parse_policy_spec
 from eesd import hardware
+from eesd.errors import InvalidArgument
+from eesd.progress import Progress
 from loadtest import environment
 
 POLICIES = ["heuristic", "threshold", "beta-ts", "calibration-ts"]
+# The headline is one of these with its default options (the paper's rules and our +2/-1 baseline): no
+# option of it was chosen on any prompt.
+DEFAULT_POLICIES = ("heuristic", "beta-ts", "calibration-ts")
 HF_ASSISTED = [
     # transformers' own defaults for assisted generation: 20 drafts, constant schedule, threshold 0.4
     {"name": "", "num_assistant_tokens": 20, "num_assistant_tokens_schedule": "constant"},
@@ -37,6 +46,11 @@ class BenchConfig:
     exit_head: str | None
     prompts: list[list[int]]
     name: str = "bench"
+    command: str = ""  # how it was run, for the record
+    # Where each prompt set came from (bench.prompts.PromptSet.record()): "evaluation", "tuning".
+    prompt_sources: dict = field(default_factory=dict)
+    tune_prompts: list[list[int]] = field(default_factory=list)  # disjoint from `prompts`
+    tune_policies: list[str] = field(default_factory=list)  # candidate option sets: "beta-ts[discount=0.8]", ...
     out_dir: str = "bench/results"
     max_new_tokens: int = 96
     repetitions: int = 3
@@ -102,6 +116,7 @@ def _summary(method: Method, per_rep: list[list[Run]], baselines: dict[str, list
         "kind": method.kind,
         "policy": method.policy,
         "options": method.options,
+        "tuned": method.tuned,
         "tokens_per_second": statistics.median(tps),
         "tokens_per_second_per_repetition": tps,
     }
@@ -116,41 +131,117 @@ def _summary(method: Method, per_rep: list[list[Run]], baselines: dict[str, list
     return out
 
 
-def run_suite(cfg: BenchConfig, progress: bool = True) -> dict:
-    """Runs every method at every temperature; writes <out_dir>/<name>.json (and PNGs); returns the result."""
-    torch.set_num_threads(cfg.threads)
-    log = (lambda *a: print(*a, file=sys.stderr, flush=True)) if progress else (lambda *a: None)
-    methods = cfg.methods()
-    need_hf = any(m.kind != "ours" for m in methods)
-    runners = Runners(cfg.model_dir, cfg.exit_layer, cfg.exit_head, cfg.dtype, cfg.k_max, need_hf)
-    started = time.time()
-    results = {}
-    for temperature in cfg.temperatures:
-        for method in methods:  # warm-up: allocations, lazy imports, first-call paths
-            runners.run(method, cfg.prompts[0], min(8, cfg.max_new_tokens), temperature, cfg.seed)
-        runs: dict[str, list[list[Run]]] = {m.name: [] for m in methods}
+def measure(
+    runners: Runners,
+    methods: list[Method],
+    prompts: list[list[int]],
+    temperature: float,
+    cfg: BenchConfig,
+    desc: str,
+    progress: bool = True,
+) -> dict[str, dict]:
+    """Every method on every prompt at one temperature, interleaved, `cfg.repetitions` times: a summary per
+    method name (tokens/s, speedups over the baselines of the same repetition, speculation statistics)."""
+    for method in methods:  # warm-up: allocations, lazy imports, first-call paths
+        runners.run(method, prompts[0], min(8, cfg.max_new_tokens), temperature, cfg.seed)
+    runs: dict[str, list[list[Run]]] = {m.name: [] for m in methods}
+    total = cfg.repetitions * len(prompts) * len(methods)
+    with Progress(total, desc, unit="run", enabled=progress) as bar:
         for rep in range(cfg.repetitions):
             for m in methods:
                 runs[m.name].append([])
-            for p, prompt in enumerate(cfg.prompts):
-                shift = (rep * len(cfg.prompts) + p) % len(methods)
+            for p, prompt in enumerate(prompts):
+                shift = (rep * len(prompts) + p) % len(methods)
                 for method in methods[shift:] + methods[:shift]:
                     # Same seed for every method on a prompt: HF and ours draw differently, but each is exact.
                     run = runners.run(method, prompt, cfg.max_new_tokens, temperature, cfg.seed + p)
                     runs[method.name][rep].append(run)
-            log(f"bench: temperature {temperature}: repetition {rep + 1}/{cfg.repetitions} done")
-        baselines = {"ours_ar": runs["ours-ar"]}
-        if "hf-generate" in runs:
-            baselines = {"hf_generate": runs["hf-generate"], **baselines}
-        reference = runs["ours-ar"] if temperature == 0 else None
-        results[str(temperature)] = {m.name: _summary(m, runs[m.name], baselines, reference) for m in methods}
+                    bar.update(repetition=f"{rep + 1}/{cfg.repetitions}")
+    baselines = {"ours_ar": runs["ours-ar"]}
+    if "hf-generate" in runs:
+        baselines = {"hf_generate": runs["hf-generate"], **baselines}
+    reference = runs["ours-ar"] if temperature == 0 else None
+    return {m.name: _summary(m, runs[m.name], baselines, reference) for m in methods}
+
+
+def choose_tuned(rows: dict[str, dict], methods: list[Method]) -> dict[str, str]:
+    """Per policy, the method name (its defaults or a candidate option set) with the highest median speedup
+    over our autoregressive path in a tuning run's `rows`."""
+    best: dict[str, str] = {}
+    for m in methods:
+        if m.kind == "ours" and m.policy not in ("off", "fixed"):
+            current = best.get(m.policy)
+            if current is None or rows[m.name]["speedup_vs_ours_ar"] > rows[current]["speedup_vs_ours_ar"]:
+                best[m.policy] = m.name
+    return best
+
+
+def tuning_methods(cfg: BenchConfig) -> list[Method]:
+    """Our autoregressive path, each policy of the candidates and of the headline with its defaults, and the
+    candidate option sets."""
+    candidates = [parse_policy_spec(spec) for spec in cfg.tune_policies]
+    names = list(dict.fromkeys([*DEFAULT_POLICIES, *(name for name, _ in candidates)]))
+    methods = [m for m in default_methods(cfg.k_max, [], names, []) if m.kind == "ours"]
+    return methods + [
+        Method(f"ours-{spec}", "ours", *parse_policy_spec(spec), label=spec) for spec in cfg.tune_policies
+    ]
+
+
+def tune(runners: Runners, cfg: BenchConfig, temperature: float, progress: bool = True) -> dict:
+    """Runs the candidates on the tuning prompts; -> {"chosen": {policy: spec}, "results": rows}."""
+    methods = tuning_methods(cfg)
+    rows = measure(runners, methods, cfg.tune_prompts, temperature, cfg, f"bench: tuning at T={temperature}", progress)
+    tuned = {parse_policy_spec(spec)[0] for spec in cfg.tune_policies}
+    chosen = {policy: rows[name]["label"] for policy, name in choose_tuned(rows, methods).items() if policy in tuned}
+    return {"chosen": chosen, "results": rows}
+
+
+def tuned_methods(chosen: dict[str, str]) -> list[Method]:
+    """Evaluation rows for the option sets a tuning run chose (a policy whose defaults won has none)."""
+    methods = []
+    for spec in chosen.values():
+        name, options = parse_policy_spec(spec)
+        if options:
+            methods.append(Method(f"ours-tuned-{spec}", "ours", name, options, label=f"{spec} (tuned)", tuned=True))
+    return methods
+
+
+def check_disjoint(evaluation: list[list[int]], tuning: list[list[int]]) -> None:
+    if shared := {tuple(p) for p in evaluation} & {tuple(p) for p in tuning}:
+        raise InvalidArgument("tune_prompts", f"{len(shared)} tuning prompts are also evaluation prompts")
+
+
+def run_suite(cfg: BenchConfig, progress: bool = True) -> dict:
+    """Runs every method at every temperature (after the tuning run, when there are candidates); writes
+    <out_dir>/<name>.json (and PNGs); returns the result."""
+    torch.set_num_threads(cfg.threads)
+    if cfg.tune_policies:
+        if not cfg.tune_prompts:
+            raise InvalidArgument("tune_prompts", "tuning candidates need tuning prompts")
+        check_disjoint(cfg.prompts, cfg.tune_prompts)
+    methods = cfg.methods()
+    need_hf = any(m.kind != "ours" for m in methods)
+    runners = Runners(cfg.model_dir, cfg.exit_layer, cfg.exit_head, cfg.dtype, cfg.k_max, need_hf)
+    started, machine_record = time.time(), machine()
+    results, tuning = {}, {}
+    for temperature in cfg.temperatures:
+        extra = []
+        if cfg.tune_policies:
+            tuning[str(temperature)] = tune(runners, cfg, temperature, progress)
+            extra = tuned_methods(tuning[str(temperature)]["chosen"])
+        desc = f"bench: T={temperature}"
+        results[str(temperature)] = measure(runners, methods + extra, cfg.prompts, temperature, cfg, desc, progress)
     result = {
         "name": cfg.name,
-        "machine": machine(),
+        "command": cfg.command,
+        "source_tree": environment.source_tree(),
+        "machine": machine_record,
         "dtype": hardware.dtype_name(cfg.dtype),  # config.dtype as requested, this as resolved
-        "config": {k: v for k, v in asdict(cfg).items() if k != "prompts"}
+        "load_average": {"start": machine_record["load_average"], "end": environment.load_average()},
+        "config": {k: v for k, v in asdict(cfg).items() if k not in ("prompts", "tune_prompts", "command")}
         | {"num_prompts": len(cfg.prompts), "prompt_lengths": [len(p) for p in cfg.prompts]},
         "wall_s": time.time() - started,
+        "tuning": tuning,
         "results": results,
     }
     result["headline"] = headline(result)
@@ -166,37 +257,47 @@ def run_suite(cfg: BenchConfig, progress: bool = True) -> dict:
 
 
 def headline(result: dict) -> dict:
-    """The targets of the benchmark issue, evaluated on the greedy results."""
+    """The greedy headline: the policy of DEFAULT_POLICIES, default options, that was fastest on the tuning
+    prompts (on the evaluation prompts when no tuning ran: then the choice of one of three is made on them),
+    its speedups on the evaluation prompts, and the benchmark issue's comparisons."""
     greedy = result["results"].get("0.0")
     if not greedy:
         return {}
+    defaults = [
+        n for n, r in greedy.items() if r["kind"] == "ours" and r["policy"] in DEFAULT_POLICIES and not r["options"]
+    ]
+    if not defaults:
+        return {}
+    tuning = result.get("tuning", {}).get("0.0")
+    ranking = tuning["results"] if tuning else greedy
+    method = max(defaults, key=lambda n: ranking[n]["speedup_vs_ours_ar"])
+    speedups = lambda row: {k: v for k, v in row.items() if k.startswith("speedup_vs_")}  # noqa: E731
+    out = {
+        "method": method,
+        "chosen_on": "tuning prompts" if tuning else "evaluation prompts",
+        **speedups(greedy[method]),
+        "default_policies": {n: speedups(greedy[n]) for n in defaults},
+        "tuned": {n: speedups(r) for n, r in greedy.items() if r.get("tuned")},
+    }
+    assisted = [n for n in greedy if greedy[n]["kind"] == "hf-assisted-ee"]
+    if assisted:
+        best_hf = max(assisted, key=lambda n: greedy[n]["tokens_per_second"])
+        pairs = zip(
+            greedy[method]["tokens_per_second_per_repetition"],
+            greedy[best_hf]["tokens_per_second_per_repetition"],
+            strict=True,
+        )
+        out["best_hf_assisted"] = best_hf
+        out["speedup_vs_best_hf_assisted"] = statistics.median(a / b for a, b in pairs)
     spec = {n: r for n, r in greedy.items() if r["kind"] == "ours" and r["policy"] != "off"}
     fixed = {n: r for n, r in spec.items() if r["policy"] == "fixed"}
-    best = max(spec, key=lambda n: spec[n]["speedup_vs_ours_ar"])
-    out = {"best_method": best, "best_speedup_vs_ours_ar": spec[best]["speedup_vs_ours_ar"]}
-    if "hf-generate" in greedy:
-        out["best_speedup_vs_hf_generate"] = spec[best]["speedup_vs_hf_generate"]
-        assisted = [n for n in greedy if greedy[n]["kind"] == "hf-assisted-ee"]
-        if assisted:
-            best_hf = max(assisted, key=lambda n: greedy[n]["tokens_per_second"])
-            ratio = [
-                a / b
-                for a, b in zip(
-                    spec[best]["tokens_per_second_per_repetition"],
-                    greedy[best_hf]["tokens_per_second_per_repetition"],
-                    strict=True,
-                )
-            ]
-            out["best_hf_assisted"] = best_hf
-            out["best_speedup_vs_best_hf_assisted"] = statistics.median(ratio)
-    if fixed:
+    if fixed:  # an oracle: the best k is chosen on the evaluation prompts
         best_fixed = max(fixed, key=lambda n: fixed[n]["speedup_vs_ours_ar"])
-        out["best_fixed"] = best_fixed
-        for ts in [n for n in spec if spec[n]["policy"] in ("beta-ts", "calibration-ts")]:
-            if ts in spec:
-                out[f"{ts}_vs_best_fixed"] = spec[ts]["speedup_vs_ours_ar"] / fixed[best_fixed]["speedup_vs_ours_ar"]
-                if "ours-heuristic" in spec:
-                    out[f"{ts}_vs_heuristic"] = (
-                        spec[ts]["speedup_vs_ours_ar"] / spec["ours-heuristic"]["speedup_vs_ours_ar"]
-                    )
+        out["best_fixed_k_oracle"] = best_fixed
+        for ts in (n for n in spec if spec[n]["policy"] in ("beta-ts", "calibration-ts")):
+            out[f"{ts}_vs_best_fixed"] = spec[ts]["speedup_vs_ours_ar"] / fixed[best_fixed]["speedup_vs_ours_ar"]
+            if "ours-heuristic" in spec:
+                out[f"{ts}_vs_heuristic"] = (
+                    spec[ts]["speedup_vs_ours_ar"] / spec["ours-heuristic"]["speedup_vs_ours_ar"]
+                )
     return out

@@ -3,6 +3,7 @@
 import argparse
 import json
 import logging
+import shlex
 import sys
 import time
 from pathlib import Path
@@ -205,61 +206,48 @@ def add_distill_parser(sub) -> None:
     dist.set_defaults(func=cmd_distill)
 
 
-def load_prompt_file(path: str, model_dir: str, limit: int) -> list[list[int]]:
-    """Prompts as token ids from a .jsonl ({"prompt": text} or {"prompt_ids": [...]}) or a .json list of
-    strings / id lists; text needs the checkpoint's tokenizer."""
-    source = Path(path)
-    if not source.is_file():
-        raise InvalidArgument("prompts", f"no such file: {path!r}")
-    if source.suffix == ".jsonl":
-        rows = [json.loads(line) for line in source.read_text().splitlines() if line.strip()]
-    else:
-        rows = json.loads(source.read_text())
-        rows = rows.get("prompts", rows) if isinstance(rows, dict) else rows
-    tokenizer = None
-    prompts = []
-    if len(rows) > limit > 1:  # spread over the file (held-out prompts come sorted by source file)
-        rows = [rows[round(i * (len(rows) - 1) / (limit - 1))] for i in range(limit)]
-    for row in rows[:limit]:
-        if isinstance(row, dict):
-            row = row.get("prompt_ids", row.get("prompt", row.get("text")))
-        if isinstance(row, str):
-            tokenizer = tokenizer or load_tokenizer(model_dir)
-            if tokenizer is None:
-                raise InvalidArgument("prompts", f"{model_dir} has no tokenizer for text prompts")
-            row = tokenizer(row)["input_ids"]
-        prompts.append([int(t) for t in row])
-    if not prompts:
-        raise InvalidArgument("prompts", f"no prompts in {path!r}")
-    return prompts
+def bench_prompts(args: argparse.Namespace) -> dict:
+    """The evaluation prompts and, with --tune-policies, the tuning prompts: another slice of --tune-prompts
+    (default: the --prompts file) with no source file and no prompt in common with the evaluation's."""
+    from bench.prompts import load_prompt_set, random_prompts
+    from eesd.checkpoint import load_config
+
+    def choose(path: str | None, count: int, seed: int, exclude=()):
+        if path:
+            return load_prompt_set(path, args.model, count, exclude)
+        return random_prompts(load_config(args.model).vocab_size, count, seed, exclude)  # id-only checkpoints
+
+    sets = {"evaluation": choose(args.prompts, args.num_prompts, args.seed)}
+    if args.tune_policies:
+        tune_file = args.tune_prompts or args.prompts
+        sets["tuning"] = choose(tune_file, args.num_tune_prompts, args.seed + 1, [sets["evaluation"]])
+    return sets
 
 
 def cmd_bench(args: argparse.Namespace) -> int:
-    import random
-
     from bench.report import markdown
     from bench.suite import BenchConfig, run_suite
-    from eesd.checkpoint import load_config
 
-    if args.prompts:
-        prompts = load_prompt_file(args.prompts, args.model, args.num_prompts)
-    else:  # id-only checkpoints: random prompts
-        rng, vocab = random.Random(args.seed), load_config(args.model).vocab_size
-        prompts = [[rng.randrange(3, vocab) for _ in range(16)] for _ in range(args.num_prompts)]
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(message)s")  # progress lines off a terminal
+    prompts = bench_prompts(args)
     cfg = BenchConfig(
         model_dir=args.model,
         exit_layer=args.exit_layer,
         exit_head=args.exit_head,
-        prompts=prompts,
+        prompts=prompts["evaluation"].ids,
         name=args.name,
+        command=shlex.join(["eesd", *sys.argv[1:]]),
+        prompt_sources={kind: s.record() for kind, s in prompts.items()},
+        tune_prompts=prompts["tuning"].ids if "tuning" in prompts else [],
+        tune_policies=split_list(args.tune_policies),
         out_dir=args.out,
         max_new_tokens=args.max_new_tokens,
         repetitions=args.repetitions,
         temperatures=[float(t) for t in args.temperatures.split(",")],
         dtype=args.dtype,
         k_max=args.k_max,
-        fixed_ks=[int(k) for k in args.fixed_ks.split(",") if k.strip()],
-        policies=[p for p in args.policies.split(",") if p.strip()],
+        fixed_ks=[int(k) for k in split_list(args.fixed_ks)],
+        policies=split_list(args.policies),
         include_hf=not args.no_hf,
         seed=args.seed,
         threads=args.threads,
@@ -268,6 +256,10 @@ def cmd_bench(args: argparse.Namespace) -> int:
     result = run_suite(cfg, progress=not args.quiet)
     print(markdown(result))
     return 0
+
+
+def split_list(text: str) -> list[str]:
+    return [item.strip() for item in text.split(",") if item.strip()]
 
 
 def add_bench_parser(sub) -> None:
@@ -284,6 +276,16 @@ def add_bench_parser(sub) -> None:
     bench.add_argument("--k-max", type=int, default=8)
     bench.add_argument("--fixed-ks", default="1,2,3,4,5,6,7,8")
     bench.add_argument("--policies", default="heuristic,threshold,beta-ts,calibration-ts")
+    bench.add_argument(
+        "--tune-policies",
+        default="",
+        help="candidate option sets tuned on the tuning prompts, e.g. 'beta-ts[discount=0.8],calibration-ts"
+        "[min_accept=0.25]'; the best of each policy joins the evaluation labelled tuned (default: no tuning)",
+    )
+    bench.add_argument(
+        "--tune-prompts", help="tuning prompts (default: --prompts, other rows and source files than the evaluation's)"
+    )
+    bench.add_argument("--num-tune-prompts", type=int, default=4)
     bench.add_argument("--no-hf", action="store_true", help="skip HF generate and HF assisted generation")
     bench.add_argument("--seed", type=int, default=0)
     bench.add_argument("--threads", type=int, default=2)
@@ -292,6 +294,85 @@ def add_bench_parser(sub) -> None:
     bench.add_argument("--no-plots", action="store_true")
     bench.add_argument("--quiet", action="store_true")
     bench.set_defaults(func=cmd_bench)
+
+
+def cmd_sweep(args: argparse.Namespace) -> int:
+    """Distills (or takes untrained) exit layers for a few N, measures each on held-out prompts, recommends N."""
+    from bench.prompts import load_prompt_set, random_prompts
+    from bench.report import sweep_markdown
+    from bench.sweep import SweepConfig, default_exit_layers, run_sweep
+    from eesd.checkpoint import load_config
+    from eesd.reference_model import PROMPTS_FILE, TRAIN_PROMPTS_FILE
+
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(message)s")  # progress lines off a terminal
+    config = load_config(args.model)
+    exit_layers = [int(n) for n in split_list(args.exit_layers)] or default_exit_layers(config.num_hidden_layers)
+    # A reference model ships held-out prompts and, apart, the training prompts distillation may use.
+    held_out, train = Path(args.model) / PROMPTS_FILE, Path(args.model) / TRAIN_PROMPTS_FILE
+    prompts_file = args.prompts or (str(held_out) if held_out.is_file() else None)
+    if prompts_file:
+        prompts = load_prompt_set(prompts_file, args.model, args.num_prompts)
+    else:  # id-only checkpoints: random prompts, other draws than distillation's (eesd.distill.load_prompts)
+        prompts = random_prompts(config.vocab_size, args.num_prompts, args.seed)
+    cfg = SweepConfig(
+        model_dir=args.model,
+        exit_layers=exit_layers,
+        prompts=prompts,
+        distill_prompts=args.distill_prompts or (str(train) if train.is_file() else None),
+        untrained=args.untrained,
+        policy=args.policy,
+        temperature=args.temperature,
+        max_new_tokens=args.max_new_tokens,
+        repetitions=args.repetitions,
+        dtype=args.dtype,
+        k_max=args.k_max,
+        threads=args.threads,
+        seed=args.seed,
+        distill_steps=args.distill_steps,
+        distill_num_prompts=args.distill_num_prompts,
+        cache_dir=args.cache_dir,
+        out_dir=args.out,
+        name=args.name,
+        plots=not args.no_plots,
+        command=shlex.join(["eesd", *sys.argv[1:]]),
+    )
+    print(sweep_markdown(run_sweep(cfg, progress=not args.quiet)))
+    return 0
+
+
+def add_sweep_parser(sub) -> None:
+    sweep = sub.add_parser("sweep", help="choose the exit layer N: quick exit layers for a few N, measured")
+    sweep.add_argument("--model", required=True)
+    sweep.add_argument(
+        "--exit-layers", default="", help="comma-separated N (default: 1, 2, 3, 4, 6, ... up to 40%% of the layers)"
+    )
+    sweep.add_argument("--untrained", action="store_true", help="untrained exit layers instead of quick distillation")
+    sweep.add_argument(
+        "--prompts",
+        help="held-out prompts, .jsonl or .json (default: the model's heldout_prompts.jsonl, else random ids)",
+    )
+    sweep.add_argument(
+        "--distill-prompts", help="distillation corpus (default: the model's train_prompts.jsonl, else random ids)"
+    )
+    sweep.add_argument("--distill-steps", type=int, default=100)
+    sweep.add_argument("--distill-num-prompts", type=int, default=64)
+    sweep.add_argument(
+        "--cache-dir", default=".cache/sweep", help="distilled heads, one directory per model build, N and settings"
+    )
+    sweep.add_argument("--num-prompts", type=int, default=8)
+    sweep.add_argument("--max-new-tokens", type=int, default=96)
+    sweep.add_argument("--repetitions", type=int, default=3)
+    sweep.add_argument("--policy", default="beta-ts", help="the draft policy every N is measured with")
+    sweep.add_argument("--temperature", type=float, default=0.0, help="0 is greedy")
+    sweep.add_argument("--dtype", default="auto", help=hardware.DTYPE_HELP)
+    sweep.add_argument("--k-max", type=int, default=8)
+    sweep.add_argument("--threads", type=int, default=2)
+    sweep.add_argument("--seed", type=int, default=0)
+    sweep.add_argument("--name", default="sweep", help="results are written to <out>/<name>.json and .png")
+    sweep.add_argument("--out", default="bench/results")
+    sweep.add_argument("--no-plots", action="store_true")
+    sweep.add_argument("--quiet", action="store_true")
+    sweep.set_defaults(func=cmd_sweep)
 
 
 REFERENCE_EXIT_LAYER = 2
@@ -406,6 +487,7 @@ def build_parser() -> argparse.ArgumentParser:
     gen.set_defaults(func=cmd_generate)
     add_distill_parser(sub)
     add_bench_parser(sub)
+    add_sweep_parser(sub)
     add_model_parser(sub)
     fetch_parser = sub.add_parser("fetch", help="fetch a checkpoint from the Hugging Face hub or an http(s) archive")
     fetch.add_arguments(fetch_parser)

@@ -4,9 +4,11 @@ import json
 
 import pytest
 
+from bench.prompts import load_prompt_set, random_prompts, spread
 from bench.report import markdown
 from bench.suite import BenchConfig, run_suite
 from eesd.cli import main
+from eesd.errors import InvalidArgument
 
 
 @pytest.fixture(scope="module")
@@ -48,9 +50,12 @@ def test_smoke_writes_json_and_pngs(smoke):
     assert fixed["draft_ms_per_round"] > 0 and fixed["verify_ms_per_round"] > 0
     # fp32: speculation is lossless, and HF generate decodes the same tokens
     assert all(row["same_tokens_as_ours_ar"] == 1.0 for row in greedy.values())
-    assert {"best_method", "best_speedup_vs_hf_generate", "best_speedup_vs_best_hf_assisted"} <= set(
-        on_disk["headline"]
-    )
+    headline = on_disk["headline"]
+    # No tuning prompts: the headline is the fastest default policy on the evaluation prompts, and says so.
+    assert headline["method"] in {"ours-heuristic", "ours-beta-ts", "ours-calibration-ts"}
+    assert headline["chosen_on"] == "evaluation prompts" and headline["tuned"] == {}
+    assert headline["speedup_vs_hf_generate"] == greedy[headline["method"]]["speedup_vs_hf_generate"]
+    assert {"speedup_vs_best_hf_assisted", "best_fixed_k_oracle"} <= set(headline)
     pngs = sorted(p.name for p in out.glob("*.png"))
     assert len(pngs) == 6
     for name in pngs:
@@ -67,3 +72,67 @@ def test_cli_bench_without_hf(tiny_models, tmp_path, capsys):
     result = json.loads((tmp_path / "cli.json").read_text())
     assert set(result["results"]["0.0"]) == {"ours-ar", "ours-fixed-2", "ours-beta-ts"}
     assert (tmp_path / "cli-greedy-k-sweep.png").is_file()
+
+
+def test_prompt_sets_are_spread_and_disjoint(tmp_path):
+    rows = [{"path": f"f{i // 2}.py", "prompt_ids": [10 + i, 11 + i]} for i in range(12)]  # two rows per file
+    path = tmp_path / "prompts.jsonl"
+    path.write_text("".join(json.dumps(r) + "\n" for r in rows))
+    assert spread(12, 4) == [0, 4, 7, 11]
+    assert spread(5, 3, frozenset({0, 4})) == [1, 2, 3]
+    evaluation = load_prompt_set(str(path), "unused", 3)
+    assert evaluation.indices == [0, 6, 11] and evaluation.paths == ["f0.py", "f3.py", "f5.py"]
+    tuning = load_prompt_set(str(path), "unused", 3, [evaluation])
+    assert not set(tuning.paths) & set(evaluation.paths)  # not even a neighbouring row of the same file
+    assert tuning.indices == [2, 4, 9] and tuning.record()["lengths"] == [2, 2, 2]
+    with pytest.raises(InvalidArgument, match="no prompts left"):
+        load_prompt_set(str(path), "unused", 3, [load_prompt_set(str(path), "unused", 12)])
+    randoms = random_prompts(100, 3, seed=0)
+    assert random_prompts(100, 3, seed=0, exclude=[randoms]).ids != randoms.ids
+
+
+def test_policy_options_are_tuned_on_other_prompts(tiny_models, tmp_path, capsys):
+    """The tuning run picks each policy's best option set on the tuning prompts; the evaluation shows the
+    defaults and the picks labelled tuned; the headline policy (default options) is chosen on the tuning prompts."""
+    args = ["bench", "--model", str(tiny_models["llama"]), "--exit-layer", "3", "--num-prompts", "2"]
+    args += ["--max-new-tokens", "6", "--repetitions", "1", "--temperatures", "0", "--fixed-ks", "2", "--no-hf"]
+    args += ["--policies", "heuristic,beta-ts,calibration-ts", "--dtype", "float32", "--threads", "1"]
+    args += ["--tune-policies", "beta-ts[draft_cost=0.25],beta-ts[alpha=4],calibration-ts[min_accept=0.25]"]
+    assert main([*args, "--out", str(tmp_path), "--quiet", "--name", "tuned"]) == 0
+    result = json.loads((tmp_path / "tuned.json").read_text())
+    sources = result["config"]["prompt_sources"]
+    assert sources["evaluation"]["source"] == "random(seed=0)" and sources["tuning"]["source"] == "random(seed=1)"
+    tuning = result["tuning"]["0.0"]
+    tuned_rows = tuning["results"]
+    assert {"ours-ar", "ours-beta-ts", "ours-beta-ts[alpha=4]", "ours-calibration-ts[min_accept=0.25]"} <= set(
+        tuned_rows
+    )
+    for policy in ("beta-ts", "calibration-ts"):
+        candidates = {r["label"]: r["speedup_vs_ours_ar"] for r in tuned_rows.values() if r["policy"] == policy}
+        assert tuning["chosen"][policy] == max(candidates, key=candidates.get)
+    greedy = result["results"]["0.0"]
+    tuned = {r["label"] for r in greedy.values() if r["tuned"]}
+    assert tuned == {f"{spec} (tuned)" for spec in tuning["chosen"].values() if "[" in spec}
+    assert {"ours-heuristic", "ours-beta-ts", "ours-calibration-ts"} <= set(greedy)  # the defaults stay
+    headline = result["headline"]
+    defaults = {
+        n: tuned_rows[n]["speedup_vs_ours_ar"] for n in ("ours-heuristic", "ours-beta-ts", "ours-calibration-ts")
+    }
+    assert headline["method"] == max(defaults, key=defaults.get) and headline["chosen_on"] == "tuning prompts"
+    assert set(headline["tuned"]) == {n for n, r in greedy.items() if r["tuned"]}
+    assert "Tuning, greedy" in capsys.readouterr().out
+
+
+def test_tuning_prompts_must_differ_from_evaluation_prompts(tiny_models, tmp_path):
+    cfg = BenchConfig(
+        model_dir=str(tiny_models["llama"]),
+        exit_layer=2,
+        exit_head=None,
+        prompts=[[5, 6, 7], [8, 9]],
+        tune_prompts=[[8, 9]],
+        tune_policies=["beta-ts[alpha=4]"],
+        out_dir=str(tmp_path),
+        include_hf=False,
+    )
+    with pytest.raises(InvalidArgument, match="also evaluation prompts"):
+        run_suite(cfg, progress=False)
