@@ -436,7 +436,8 @@ class OpenAIFrontEnd:
         return JSONResponse({"status": "not ready"}, status_code=503)
 
     async def models(self, request: Request) -> Response:
-        card = ModelCard(id=self.model_name, created=self.created, max_model_len=self.context)
+        # root: the served name, never a path of the controller's (a hub id's served name is the id itself).
+        card = ModelCard(id=self.model_name, created=self.created, max_model_len=self.context, root=self.model_name)
         return JSONResponse(ModelList(data=[card]).model_dump())
 
     async def _body(self, request: Request, model: type[_Sampling]) -> _Sampling:

@@ -213,6 +213,9 @@ class ModelCard(BaseModel):
     created: int
     owned_by: str = "eesd"
     max_model_len: int | None = None
+    # vLLM's: what the model was loaded as (vllm bench serve takes its tokenizer from it) and a base model.
+    root: str | None = None
+    parent: str | None = None
 
 
 class ModelList(BaseModel):

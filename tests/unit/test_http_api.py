@@ -187,6 +187,7 @@ def test_models_and_health(model, nodes):
     front = front_end(model, nodes)
     listed = call(front, "GET", "/v1/models").json()
     assert listed["object"] == "list" and [m["id"] for m in listed["data"]] == [MODEL]
+    assert listed["data"][0]["root"] == MODEL  # vllm bench serve reads it when not given --model
     assert call(front, "GET", "/health").status_code == 200
     front.ready = False
     assert call(front, "GET", "/health").status_code == 503
