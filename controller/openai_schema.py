@@ -98,6 +98,11 @@ class ChatCompletionRequest(_Sampling):
 # Responses.
 
 
+def _asked_for() -> Any:
+    """An extension field only a request that asks for it gets (absent, not null, in the others)."""
+    return Field(default=None, exclude_if=lambda value: value is None)
+
+
 class Usage(BaseModel):
     prompt_tokens: int
     completion_tokens: int
@@ -130,8 +135,8 @@ class CompletionChoice(BaseModel):
     logprobs: CompletionLogprobs | None = None
     finish_reason: str | None = None
     # vLLM's, with return_token_ids: the tokens of the choice (of the chunk, streaming) and of its prompt.
-    token_ids: list[int] | None = None
-    prompt_token_ids: list[int] | None = None
+    token_ids: list[int] | None = _asked_for()
+    prompt_token_ids: list[int] | None = _asked_for()
 
 
 class Completion(BaseModel):
@@ -169,7 +174,7 @@ class ChatChoice(BaseModel):
     message: AssistantMessage
     logprobs: ChoiceLogprobs | None = None
     finish_reason: str | None = None
-    token_ids: list[int] | None = None  # vLLM's, with return_token_ids
+    token_ids: list[int] | None = _asked_for()  # vLLM's, with return_token_ids
 
 
 class ChatCompletion(BaseModel):
@@ -180,7 +185,7 @@ class ChatCompletion(BaseModel):
     choices: list[ChatChoice]
     usage: Usage
     speculation: Speculation | None = None
-    prompt_token_ids: list[int] | None = None  # vLLM's, with return_token_ids
+    prompt_token_ids: list[int] | None = _asked_for()  # vLLM's, with return_token_ids
 
 
 class Delta(BaseModel):
@@ -193,7 +198,7 @@ class ChatChunkChoice(BaseModel):
     delta: Delta
     logprobs: ChoiceLogprobs | None = None
     finish_reason: str | None = None
-    token_ids: list[int] | None = None  # vLLM's, with return_token_ids: the chunk's
+    token_ids: list[int] | None = _asked_for()  # vLLM's, with return_token_ids: the chunk's
 
 
 class ChatCompletionChunk(BaseModel):
@@ -204,7 +209,7 @@ class ChatCompletionChunk(BaseModel):
     choices: list[ChatChunkChoice]
     usage: Usage | None = None
     speculation: Speculation | None = None
-    prompt_token_ids: list[int] | None = None  # vLLM's, with return_token_ids: in each choice's first chunk
+    prompt_token_ids: list[int] | None = _asked_for()  # vLLM's, with return_token_ids: in each choice's first chunk
 
 
 class ModelCard(BaseModel):
