@@ -21,6 +21,7 @@ from dataclasses import asdict, replace
 from pathlib import Path
 
 from loadtest.environment import load_average, machine, model_description, source_tree
+from loadtest.openai_api import ServerUnusable
 from loadtest.prompts import load_prompts
 from loadtest.report import Slo, summarize, write_report
 from loadtest.runner import PROTOCOLS, Connection, Load, run_load
@@ -237,7 +238,10 @@ def run(args: argparse.Namespace, argv: list[str] | None = None) -> dict:
 def main(argv=None) -> None:
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s %(message)s")
     args = parse_args(argv)
-    report = run(args, argv)
+    try:
+        report = run(args, argv)
+    except ServerUnusable as error:
+        sys.exit(f"loadtest: {error}")
     for path in write_report(report, Path(args.out), args.name):
         print(path)
     if any(r["requests"]["failed"] for r in report["runs"]):

@@ -39,6 +39,10 @@ def ssl_context(connection: Connection) -> ssl.SSLContext:
     return context
 
 
+class ServerUnusable(Exception):
+    """The run cannot start: the API refused or could not answer its first call."""
+
+
 class OpenAIClient:
     """One run's HTTP client: an httpx.AsyncClient with the connection's TLS and bearer token."""
 
@@ -57,8 +61,14 @@ class OpenAIClient:
 
     async def __aenter__(self) -> OpenAIClient:
         if self.model is None:
-            response = await self.http.get("/v1/models", extensions=self.extensions)
-            response.raise_for_status()
+            try:
+                response = await self.http.get("/v1/models", extensions=self.extensions)
+            except httpx.TransportError as error:
+                raise ServerUnusable(f"GET {self.http.base_url}/v1/models: {error!r}") from error
+            if response.is_error:  # a refused token, most often: every request would fail the same way
+                raise ServerUnusable(
+                    f"GET {self.http.base_url}/v1/models: HTTP {response.status_code} {response.text.strip()[:300]}"
+                )
             self.model = response.json()["data"][0]["id"]
         return self
 
