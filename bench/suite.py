@@ -234,7 +234,7 @@ def run_suite(cfg: BenchConfig, progress: bool = True) -> dict:
     result = {
         "name": cfg.name,
         "command": cfg.command,
-        "source_tree": environment.source_tree(),
+        "source_tree": environment.source_tree(cfg.out_dir),
         "machine": machine_record,
         "dtype": hardware.dtype_name(cfg.dtype),  # config.dtype as requested, this as resolved
         "load_average": {"start": machine_record["load_average"], "end": environment.load_average()},

@@ -191,7 +191,7 @@ def run_sweep(cfg: SweepConfig, progress: bool = True) -> dict:
     result = {
         "name": cfg.name,
         "command": cfg.command,
-        "source_tree": environment.source_tree(),
+        "source_tree": environment.source_tree(cfg.out_dir),
         "machine": machine_record,
         "load_average": {"start": machine_record["load_average"], "end": environment.load_average()},
         "model": {"model_dir": cfg.model_dir, "layers": num_layers, "stamp": stamp, "dtype": dtype_name(cfg.dtype)},

@@ -49,9 +49,14 @@ def commit() -> str:
     return f"{head}-dirty" if head and modified_paths() else head
 
 
-def source_tree() -> dict:
-    """The commit and which tracked files differed from it (another engineer's edit in a shared tree shows)."""
+def source_tree(results_dir: str | Path | None = None) -> dict:
+    """The commit and which tracked files differed from it (another engineer's edit in a shared tree shows).
+    Files under `results_dir` are not counted: the run itself rewrites them (`make bench | tee` truncates the
+    report before the run starts), which says nothing of the code measured."""
     short, modified = _git("rev-parse", "--short", "HEAD"), modified_paths()
+    if results_dir is not None:
+        top, results = Path(_git("rev-parse", "--show-toplevel") or "."), Path(results_dir).resolve()
+        modified = [path for path in modified if not (top / path).resolve().is_relative_to(results)]
     return {
         "commit": f"{short}-dirty" if short and modified else short,
         "head": _git("rev-parse", "HEAD"),

@@ -1,6 +1,7 @@
 """Benchmark smoke run on a tiny model: one repetition of every method writes valid JSON and PNGs."""
 
 import json
+import subprocess
 
 import pytest
 
@@ -9,6 +10,7 @@ from bench.report import markdown
 from bench.suite import BenchConfig, run_suite
 from eesd.cli import main
 from eesd.errors import InvalidArgument
+from loadtest import environment
 
 
 @pytest.fixture(scope="module")
@@ -136,3 +138,21 @@ def test_tuning_prompts_must_differ_from_evaluation_prompts(tiny_models, tmp_pat
     )
     with pytest.raises(InvalidArgument, match="also evaluation prompts"):
         run_suite(cfg, progress=False)
+
+
+def test_source_tree_leaves_out_the_results_a_run_rewrites(tmp_path, monkeypatch):
+    """`make bench | tee` truncates the tracked report before the run: that alone does not make the code dirty."""
+    git = lambda *args: subprocess.run(["git", *args], cwd=tmp_path, check=True, capture_output=True)  # noqa: E731
+    git("init", "-q")
+    (tmp_path / "results").mkdir()
+    for name in ("code.py", "results/report.md"):
+        (tmp_path / name).write_text("v1\n")
+    git("add", ".")
+    git("-c", "user.name=t", "-c", "user.email=t@t", "commit", "-q", "-m", "v1")
+    monkeypatch.chdir(tmp_path)
+    (tmp_path / "results" / "report.md").write_text("")
+    assert environment.source_tree("results")["dirty"] is False
+    assert environment.source_tree()["modified"] == ["results/report.md"]
+    (tmp_path / "code.py").write_text("v2\n")
+    tree = environment.source_tree("results")
+    assert tree["modified"] == ["code.py"] and tree["commit"].endswith("-dirty")
