@@ -311,7 +311,10 @@ def cmd_sweep(args: argparse.Namespace) -> int:
     held_out, train = Path(args.model) / PROMPTS_FILE, Path(args.model) / TRAIN_PROMPTS_FILE
     prompts_file = args.prompts or (str(held_out) if held_out.is_file() else None)
     if prompts_file:
-        prompts = load_prompt_set(prompts_file, args.model, args.num_prompts)
+        # The rows `eesd bench --num-prompts K` evaluates on stay out: N chosen on them would flatter them.
+        k = args.skip_evaluation_prompts
+        evaluation = [load_prompt_set(prompts_file, args.model, k)] if k else []
+        prompts = load_prompt_set(prompts_file, args.model, args.num_prompts, evaluation)
     else:  # id-only checkpoints: random prompts, other draws than distillation's (eesd.distill.load_prompts)
         prompts = random_prompts(config.vocab_size, args.num_prompts, args.seed)
     cfg = SweepConfig(
@@ -360,6 +363,13 @@ def add_sweep_parser(sub) -> None:
         "--cache-dir", default=".cache/sweep", help="distilled heads, one directory per model build, N and settings"
     )
     sweep.add_argument("--num-prompts", type=int, default=8)
+    sweep.add_argument(
+        "--skip-evaluation-prompts",
+        type=int,
+        default=0,
+        metavar="K",
+        help="leave out the prompts (and their source files) that eesd bench --num-prompts K evaluates on",
+    )
     sweep.add_argument("--max-new-tokens", type=int, default=96)
     sweep.add_argument("--repetitions", type=int, default=3)
     sweep.add_argument("--policy", default="beta-ts", help="the draft policy every N is measured with")

@@ -5,7 +5,7 @@ from pathlib import Path
 
 import pytest
 
-from bench.prompts import PromptSet
+from bench.prompts import PromptSet, load_prompt_set
 from bench.sweep import SweepConfig, default_exit_layers, distill_config, model_stamp, recommend, run_sweep
 from eesd.checkpoint import load_config
 from eesd.cli import main
@@ -91,3 +91,16 @@ def test_sweep_refuses_distillation_prompts(tiny_models, tmp_path):
     leaked = PromptSet("random(seed=0)", [0, 1], [None, None], [[5, 6, 7], distilled[3]])
     with pytest.raises(InvalidArgument, match="held-out"):
         run_sweep(_sweep(tiny_models["llama"], tmp_path, exit_layers=[1], prompts=leaked), progress=False)
+
+
+def test_cli_sweep_leaves_out_the_benchmarks_evaluation_prompts(tiny_models, tmp_path):
+    rows = [{"path": f"f{i // 2}.py", "prompt_ids": [5 + i, 6, 7, 8]} for i in range(16)]
+    prompts = tmp_path / "held_out.jsonl"
+    prompts.write_text("".join(json.dumps(row) + "\n" for row in rows))
+    args = ["sweep", "--model", str(tiny_models["llama"]), "--exit-layers", "1", "--untrained", *QUICK]
+    args += ["--prompts", str(prompts), "--num-prompts", "6", "--skip-evaluation-prompts", "4"]
+    assert main([*args, "--out", str(tmp_path / "out"), "--no-plots", "--quiet"]) == 0
+    used = json.loads((tmp_path / "out" / "sweep.json").read_text())["config"]["prompts"]
+    evaluation = load_prompt_set(str(prompts), str(tiny_models["llama"]), 4)  # what eesd bench --num-prompts 4 takes
+    assert len(used["indices"]) == 6 and not set(used["indices"]) & set(evaluation.indices)
+    assert not set(used["paths"]) & set(evaluation.paths)
