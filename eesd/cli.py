@@ -8,7 +8,7 @@ import sys
 import time
 from pathlib import Path
 
-from eesd import fetch, hardware
+from eesd import fetch, hardware, threads
 from eesd.errors import EesdError, InvalidArgument
 from eesd.params import POLICY_NAMES, GenerationParams, PolicyParams, SamplingParams
 
@@ -507,6 +507,8 @@ def build_parser() -> argparse.ArgumentParser:
 
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
+    if args.command in ("model", "distill"):
+        threads.for_training()  # before torch loads: passive OpenMP waiting (eesd/threads.py)
     try:
         if getattr(args, "model", None):  # every command's --model: a directory or a Hugging Face id
             args.model = str(fetch.resolve_model(args.model))

@@ -28,6 +28,7 @@ from eesd.checkpoint import CheckpointReader, config_hash, load_config, modeling
 from eesd.decoder_stack import attention_window, causal_mask
 from eesd.errors import InvalidArgument
 from eesd.exit_layer import META_FILE, ExitLayerMeta, save_exit_head, untrained_exit_layer, validate_exit_layer
+from eesd.progress import Progress, track
 
 REPORT_FILE = "distill.json"
 CORPUS_SUFFIXES = (".py", ".txt", ".md", ".rst")
@@ -124,7 +125,9 @@ def load_prompts(cfg: DistillConfig, vocab_size: int) -> list[list[int]]:
 
 # ---------------------------------------------------------------------------------------------- corpus
 @torch.inference_mode()
-def generate_corpus(model: nn.Module, prompts: list[list[int]], cfg: DistillConfig, eos: set[int]) -> list[list[int]]:
+def generate_corpus(
+    model: nn.Module, prompts: list[list[int]], cfg: DistillConfig, eos: set[int], progress: bool = False
+) -> list[list[int]]:
     """Prompt + continuation of every prompt by the frozen target, cut after the first EOS."""
     device = next(model.parameters()).device
     num_sampled = round(cfg.sampled_fraction * len(prompts))
@@ -132,24 +135,27 @@ def generate_corpus(model: nn.Module, prompts: list[list[int]], cfg: DistillConf
     for i, prompt in enumerate(prompts):
         by_length.setdefault((len(prompt), i < num_sampled), []).append(i)
     out: list[list[int]] = [[] for _ in prompts]
-    for (length, sampled), indices in sorted(by_length.items()):
-        for b in range(0, len(indices), cfg.gen_batch_size):
-            batch = indices[b : b + cfg.gen_batch_size]
-            torch.manual_seed(cfg.seed * 100_003 + length * 1009 + b + sampled)
-            ids = torch.tensor([prompts[i] for i in batch], device=device)
-            kwargs = dict(temperature=cfg.sample_temperature, top_k=0, top_p=1.0) if sampled else {}
-            generated = model.generate(
-                ids,
-                attention_mask=torch.ones_like(ids),
-                max_new_tokens=cfg.gen_len,
-                do_sample=sampled,
-                pad_token_id=model.config.pad_token_id or 0,
-                **kwargs,
-            )
-            for row, i in zip(generated.tolist(), batch, strict=True):
-                tail = row[length:]
-                cut = next((j + 1 for j, t in enumerate(tail) if t in eos), len(tail))
-                out[i] = row[:length] + tail[:cut]
+    batches = [
+        (length, sampled, b, indices[b : b + cfg.gen_batch_size])
+        for (length, sampled), indices in sorted(by_length.items())
+        for b in range(0, len(indices), cfg.gen_batch_size)
+    ]
+    for length, sampled, b, batch in track(batches, "distill: target continuations", unit="batch", enabled=progress):
+        torch.manual_seed(cfg.seed * 100_003 + length * 1009 + b + sampled)
+        ids = torch.tensor([prompts[i] for i in batch], device=device)
+        kwargs = dict(temperature=cfg.sample_temperature, top_k=0, top_p=1.0) if sampled else {}
+        generated = model.generate(
+            ids,
+            attention_mask=torch.ones_like(ids),
+            max_new_tokens=cfg.gen_len,
+            do_sample=sampled,
+            pad_token_id=model.config.pad_token_id or 0,
+            **kwargs,
+        )
+        for row, i in zip(generated.tolist(), batch, strict=True):
+            tail = row[length:]
+            cut = next((j + 1 for j, t in enumerate(tail) if t in eos), len(tail))
+            out[i] = row[:length] + tail[:cut]
     return out
 
 
@@ -255,17 +261,6 @@ def _latest_checkpoint(ckpt_dir: Path) -> Path | None:
     return found[-1] if found else None
 
 
-def _progress(step: int, total: int, loss: float, start: float, enabled: bool) -> None:
-    if not enabled:
-        return
-    done = step / total
-    bar = "#" * int(30 * done) + "." * (30 - int(30 * done))
-    rate = (time.perf_counter() - start) / max(1, step)
-    print(f"\r  [{bar}] {step}/{total} kl {loss:.4f} {rate:.2f}s/step", end="", file=sys.stderr, flush=True)
-    if step == total:
-        print(file=sys.stderr)
-
-
 def up_to_date(cfg: DistillConfig, model_stamp: str = "") -> bool:
     """Whether cfg.out_dir holds a head distilled with exactly this config from this model build."""
     report, meta = Path(cfg.out_dir) / REPORT_FILE, Path(cfg.out_dir) / META_FILE
@@ -309,7 +304,7 @@ def distill(cfg: DistillConfig, resume: bool = True, progress: bool = True, mode
             stale.unlink()
         prompts = load_prompts(cfg, config.vocab_size)
         log(f"distill: the target continues {len(prompts)} prompts ({cfg.gen_len} tokens each)")
-        sequences = generate_corpus(model, prompts, cfg, eos)
+        sequences = generate_corpus(model, prompts, cfg, eos, progress)
         corpus_file.write_text(json.dumps({"key": cfg.corpus_key(), "sequences": sequences}))
     generation_s = time.perf_counter() - t0
     order = list(range(len(sequences)))
@@ -339,27 +334,28 @@ def distill(cfg: DistillConfig, resume: bool = True, progress: bool = True, mode
         log(f"distill: resumed from {latest.name}")
 
     t1 = time.perf_counter()
-    while step < cfg.steps:
-        # The batch of a step depends on (seed, step) only: a resumed run sees the same batches.
-        rng = random.Random(cfg.seed * 1_000_003 + step)
-        indices = [rng.randrange(len(train)) for _ in range(cfg.batch_size)]
-        h_n, h_out, mask = _batch(train, indices, device)
-        for group in optimizer.param_groups:
-            group["lr"] = _lr(step, cfg)
-        loss = _losses(head, h_n, h_out, mask, autocast)["kl"]
-        optimizer.zero_grad(set_to_none=True)
-        loss.backward()
-        torch.nn.utils.clip_grad_norm_(head.layer.parameters(), 1.0)
-        optimizer.step()
-        step += 1
-        history.append(loss.item())
-        _progress(step, cfg.steps, history[-1], t1, progress)
-        if step % cfg.checkpoint_every == 0 or step == cfg.steps:
-            state = {"step": step, "history": history, "before": before, "optimizer": optimizer.state_dict()}
-            state["config"] = asdict(cfg)
-            torch.save({**state, "exit_state": head.layer.state_dict()}, ckpt_dir / f"step-{step:06d}.pt")
-            for old in sorted(ckpt_dir.glob("step-*.pt"))[:-2]:
-                old.unlink()
+    with Progress(cfg.steps, "distill: training", unit="step", initial=step, enabled=progress) as bar:
+        while step < cfg.steps:
+            # The batch of a step depends on (seed, step) only: a resumed run sees the same batches.
+            rng = random.Random(cfg.seed * 1_000_003 + step)
+            indices = [rng.randrange(len(train)) for _ in range(cfg.batch_size)]
+            h_n, h_out, mask = _batch(train, indices, device)
+            for group in optimizer.param_groups:
+                group["lr"] = _lr(step, cfg)
+            loss = _losses(head, h_n, h_out, mask, autocast)["kl"]
+            optimizer.zero_grad(set_to_none=True)
+            loss.backward()
+            torch.nn.utils.clip_grad_norm_(head.layer.parameters(), 1.0)
+            optimizer.step()
+            step += 1
+            history.append(loss.item())
+            bar.update(kl=f"{history[-1]:.4f}")
+            if step % cfg.checkpoint_every == 0 or step == cfg.steps:
+                state = {"step": step, "history": history, "before": before, "optimizer": optimizer.state_dict()}
+                state["config"] = asdict(cfg)
+                torch.save({**state, "exit_state": head.layer.state_dict()}, ckpt_dir / f"step-{step:06d}.pt")
+                for old in sorted(ckpt_dir.glob("step-*.pt"))[:-2]:
+                    old.unlink()
     training_s = time.perf_counter() - t1
 
     head.eval()

@@ -47,7 +47,8 @@ import transformers
 from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
 from transformers import GenerationConfig, LlamaConfig, LlamaForCausalLM, PreTrainedTokenizerFast
 
-from eesd import corpus, hardware
+from eesd import corpus, hardware, threads
+from eesd.progress import Progress
 
 log = logging.getLogger("eesd.reference_model")  # also when run as __main__
 
@@ -190,8 +191,9 @@ def _loss(model: LlamaForCausalLM, batch: torch.Tensor, bf16: bool) -> torch.Ten
         return model(input_ids=batch, labels=batch).loss
 
 
-def train(model: LlamaForCausalLM, blocks: torch.Tensor, recipe: Recipe) -> list[float]:
-    """AdamW + warmup/cosine over a seeded block order; returns the loss of every step."""
+def train(model: LlamaForCausalLM, blocks: torch.Tensor, recipe: Recipe, progress: bool = True) -> list[float]:
+    """AdamW + warmup/cosine over a seeded block order; returns the loss of every step (the mean of the
+    last 10 shows on the progress bar)."""
     decay = [p for p in model.parameters() if p.dim() >= 2]  # no decay on norms
     no_decay = [p for p in model.parameters() if p.dim() < 2]
     optimizer = torch.optim.AdamW(
@@ -205,22 +207,17 @@ def train(model: LlamaForCausalLM, blocks: torch.Tensor, recipe: Recipe) -> list
     model.train()
     losses = []
     start = time.perf_counter()
-    for step, index in enumerate(batch_schedule(len(blocks), recipe.batch_size, recipe.steps, recipe.seed)):
-        loss = _loss(model, blocks[index], recipe.bf16_autocast)
-        loss.backward()
-        torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
-        optimizer.step()
-        schedule.step()
-        optimizer.zero_grad(set_to_none=True)
-        losses.append(loss.item())
-        if (step + 1) % 10 == 0 or step + 1 == recipe.steps:
-            elapsed = time.perf_counter() - start
-            tokens = (step + 1) * blocks[index].numel()
-            log.info(
-                "step %d/%d loss %.3f (last 10: %.3f) lr %.2e, %.0f s, %.0f tokens/s",
-                step + 1, recipe.steps, losses[-1], sum(losses[-10:]) / len(losses[-10:]),
-                schedule.get_last_lr()[0], elapsed, tokens / elapsed,
-            )  # fmt: skip
+    with Progress(recipe.steps, "build: training", unit="step", enabled=progress) as bar:
+        for step, index in enumerate(batch_schedule(len(blocks), recipe.batch_size, recipe.steps, recipe.seed)):
+            loss = _loss(model, blocks[index], recipe.bf16_autocast)
+            loss.backward()
+            torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
+            optimizer.step()
+            schedule.step()
+            optimizer.zero_grad(set_to_none=True)
+            losses.append(loss.item())
+            tokens_per_s = (step + 1) * blocks[index].numel() / (time.perf_counter() - start)
+            bar.update(loss=f"{sum(losses[-10:]) / len(losses[-10:]):.3f}", tok_s=f"{tokens_per_s:.0f}")
     return losses
 
 
@@ -271,7 +268,9 @@ def cached_stamp(out_dir: Path) -> str | None:
     return json.loads(report.read_text())["stamp"] if report.is_file() else None
 
 
-def build_reference_model(out_dir: Path | str = DEFAULT_OUT, recipe: Recipe | None = None, force: bool = False) -> Path:
+def build_reference_model(
+    out_dir: Path | str = DEFAULT_OUT, recipe: Recipe | None = None, force: bool = False, progress: bool = True
+) -> Path:
     """Build the tokenizer, model and held-out prompts into out_dir, unless a build of the same stamp
     is already there. Builds into a sibling directory and renames it, so out_dir is never half-built."""
     out_dir = Path(out_dir)
@@ -284,14 +283,14 @@ def build_reference_model(out_dir: Path | str = DEFAULT_OUT, recipe: Recipe | No
     heldout_sources = corpus.read_sources(root, heldout_paths)
     stamp = build_stamp(recipe, corpus.fingerprint(train_sources + heldout_sources))
     if not force and cached_stamp(out_dir) == stamp:
-        log.info("reference model in %s is up to date (stamp %s)", out_dir, stamp[:12])
+        log.info("model in %s is up to date (stamp %s)", out_dir, stamp[:12])
         return out_dir
 
     work_dir = out_dir.with_name(out_dir.name + ".building")
     shutil.rmtree(work_dir, ignore_errors=True)
     work_dir.mkdir(parents=True)
     with deterministic_torch(recipe.threads):
-        report = _build(work_dir, recipe, train_sources, heldout_sources)
+        report = _build(work_dir, recipe, train_sources, heldout_sources, progress)
     report |= {"dtype": "bfloat16" if recipe.bf16_autocast else "float32", "hardware": hardware.hardware_record()}
     (work_dir / REPORT_FILE).write_text(json.dumps({"stamp": stamp, **report}, indent=2) + "\n")
     shutil.rmtree(out_dir, ignore_errors=True)
@@ -301,7 +300,11 @@ def build_reference_model(out_dir: Path | str = DEFAULT_OUT, recipe: Recipe | No
 
 
 def _build(
-    out_dir: Path, recipe: Recipe, train_sources: list[corpus.SourceFile], heldout_sources: list[corpus.SourceFile]
+    out_dir: Path,
+    recipe: Recipe,
+    train_sources: list[corpus.SourceFile],
+    heldout_sources: list[corpus.SourceFile],
+    progress: bool = True,
 ) -> dict:
     """Tokenizer, training, evaluation and files of one build; returns the report's contents."""
     start = time.perf_counter()
@@ -321,7 +324,8 @@ def _build(
 
     torch.manual_seed(recipe.seed)
     model = LlamaForCausalLM(model_config(recipe, eos_id))
-    losses = train(model, train_blocks, recipe)
+    log.info("training %d steps of %d x %d tokens", recipe.steps, recipe.batch_size, recipe.context)
+    losses = train(model, train_blocks, recipe, progress)
     train_s = time.perf_counter() - start - tokenizer_s
     train_loss = evaluate(model, evenly_spaced(train_blocks, recipe.eval_blocks), recipe)
     heldout_loss = evaluate(model, evenly_spaced(heldout_blocks, recipe.eval_blocks), recipe)
@@ -363,6 +367,7 @@ def _build(
 
 
 def main(argv: Sequence[str] | None = None) -> None:
+    threads.for_training(restart=True)  # torch is loaded already: restarts with passive OpenMP waiting
     parser = argparse.ArgumentParser(description="Build the reference model (cached by recipe stamp).")
     parser.add_argument("--out", type=Path, default=DEFAULT_OUT, help="checkpoint directory")
     parser.add_argument("--steps", type=int, default=Recipe.steps, help="training steps")

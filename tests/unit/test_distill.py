@@ -96,18 +96,18 @@ def test_resume_continues_to_the_same_head(tiny_models, tmp_path, distilled, mon
     """Interrupted at step 20 (last checkpoint at 15), then resumed: the same losses and weights as one run."""
     out, report = distilled
     partial = tmp_path / "head"
-    real_progress = eesd.distill._progress
+    real_lr = eesd.distill._lr
 
     def interrupt(step, *args):
-        if step == 20:
+        if step == 20:  # after 20 steps, before the 21st
             raise KeyboardInterrupt
-        real_progress(step, *args)
+        return real_lr(step, *args)
 
-    monkeypatch.setattr(eesd.distill, "_progress", interrupt)
+    monkeypatch.setattr(eesd.distill, "_lr", interrupt)
     with pytest.raises(KeyboardInterrupt):
         distill(_config(tiny_models["llama"], partial, checkpoint_every=15), progress=False)
     assert [p.name for p in (partial / "checkpoints").glob("step-*.pt")] == ["step-000015.pt"]
-    monkeypatch.setattr(eesd.distill, "_progress", real_progress)
+    monkeypatch.setattr(eesd.distill, "_lr", real_lr)
     resumed = distill(_config(tiny_models["llama"], partial, checkpoint_every=15), progress=False)
     assert resumed["loss_history"] == pytest.approx(report["loss_history"], abs=1e-6)
     a = torch.load(out / "checkpoints" / "step-000040.pt", weights_only=False)["exit_state"]
