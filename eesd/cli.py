@@ -385,9 +385,6 @@ def add_sweep_parser(sub) -> None:
     sweep.set_defaults(func=cmd_sweep)
 
 
-REFERENCE_EXIT_LAYER = 2
-
-
 def reference_distill_config(model_dir: str, head_dir: str, exit_layer: int, prompts: str) -> "DistillConfig":  # noqa: F821
     """The distillation recipe of the reference model's exit head (`make model`)."""
     from eesd.distill import DistillConfig
@@ -415,33 +412,28 @@ def reference_distill_config(model_dir: str, head_dir: str, exit_layer: int, pro
 
 
 def cmd_model(args: argparse.Namespace) -> int:
-    """Builds the reference model (cached by its recipe stamp), then distills its exit head (cached)."""
-    from eesd import reference_model
-    from eesd.distill import distill, up_to_date
+    """Builds a preset's model (cached by its recipe stamp), then distills its exit head (cached): eesd.presets."""
+    from eesd import presets
 
-    model_dir = Path(args.out)
-    if not args.skip_build:
-        logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s %(message)s")
-        reference_model.build_reference_model(model_dir)
-    stamp = reference_model.cached_stamp(model_dir)
-    if stamp is None:
-        raise InvalidArgument("model_dir", f"no reference model built in {str(model_dir)!r}; run `make model`")
-    head_dir = Path(args.exit_head_out or f"{model_dir}-exit-head-n{args.exit_layer}")
-    # Distillation prompts come from the model's training files only: the held-out files stay unseen.
-    prompts = model_dir / reference_model.TRAIN_PROMPTS_FILE
-    cfg = reference_distill_config(str(model_dir), str(head_dir), args.exit_layer, str(prompts))
-    if up_to_date(cfg, stamp) and not args.force:
-        print(f"eesd model: exit head in {head_dir} is up to date", file=sys.stderr)
-    else:
-        torch_threads(args.threads)
-        distill(cfg, resume=not args.force, progress=not args.no_progress, model_stamp=stamp)
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s %(message)s")
+    preset = presets.PRESETS[args.preset]
+    model_dir, head_dir = presets.ensure_model(
+        preset,
+        args.out,
+        args.exit_layer,
+        args.exit_head_out,
+        build=not args.skip_build,
+        force_distill=args.force,
+        threads=args.threads,
+        progress=not args.no_progress,
+    )
     report = json.loads((head_dir / "distill.json").read_text())
     print(
         json.dumps(
             {
                 "model": str(model_dir),
                 "exit_head": str(head_dir),
-                "exit_layer": args.exit_layer,
+                "exit_layer": report["config"]["exit_layer"],
                 "before": report["before"],
                 "after": report["after"],
             }
@@ -450,16 +442,13 @@ def cmd_model(args: argparse.Namespace) -> int:
     return 0
 
 
-def torch_threads(threads: int) -> None:
-    import torch
-
-    torch.set_num_threads(threads)
-
-
 def add_model_parser(sub) -> None:
-    model = sub.add_parser("model", help="build the reference model and distill its exit head (both cached)")
-    model.add_argument("--out", default=".cache/reference-model", help="reference model directory")
-    model.add_argument("--exit-layer", type=int, default=REFERENCE_EXIT_LAYER)
+    model = sub.add_parser("model", help="build the reference (or demo) model and distill its exit head (both cached)")
+    model.add_argument(
+        "--preset", default="reference", choices=("reference", "demo"), help="which recipe (eesd/presets.py)"
+    )
+    model.add_argument("--out", help="model directory (default: the preset's, .cache/reference-model or demo-model)")
+    model.add_argument("--exit-layer", type=int, help="N (default: the preset's, 2)")
     model.add_argument("--exit-head-out", help="exit-head directory (default: <out>-exit-head-n<N>)")
     model.add_argument("--skip-build", action="store_true", help="only distill (the model is already built)")
     model.add_argument("--force", action="store_true", help="distill again even when the head is up to date")

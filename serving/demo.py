@@ -1,20 +1,28 @@
-"""`make demo`: prompts streamed through the distributed stack with the client SDK.
+"""`make demo`: text prompts streamed through the distributed stack with the client SDK, with and without
+speculation, and the speedup measured.
 
-Starts a local stack (redis-server, controller, drafter, verifier) unless a controller already answers
-at --controller, streams each prompt with live text under the speculative policy, then decodes the same
-prompt with speculation off through the same stack, and prints tokens/s, tau and the speedup.
+Serves serving.models.default_model(): the reference model once `make model` has built it, else the demo
+model (built and distilled on the first run, a few minutes, then cached). Starts a local stack (redis-server,
+controller, drafter, verifier: separate processes over gRPC) unless a controller already answers at
+--controller. Each held-out prompt is decoded twice through that same stack, greedily, for the same number
+of tokens: under the speculative policy and with speculation off, both streamed as they come, in alternating
+order (so that neither always runs first); the speedup is the ratio of their tokens per second.
 """
 
 import argparse
+import logging
+import os
 import time
 
 import grpc
 from eesd_client import EesdClient
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 
-from eesd import hardware
+from eesd import hardware, threads
 from serving.local_stack import LocalStack
-from serving.models import default_model
+from serving.models import ServedModel, default_model
+
+BOLD, DIM, RESET = "\033[1m", "\033[2m", "\033[0m"
 
 
 def controller_up(address: str) -> bool:
@@ -26,39 +34,76 @@ def controller_up(address: str) -> bool:
     return reply.status == health_pb2.HealthCheckResponse.SERVING
 
 
-def run(client: EesdClient, prompts: list, policy: str, max_new_tokens: int) -> None:
-    totals = {"spec": [0, 0.0, 0, 0], "off": [0, 0.0, 0, 0]}  # tokens, seconds, rounds
-    for prompt in prompts:
-        shown = prompt if isinstance(prompt, str) else " ".join(map(str, prompt))
-        print(f"\n\033[1m>>> {shown[-200:]}\033[0m", flush=True)
-        start = time.perf_counter()
-        stream = client.generate(prompt, max_new_tokens=max_new_tokens, policy=policy)
-        for chunk in stream:
-            print(
-                chunk.text if chunk.text or isinstance(prompt, str) else " ".join(map(str, chunk.token_ids)) + " ",
-                end="",
-                flush=True,
-            )
-        spec = stream.result()
-        spec_s = time.perf_counter() - start
-        start = time.perf_counter()
-        plain = client.generate_text(prompt, max_new_tokens=max_new_tokens, policy="off")
-        plain_s = time.perf_counter() - start
-        same = "same tokens" if plain.token_ids == spec.token_ids else "DIFFERENT TOKENS"
-        n = len(spec.token_ids)
+def spread(prompts: list, count: int) -> list:
+    """`count` prompts spread over the list (held-out prompts come sorted by source file)."""
+    if len(prompts) <= count or count < 2:
+        return prompts[:count]
+    return [prompts[round(i * (len(prompts) - 1) / (count - 1))] for i in range(count)]
+
+
+class Printer:
+    """Prints streamed text as it comes; newlines past the second of a run show as a dim ↵ on one line (a
+    toy model's greedy continuations often hold dozens of them)."""
+
+    def __init__(self) -> None:
+        self.newlines = 0
+
+    def write(self, text: str) -> None:
+        out = []
+        for char in text:
+            self.newlines = self.newlines + 1 if char == "\n" else 0
+            out.append(f"{DIM}↵{RESET}" if self.newlines > 2 else char)
+        print("".join(out), end="", flush=True)
+
+
+def stream(client: EesdClient, prompt: str, label: str, policy: str, max_new_tokens: int) -> tuple:
+    """Streams one greedy answer under a label; returns (result, seconds)."""
+    print(f"{BOLD}[{label}]{RESET} ", end="", flush=True)
+    printer = Printer()
+    start = time.perf_counter()
+    answer = client.generate(prompt, max_new_tokens=max_new_tokens, policy=policy, temperature=0.0)
+    for chunk in answer:
+        printer.write(chunk.text)
+    result = answer.result()
+    return result, time.perf_counter() - start
+
+
+def run(client: EesdClient, model: ServedModel, prompts: list[str], policy: str, max_new_tokens: int) -> None:
+    arms = {"spec": policy, "plain": "off"}
+    labels = {"spec": f"speculative, {policy}", "plain": "plain, speculation off"}
+    for arm in arms.values():  # warm-up: first-call paths of both arms, outside the measurement
+        client.generate_text(prompts[0], max_new_tokens=8, policy=arm, temperature=0.0)
+    tokens = {arm: 0 for arm in arms}
+    seconds = {arm: 0.0 for arm in arms}
+    rounds = same = 0
+    for i, prompt in enumerate(prompts):
+        lines = prompt.rstrip("\n").split("\n")
+        print(f"\n{DIM}--- prompt {i + 1}/{len(prompts)} (last {min(6, len(lines))} of its {len(lines)} lines):")
+        print("\n".join(lines[-6:]) + RESET)
+        results = {}
+        for arm in list(arms)[:: 1 if i % 2 == 0 else -1]:
+            result, took = stream(client, prompt, labels[arm], arms[arm], max_new_tokens)
+            results[arm] = (result, took)
+            tokens[arm] += len(result.token_ids)
+            seconds[arm] += took
+            print(f"\n{DIM}    {len(result.token_ids)} tokens in {took:.2f} s{RESET}")
+        (spec, spec_s), (plain, plain_s) = results["spec"], results["plain"]
+        rounds += spec.stats.speculation.rounds
+        same += spec.token_ids == plain.token_ids
         print(
-            f"\n    {n / spec_s:6.1f} tok/s with {policy} (tau {spec.stats.speculation.mean_accepted_tokens:.2f}) vs "
-            f"{len(plain.token_ids) / plain_s:6.1f} tok/s plain: {plain_s / spec_s:.2f}x, {same}"
+            f"    {len(spec.token_ids) / spec_s:.1f} tok/s speculative (mean accepted tokens per round "
+            f"{spec.stats.speculation.mean_accepted_tokens:.2f}) vs {len(plain.token_ids) / plain_s:.1f} tok/s "
+            f"plain: {(len(spec.token_ids) / spec_s) / (len(plain.token_ids) / plain_s):.2f}x, "
+            + ("the same tokens" if spec.token_ids == plain.token_ids else "DIFFERENT TOKENS")
         )
-        totals["spec"][0] += n
-        totals["spec"][1] += spec_s
-        totals["spec"][2] += spec.stats.speculation.rounds
-        totals["off"][0] += len(plain.token_ids)
-        totals["off"][1] += plain_s
-    spec_rate, plain_rate = totals["spec"][0] / totals["spec"][1], totals["off"][0] / totals["off"][1]
+    rate = {arm: tokens[arm] / seconds[arm] for arm in arms}
+    load = os.getloadavg()[0]
     print(
-        f"\n== {len(prompts)} prompts: {spec_rate:.1f} tok/s speculative ({policy}), {plain_rate:.1f} tok/s plain, "
-        f"speedup {spec_rate / plain_rate:.2f}x, mean accepted tokens {totals['spec'][0] / totals['spec'][2]:.2f}"
+        f"\n{BOLD}== {len(prompts)} held-out prompts, greedy, up to {max_new_tokens} tokens each, one stack: "
+        f"{rate['spec']:.1f} tok/s speculative ({policy}, exit layer N={model.exit_layer}, "
+        f"{tokens['spec'] / rounds:.2f} tokens per round) vs {rate['plain']:.1f} tok/s plain: "
+        f"speedup {rate['spec'] / rate['plain']:.2f}x{RESET}; {same}/{len(prompts)} prompts gave the same tokens "
+        f"both ways (load average {load:.2f} on {os.cpu_count()} cores)"
     )
 
 
@@ -69,8 +114,11 @@ def main() -> None:
     parser.add_argument("--prompts", type=int, default=3)
     parser.add_argument("--max-new-tokens", type=int, default=64)
     args = parser.parse_args()
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(message)s")  # the first run's build
+    threads.for_training()  # this process only builds (its torch threads wait passively); the stack serves
     model = default_model()
-    prompts = model.prompts[: args.prompts]
+    print(f"\n{BOLD}Model{RESET}: {model.description}.", flush=True)
+    prompts = spread(model.prompts, args.prompts)
     stack = None
     if not controller_up(args.controller):
         dtype = hardware.describe_auto() if model.dtype == "auto" else model.dtype
@@ -87,7 +135,7 @@ def main() -> None:
         args.controller = stack.controller_address
     try:
         with EesdClient(args.controller) as client:
-            run(client, prompts, args.policy, args.max_new_tokens)
+            run(client, model, prompts, args.policy, args.max_new_tokens)
     finally:
         if stack is not None:
             stack.stop()

@@ -1,5 +1,6 @@
-"""Which model `make run` / `make demo` serve: the reference model with its distilled exit head once
-`make model` has built them, a tiny random model before that."""
+"""Which model `make run`, `make demo` and the load tests serve: the reference model with its distilled exit head
+once `make model` has built them, else the demo model (eesd.presets.DEMO: the same recipe, trained for a few
+minutes), which the first call builds and distills (about 4 minutes on 2 cores, then cached by its stamp)."""
 
 import json
 from dataclasses import dataclass
@@ -7,7 +8,7 @@ from pathlib import Path
 
 CACHE = Path(".cache")
 REFERENCE_DIR = CACHE / "reference-model"
-TINY_DIR = CACHE / "demo-tiny-llama"
+# Token-id prompts for checkpoints without a tokenizer (the tests' tiny random models).
 TINY_PROMPTS = [[1, 17, 42, 99, 7], [5, 6, 7, 8, 9, 10], [300, 200, 100]]
 
 
@@ -18,6 +19,7 @@ class ServedModel:
     exit_head: str  # "" for an untrained exit layer
     dtype: str
     prompts: list  # prompt texts, or token-id lists for a model without tokenizer
+    description: str = ""  # what the model is, in one line (describe)
 
 
 def held_out_prompts(model_dir: Path) -> list[str]:
@@ -29,38 +31,48 @@ def held_out_prompts(model_dir: Path) -> list[str]:
 
 
 def distilled_head(model_dir: Path) -> Path | None:
-    """The newest exit head under .cache/ distilled from exactly this build of the model.
+    """The newest exit head `eesd model` distilled from exactly this build (<model_dir>-exit-head-n<N>).
 
     A retrained model keeps its config hash, so heads are matched on the build stamp that distillation
-    records (distill.json) against the model's build_report.json.
+    records (distill.json) against the model's build_report.json. `eesd sweep`'s quick heads (.cache/sweep)
+    are not candidates: the served head is the one `make model` made.
     """
     stamp = json.loads((model_dir / "build_report.json").read_text())["stamp"]
     heads = [
-        report.parent
-        for report in CACHE.glob("**/distill.json")
-        if json.loads(report.read_text()).get("model_stamp") == stamp and (report.parent / "exit_layer.json").is_file()
+        head
+        for head in model_dir.parent.glob(f"{model_dir.name}-exit-head-n*")
+        if (head / "distill.json").is_file()
+        and json.loads((head / "distill.json").read_text()).get("model_stamp") == stamp
+        and (head / "exit_layer.json").is_file()
     ]
     return max(heads, key=lambda p: (p / "exit_layer.json").stat().st_mtime, default=None)
 
 
+def describe(model_dir: Path, exit_head: Path) -> str:
+    """One line from the build and distillation reports: what the model is, how long it trained, its exit layer."""
+    build = json.loads((model_dir / "build_report.json").read_text())
+    head = json.loads((exit_head / "distill.json").read_text())
+    recipe, n = build["recipe"], head["config"]["exit_layer"]
+    return (
+        f"{model_dir.name}: a toy, a {build['parameters'] / 1e6:.1f}M-parameter Llama ({recipe['num_layers']} layers "
+        f"of {recipe['hidden_size']}) trained for {build['train_seconds'] / 60:.1f} minutes on "
+        f"{build['train_tokens_seen'] / 1e3:.0f}k tokens of the Python standard library's source (held-out "
+        f"perplexity {build['heldout_perplexity']:.0f}): it continues Python-like code, often repetitively, "
+        f"and does not chat. Drafter: the first {n} of its {recipe['num_layers']} layers + an exit layer "
+        f"distilled from it (greedy agreement with it {head['after']['agreement']:.0%} on held-out continuations)"
+    )
+
+
+def served(model_dir: Path, exit_head: Path) -> ServedModel:
+    exit_layer = json.loads((exit_head / "exit_layer.json").read_text())["exit_layer"]
+    return ServedModel(
+        model_dir, exit_layer, str(exit_head), "auto", held_out_prompts(model_dir), describe(model_dir, exit_head)
+    )
+
+
 def default_model() -> ServedModel:
     if (REFERENCE_DIR / "build_report.json").is_file() and (head := distilled_head(REFERENCE_DIR)) is not None:
-        exit_layer = json.loads((head / "exit_layer.json").read_text())["exit_layer"]
-        return ServedModel(REFERENCE_DIR, exit_layer, str(head), "auto", held_out_prompts(REFERENCE_DIR))
-    from eesd.tiny import save_tiny_model
+        return served(REFERENCE_DIR, head)
+    from eesd.presets import DEMO, ensure_model
 
-    if not (TINY_DIR / "config.json").is_file():
-        # 8 layers, exit at N=7: an untrained exit layer (a copy of the last layer) drafts well that deep.
-        save_tiny_model(
-            TINY_DIR,
-            "llama",
-            hidden_size=256,
-            intermediate_size=512,
-            num_hidden_layers=8,
-            num_attention_heads=8,
-            num_key_value_heads=8,
-            vocab_size=2048,
-            initializer_range=0.05,
-        )
-    # fp32: random weights tie often in bf16, and a tie may break differently in a wider verify pass.
-    return ServedModel(TINY_DIR, 7, "", "float32", TINY_PROMPTS)
+    return served(*ensure_model(DEMO))

@@ -1,0 +1,102 @@
+"""The models this project trains itself, each a recipe of :mod:`eesd.reference_model` plus the distillation of
+its exit layer at N (:mod:`eesd.distill`), both cached: the model by its build stamp, the head by its config and
+the model's stamp. One code path for both; they differ only in how long they train.
+
+- ``reference`` (`make model`, .cache/reference-model): the model the benchmarks and docs quote, ~9 minutes of
+  training and ~3.5 of distillation on 2 cores.
+- ``demo`` (`make demo`'s first run when `make model` has not run, .cache/demo-model): the same architecture
+  and tokenizer recipe, trained on shorter blocks in smaller batches for half the reference's tokens, and a
+  quick head (the settings `eesd sweep` distills its candidates with), so that a fresh clone's first demo,
+  installation included, fits in 10 minutes on 2 cores (docs/architecture.md §4.1). Like the reference, a toy:
+  its continuations are Python-like fragments, often repetitive, not programs.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import logging
+from pathlib import Path
+from typing import Any
+
+from eesd import reference_model
+from eesd.errors import InvalidArgument
+
+log = logging.getLogger("eesd.presets")
+
+
+@dataclasses.dataclass(frozen=True)
+class Preset:
+    name: str
+    out_dir: Path
+    recipe_fields: dict[str, Any]  # on top of Recipe's defaults (built when asked: auto dtypes resolve then)
+    exit_layer: int
+    distill_fields: dict[str, Any]  # on top of the reference's distillation recipe (eesd.cli)
+
+    def recipe(self) -> reference_model.Recipe:
+        return reference_model.Recipe(**self.recipe_fields)
+
+
+REFERENCE = Preset("reference", reference_model.DEFAULT_OUT, {}, 2, {})
+DEMO = Preset(
+    "demo",
+    Path(".cache/demo-model"),
+    # Blocks of 256 tokens (room for a held-out prompt of ~80 tokens and the demo's 64 new ones), 2 per step:
+    # with minutes to spend, many small steps learn more per token than the reference's 4 x 512. Measured
+    # here: held-out loss 5.45 after 600 such steps (2 to 4 minutes) against the reference's 5.55 after 330
+    # (9 minutes); 160 steps of 8 blocks (the same tokens) reached only 6.16, 1.5 minutes. lr stays the
+    # reference's: 2.5e-3 diverged (NaN gradients in the first layer within 50 steps, in fp32 too).
+    dict(context=256, batch_size=2, steps=600, warmup_steps=20),
+    2,
+    # eesd sweep's quick head: a quarter of the prompts, a third of the steps (~1 minute here).
+    dict(num_prompts=64, steps=100, warmup_steps=10, checkpoint_every=100),
+)
+PRESETS = {p.name: p for p in (REFERENCE, DEMO)}
+
+
+def head_dir(model_dir: Path | str, exit_layer: int) -> Path:
+    """Where `eesd model` puts a model's exit head at N (`make exit-head`'s directory)."""
+    return Path(f"{model_dir}-exit-head-n{exit_layer}")
+
+
+def distill_config(preset: Preset, model_dir: Path | str, exit_layer: int, out_dir: Path | str):
+    """The preset's distillation of the exit layer at N: prompts from the model's training files only, so
+    the held-out prompts the demo and the benchmarks use stay unseen."""
+    from eesd.cli import reference_distill_config
+
+    prompts = Path(model_dir) / reference_model.TRAIN_PROMPTS_FILE
+    base = reference_distill_config(str(model_dir), str(out_dir), exit_layer, str(prompts))
+    return dataclasses.replace(base, **preset.distill_fields)
+
+
+def ensure_model(
+    preset: Preset,
+    model_dir: Path | str | None = None,
+    exit_layer: int | None = None,
+    exit_head: Path | str | None = None,
+    *,
+    build: bool = True,
+    force_distill: bool = False,
+    threads: int = 2,
+    progress: bool = True,
+) -> tuple[Path, Path]:
+    """Builds the preset's model (unless `build` is False or it is up to date) and distills its exit head
+    (unless up to date); returns (model directory, exit-head directory)."""
+    import torch
+
+    from eesd.distill import distill, up_to_date
+
+    model_dir = Path(model_dir or preset.out_dir)
+    exit_layer = preset.exit_layer if exit_layer is None else exit_layer
+    if build:
+        reference_model.build_reference_model(model_dir, preset.recipe(), progress=progress)
+    stamp = reference_model.cached_stamp(model_dir)
+    if stamp is None:
+        raise InvalidArgument("model_dir", f"no model built in {str(model_dir)!r}; run `make model`")
+    head = Path(exit_head or head_dir(model_dir, exit_layer))
+    cfg = distill_config(preset, model_dir, exit_layer, head)
+    if up_to_date(cfg, stamp) and not force_distill:
+        log.info("exit head in %s is up to date", head)
+    else:
+        torch.set_num_threads(threads)
+        distill(cfg, resume=not force_distill, progress=progress, model_stamp=stamp)
+    return model_dir, head
