@@ -40,12 +40,12 @@ import contextlib
 import dataclasses
 import itertools
 import json
+import logging
 import os
 import statistics
 import subprocess
 import time
 from collections import Counter
-from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -57,6 +57,7 @@ from eesd.drafter import Drafter
 from eesd.engine import SpeculativeEngine
 from eesd.load import PassTimer
 from eesd.params import GenerationParams, PolicyParams, SamplingParams
+from eesd.progress import Progress
 from eesd.verifier import Verifier
 from serving.local_stack import LocalStack
 from serving.models import TINY_PROMPTS, ServedModel, default_model, held_out_prompts
@@ -295,7 +296,7 @@ def run(
     node_flags: dict[str, str] | None = None,
     k_max: int = 8,
     temperature: float = 0.0,
-    progress: Callable[[str], None] = lambda line: None,
+    progress: bool = False,
 ) -> dict:
     torch.set_num_threads(threads)
     load_start = os.getloadavg()
@@ -338,6 +339,9 @@ def run(
         measured = {c: {mode: {arm: Arm() for arm in arms} for mode in modes} for c in concurrency}
         order = list(itertools.product(modes, arms.items()))
         reference: dict[tuple[int, ...], tuple[str, list[int]]] = {}  # prompt -> (arm, its greedy tokens)
+        bar = exits.enter_context(
+            Progress(repetitions * len(concurrency) * len(order), "concurrency sweep", unit="run", enabled=progress)
+        )
         for repetition in range(repetitions):
             for c in concurrency:
                 count = max(c, requests_per_level)
@@ -370,9 +374,7 @@ def run(
                         if ref[1] != request.token_ids:
                             arm.differing += 1
                             arm.diverged_at.append(first_difference(ref[1], request.token_ids))
-                    progress(
-                        f"rep {repetition + 1}/{repetitions} c={c:<3d} {key:32s} {tps:8.1f} tok/s, wall {wall:.1f} s"
-                    )
+                    bar.update(run=f"rep {repetition + 1} c={c} {key}", tok_s=f"{tps:.1f}")
     result = {
         "machine": machine(),
         "model": str(model.model_dir),
@@ -581,6 +583,7 @@ def names(text: str) -> tuple[str, ...]:
 
 
 def main() -> None:
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(message)s")  # progress lines off a terminal
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--concurrency", default="1,2,4,8,16,32", help="sessions in flight per level (comma list)")
     parser.add_argument("--policies", default=",".join(POLICIES), help=f"arms, some of {','.join(POLICIES)}")
@@ -629,7 +632,7 @@ def main() -> None:
         {"batched": args.node_flags_batched, "single": args.node_flags_single},
         args.k_max,
         args.temperature,
-        progress=lambda line: print(line, flush=True),
+        progress=True,
     )
     out = Path(args.out)
     out.parent.mkdir(parents=True, exist_ok=True)

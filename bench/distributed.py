@@ -16,6 +16,7 @@ import argparse
 import contextlib
 import itertools
 import json
+import logging
 import statistics
 import time
 from concurrent.futures import ThreadPoolExecutor
@@ -29,6 +30,7 @@ from eesd import hardware
 from eesd.drafter import Drafter
 from eesd.engine import SpeculativeEngine
 from eesd.params import GenerationParams, PolicyParams
+from eesd.progress import Progress
 from eesd.verifier import Verifier
 from loadtest.scrape import P, scrape
 from serving.local_stack import LocalStack
@@ -67,6 +69,7 @@ def run(
     dtype: str,
     concurrency: list[int],
     model: ServedModel | None = None,
+    progress: bool = False,
 ) -> dict:
     torch.set_num_threads(threads)
     model = model or default_model()
@@ -105,6 +108,8 @@ def run(
         rates = {arm: [] for arm in ("in_process", *ARMS)}
         split = {arm: {name: [] for name in SPLIT} for arm in rates}
         differing = {arm: 0 for arm in ARMS}  # prompts whose tokens differ from the in-process engine's
+        steps = repetitions * (len(prompt_list) + sum(c > 1 for c in concurrency))  # prompts, then load levels
+        bar = stacks.enter_context(Progress(steps, "distributed", enabled=progress))
         for _ in range(repetitions):
             totals = {arm: [0, 0.0] for arm in rates}
             for prompt in prompt_list:
@@ -125,6 +130,7 @@ def run(
                     for r in remote.rounds:
                         for name in SPLIT:
                             split[arm][name].append(getattr(r, f"{name}_ms"))
+                bar.update()
             for arm, (tokens, seconds) in totals.items():
                 rates[arm].append(tokens / seconds)
         lookaheads = scrape(drafter_metrics) - lookaheads_before
@@ -136,6 +142,7 @@ def run(
                     arm_rates[arm].append(
                         concurrent_rate(client, requests, c, max_new_tokens=max_new_tokens, policy=policy)
                     )
+                bar.update()
     medians = {arm: statistics.median(values) for arm, values in rates.items()}
     return {
         "machine": machine(),
@@ -215,6 +222,7 @@ def plot(result: dict, path: Path) -> None:
 
 
 def main() -> None:
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(message)s")  # progress lines off a terminal
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--repetitions", type=int, default=3)
     parser.add_argument("--max-new-tokens", type=int, default=96)
@@ -237,6 +245,7 @@ def main() -> None:
         not args.memory_store,
         args.dtype,
         [int(c) for c in args.concurrency.split(",") if c],
+        progress=True,
     )
     out = Path(args.out)
     out.parent.mkdir(parents=True, exist_ok=True)
