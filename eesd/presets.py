@@ -42,10 +42,12 @@ DEMO = Preset(
     Path(".cache/demo-model"),
     # Blocks of 256 tokens (room for a held-out prompt of ~80 tokens and the demo's 64 new ones), 2 per step:
     # with minutes to spend, many small steps learn more per token than the reference's 4 x 512. Measured
-    # here: held-out loss 5.45 after 600 such steps (2 to 4 minutes) against the reference's 5.55 after 330
-    # (9 minutes); 160 steps of 8 blocks (the same tokens) reached only 6.16, 1.5 minutes. lr stays the
-    # reference's: 2.5e-3 diverged (NaN gradients in the first layer within 50 steps, in fp32 too).
-    dict(context=256, batch_size=2, steps=600, warmup_steps=20),
+    # here: held-out loss 5.45-5.6 after 600 such steps against the reference's 5.55 after 330 (9 minutes);
+    # 160 steps of 8 blocks (the same tokens) reached only 6.16. lr stays the reference's: 2.5e-3 diverged
+    # (NaN gradients in the first layer within 50 steps, in fp32 too). 1 thread: steps this small are mostly
+    # barriers for 2 threads (0.33 s a step with 1 thread, 0.21 with 2 spinning on an idle machine but
+    # slower than 1 as soon as the cores are shared, 0.41 with 2 waiting passively; eesd/threads.py).
+    dict(context=256, batch_size=2, steps=600, warmup_steps=20, threads=1),
     2,
     # eesd sweep's quick head: a quarter of the prompts, a third of the steps (~1 minute here).
     dict(num_prompts=64, steps=100, warmup_steps=10, checkpoint_every=100),
