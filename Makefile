@@ -74,7 +74,9 @@ lint: setup
 	$(BIN)/ruff check .
 	$(BIN)/ruff format --check .
 
-# The main job: prompts streamed through the distributed stack (started here unless `make run` is up).
+# The main job: text prompts streamed through the distributed stack (started here unless `make run` is up),
+# with and without speculation, and the speedup. Serves the reference model once `make model` built it, else
+# the demo model, which the first run builds and distills (~4 minutes on 2 cores; cached in .cache/demo-model).
 demo: setup redis
 	$(BIN)/python -m serving.demo $(DEMO_ARGS)
 
@@ -168,8 +170,8 @@ redis:
 	@command -v redis-server >/dev/null 2>&1 || { apt-get update && DEBIAN_FRONTEND=noninteractive apt-get install -y redis-server; }
 
 # A short load-test sweep (concurrency 1,2,4,8 x speculation on/off) against a LocalStack of the default model
-# (the reference model once `make model` built it, else the tiny demo model): JSON (with the model, commit,
-# machine and load average) + PNG plots (SLO lines, throughput-latency curve) in loadtest/results/.
+# (the reference model once `make model` built it, else the demo model, built on first use): JSON (with the
+# model, commit, machine and load average) + PNG plots (SLO lines, throughput-latency curve) in loadtest/results/.
 # Run it on a quiet machine (1-minute load average well under the core count: `cat /proc/loadavg`).
 # docs/observability.md explains the report; LOADTEST_ARGS adds flags (`python -m loadtest --help`).
 .PHONY: loadtest

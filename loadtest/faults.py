@@ -714,7 +714,7 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--out", default="loadtest/results/faults.json")
     g = p.add_argument_group("the stack")
-    g.add_argument("--model-dir", help="default: the reference model once built (make model), else a tiny one")
+    g.add_argument("--model-dir", help="default: the reference model once built (make model), else the demo model")
     g.add_argument("--exit-layer", type=int)
     g.add_argument("--exit-head", default="")
     g.add_argument("--dtype", default="float32", help="float32: greedy outputs compare with transformers' own")

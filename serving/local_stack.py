@@ -308,7 +308,7 @@ class LocalStack:
 
 def add_stack_arguments(parser: argparse.ArgumentParser | argparse._ArgumentGroup, log_dir: str) -> None:
     """The flags that describe a local stack (shared by `make run` and the load generator)."""
-    parser.add_argument("--model-dir", help="default: the reference model once built (make model), else a tiny one")
+    parser.add_argument("--model-dir", help="default: the reference model once built (make model), else the demo model")
     parser.add_argument("--exit-layer", type=int)
     parser.add_argument("--exit-head", default="")
     parser.add_argument("--dtype", default="float32")
