@@ -161,6 +161,7 @@ def _generate_file(engine, requests, tokenizer, output: str | None) -> int:
 def cmd_distill(args: argparse.Namespace) -> int:
     from eesd.distill import DistillConfig, distill
 
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(message)s")  # progress lines off a terminal
     cfg = DistillConfig(
         model_dir=args.model,
         exit_layer=args.exit_layer,
