@@ -288,13 +288,18 @@ def add_bench_parser(sub) -> None:
     )
     bench.add_argument("--num-tune-prompts", type=int, default=4)
     bench.add_argument("--no-hf", action="store_true", help="skip HF generate and HF assisted generation")
-    bench.add_argument("--seed", type=int, default=0)
-    bench.add_argument("--threads", type=int, default=2)
-    bench.add_argument("--name", default="bench", help="results are written to <out>/<name>.json and PNGs")
-    bench.add_argument("--out", default="bench/results")
-    bench.add_argument("--no-plots", action="store_true")
-    bench.add_argument("--quiet", action="store_true")
+    add_results_arguments(bench, "bench", "<name>.json and PNGs")
     bench.set_defaults(func=cmd_bench)
+
+
+def add_results_arguments(parser: argparse.ArgumentParser, name: str, files: str) -> None:
+    """What a measuring command (bench, sweep) shares: its seed, threads, where results go, how it reports."""
+    parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--threads", type=int, default=2)
+    parser.add_argument("--name", default=name, help=f"results are written to <out>/{files}")
+    parser.add_argument("--out", default="bench/results")
+    parser.add_argument("--no-plots", action="store_true")
+    parser.add_argument("--quiet", action="store_true")
 
 
 def cmd_sweep(args: argparse.Namespace) -> int:
@@ -377,12 +382,7 @@ def add_sweep_parser(sub) -> None:
     sweep.add_argument("--temperature", type=float, default=0.0, help="0 is greedy")
     sweep.add_argument("--dtype", default="auto", help=hardware.DTYPE_HELP)
     sweep.add_argument("--k-max", type=int, default=8)
-    sweep.add_argument("--threads", type=int, default=2)
-    sweep.add_argument("--seed", type=int, default=0)
-    sweep.add_argument("--name", default="sweep", help="results are written to <out>/<name>.json and .png")
-    sweep.add_argument("--out", default="bench/results")
-    sweep.add_argument("--no-plots", action="store_true")
-    sweep.add_argument("--quiet", action="store_true")
+    add_results_arguments(sweep, "sweep", "<name>.json and .png")
     sweep.set_defaults(func=cmd_sweep)
 
 
