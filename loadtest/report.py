@@ -239,7 +239,8 @@ def figures(report: Mapping) -> dict:
         _slo_line(ax, slo.get(f"{key}_ms"), "v")
         ax.set(title=f"{key.upper()} CDF", xlabel="ms", ylabel="fraction of requests" if key != "itl" else "")
         ax.grid(alpha=0.3)
-        ax.legend(fontsize=7)
+        if ax.get_legend_handles_labels()[0]:  # a run whose every request failed draws nothing to label
+            ax.legend(fontsize=7)
     fig.suptitle(title, fontsize=9)
     fig.tight_layout()
     out["latency_cdf"] = fig
