@@ -161,7 +161,6 @@ def _generate_file(engine, requests, tokenizer, output: str | None) -> int:
 def cmd_distill(args: argparse.Namespace) -> int:
     from eesd.distill import DistillConfig, distill
 
-    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(message)s")  # progress lines off a terminal
     cfg = DistillConfig(
         model_dir=args.model,
         exit_layer=args.exit_layer,
@@ -229,7 +228,6 @@ def cmd_bench(args: argparse.Namespace) -> int:
     from bench.report import markdown
     from bench.suite import BenchConfig, run_suite
 
-    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(message)s")  # progress lines off a terminal
     prompts = bench_prompts(args)
     cfg = BenchConfig(
         model_dir=args.model,
@@ -310,7 +308,6 @@ def cmd_sweep(args: argparse.Namespace) -> int:
     from eesd.checkpoint import load_config
     from eesd.reference_model import PROMPTS_FILE, TRAIN_PROMPTS_FILE
 
-    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(message)s")  # progress lines off a terminal
     config = load_config(args.model)
     exit_layers = [int(n) for n in split_list(args.exit_layers)] or default_exit_layers(config.num_hidden_layers)
     # A reference model ships held-out prompts and, apart, the training prompts distillation may use.
@@ -416,7 +413,6 @@ def cmd_model(args: argparse.Namespace) -> int:
     """Builds a preset's model (cached by its recipe stamp), then distills its exit head (cached): eesd.presets."""
     from eesd import presets
 
-    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s %(message)s")
     preset = presets.PRESETS[args.preset]
     model_dir, head_dir = presets.ensure_model(
         preset,
@@ -497,6 +493,8 @@ def build_parser() -> argparse.ArgumentParser:
 
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
+    if args.command in ("model", "distill", "bench", "sweep"):  # long work: progress as log lines off a terminal
+        logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s %(message)s")
     if args.command in ("model", "distill"):
         threads.for_training()  # before torch loads: passive OpenMP waiting (eesd/threads.py)
     try:
