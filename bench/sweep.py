@@ -88,7 +88,7 @@ def model_stamp(model_dir: str) -> str:
 def distill_config(cfg: SweepConfig, exit_layer: int, stamp: str) -> DistillConfig:
     """The reference recipe (`make model`'s) at the sweep's quick settings, in a cache directory of its own
     per model build, N and settings."""
-    from eesd.cli import reference_distill_config
+    from eesd.presets import reference_distill_config
 
     quick = replace(
         reference_distill_config(cfg.model_dir, "", exit_layer, cfg.distill_prompts),

@@ -383,32 +383,6 @@ def add_sweep_parser(sub) -> None:
     sweep.set_defaults(func=cmd_sweep)
 
 
-def reference_distill_config(model_dir: str, head_dir: str, exit_layer: int, prompts: str) -> "DistillConfig":  # noqa: F821
-    """The distillation recipe of the reference model's exit head (`make model`)."""
-    from eesd.distill import DistillConfig
-
-    return DistillConfig(
-        model_dir=model_dir,
-        exit_layer=exit_layer,
-        out_dir=head_dir,
-        prompts=prompts,
-        num_prompts=256,
-        prompt_len=64,
-        gen_len=128,
-        sampled_fraction=0.5,
-        steps=300,
-        batch_size=8,
-        lr=2e-3,
-        warmup_steps=20,
-        checkpoint_every=50,
-        seed=0,
-        dtype="float32",  # batched generation on this CPU is faster in fp32
-        # The exit layer's matmuls are not: bf16 autocast (fp32 master weights) where the CPU computes bf16
-        # natively. Part of the config distill.json records, so the head is rebuilt when the choice changes.
-        train_bf16=hardware.native_bf16("cpu"),
-    )
-
-
 def cmd_model(args: argparse.Namespace) -> int:
     """Builds a preset's model (cached by its recipe stamp), then distills its exit head (cached): eesd.presets."""
     from eesd import presets

@@ -18,7 +18,8 @@ import logging
 from pathlib import Path
 from typing import Any
 
-from eesd import reference_model
+from eesd import hardware, reference_model
+from eesd.distill import DistillConfig
 from eesd.errors import InvalidArgument
 
 log = logging.getLogger("eesd.presets")
@@ -55,16 +56,38 @@ DEMO = Preset(
 PRESETS = {p.name: p for p in (REFERENCE, DEMO)}
 
 
+def reference_distill_config(model_dir: str, head_dir: str, exit_layer: int, prompts: str) -> DistillConfig:
+    """The distillation recipe of the reference model's exit head (`make model`); presets and sweeps vary it."""
+    return DistillConfig(
+        model_dir=model_dir,
+        exit_layer=exit_layer,
+        out_dir=head_dir,
+        prompts=prompts,
+        num_prompts=256,
+        prompt_len=64,
+        gen_len=128,
+        sampled_fraction=0.5,
+        steps=300,
+        batch_size=8,
+        lr=2e-3,
+        warmup_steps=20,
+        checkpoint_every=50,
+        seed=0,
+        dtype="float32",  # batched generation on this CPU is faster in fp32
+        # The exit layer's matmuls are not: bf16 autocast (fp32 master weights) where the CPU computes bf16
+        # natively. Part of the config distill.json records, so the head is rebuilt when the choice changes.
+        train_bf16=hardware.native_bf16("cpu"),
+    )
+
+
 def head_dir(model_dir: Path | str, exit_layer: int) -> Path:
     """Where `eesd model` puts a model's exit head at N (`make exit-head`'s directory)."""
     return Path(f"{model_dir}-exit-head-n{exit_layer}")
 
 
-def distill_config(preset: Preset, model_dir: Path | str, exit_layer: int, out_dir: Path | str):
+def distill_config(preset: Preset, model_dir: Path | str, exit_layer: int, out_dir: Path | str) -> DistillConfig:
     """The preset's distillation of the exit layer at N: prompts from the model's training files only, so
     the held-out prompts the demo and the benchmarks use stay unseen."""
-    from eesd.cli import reference_distill_config
-
     prompts = Path(model_dir) / reference_model.TRAIN_PROMPTS_FILE
     base = reference_distill_config(str(model_dir), str(out_dir), exit_layer, str(prompts))
     return dataclasses.replace(base, **preset.distill_fields)

@@ -8,9 +8,9 @@ import pytest
 import torch
 
 from eesd import hardware
-from eesd.cli import reference_distill_config
 from eesd.distill import DistillConfig
 from eesd.errors import InvalidArgument
+from eesd.presets import reference_distill_config
 from eesd.reference_model import Recipe, bf16_autocast_for, build_stamp
 
 
