@@ -21,28 +21,16 @@ from controller.round_loop import RoundLoop
 from controller.routing import Router
 from controller.state_store import MemoryStateStore
 from controller.text import TextCodec
-from eesd.drafter import Drafter
 from eesd.errors import InvalidArgument, ResourceExhausted, Unavailable
 from eesd.params import PolicyParams
-from eesd.verifier import Verifier
 from serving import logs
 from serving.security import Tokens
 from tests.conftest import hf_greedy
-from tests.openai_helpers import servable_model, words
+from tests.openai_helpers import words
 from tests.unit.test_round_loop_repairs import InProcessNodes, wipe
 
 MODEL = "tiny"
 PROMPT = [5, 9, 33, 71, 2, 140, 7]
-
-
-@pytest.fixture(scope="module")
-def model(tiny_models, tmp_path_factory):
-    return servable_model(tiny_models["llama"], tmp_path_factory.mktemp("servable") / "tiny")
-
-
-@pytest.fixture(scope="module")
-def nodes(model):
-    return {"d1:1": Drafter(model, 2), "v1:1": Verifier(model)}
 
 
 def front_end(model, nodes, tokens=None, verifiers="v1:1", chat=True, policy="fixed") -> OpenAIFrontEnd:

@@ -7,30 +7,17 @@ import asyncio
 from collections.abc import Awaitable, Callable
 
 import openai
-import pytest
 from openai import AsyncOpenAI
 
 from controller.http_api import HttpServer
-from eesd.drafter import Drafter
-from eesd.verifier import Verifier
 from serving.local_stack import free_port
 from serving.security import Tokens
 from tests.conftest import hf_greedy
-from tests.openai_helpers import servable_model, words
+from tests.openai_helpers import words
 from tests.unit.test_http_api import MODEL, PROMPT, front_end
 
 TOKEN = "openai-s3cret"
 CHAT_PROMPT = [1, 5, 12, 13, 3, 6]  # the tiny chat template's rendering of one user message "w12 w13"
-
-
-@pytest.fixture(scope="module")
-def model(tiny_models, tmp_path_factory):
-    return servable_model(tiny_models["llama"], tmp_path_factory.mktemp("openai") / "tiny")
-
-
-@pytest.fixture(scope="module")
-def nodes(model):
-    return {"d1:1": Drafter(model, 2), "v1:1": Verifier(model)}
 
 
 def served(model, nodes, scenario: Callable[[AsyncOpenAI], Awaitable]):
