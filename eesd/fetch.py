@@ -53,13 +53,19 @@ def hub_id(source: str) -> tuple[str, str | None] | None:
     return (match.group(1), match.group(2)) if match else None
 
 
+def hub_model(model: str) -> tuple[str, str | None] | None:
+    """The Hugging Face id a `--model` value stands for: None for a local directory (which comes first, so a
+    directory named like an id is the directory) and for a string that is no id."""
+    return None if Path(model).is_dir() else hub_id(model)
+
+
 def resolve_model(model: str, field: str = "model") -> Path:
     """The checkpoint directory `model` names: a local directory, or a hub id's snapshot in the cache."""
-    if Path(model).is_dir():
-        return Path(model)
-    if hub_id(model) is None:
+    if hub_model(model) is not None:
+        return Path(_download(model, field))
+    if not Path(model).is_dir():
         raise InvalidArgument(field, f"{model!r} is neither a directory nor a Hugging Face id (org/name[@revision])")
-    return Path(_download(model, field))
+    return Path(model)
 
 
 def _download(source: str, field: str, local_dir: Path | None = None) -> str:

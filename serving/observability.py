@@ -9,7 +9,7 @@ from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
-from eesd.fetch import hub_id
+from eesd.fetch import hub_model
 from serving import logs, metrics, tracing
 from serving.calls import Call
 
@@ -19,7 +19,7 @@ def model_name_of(config: Any) -> str:
     of its Hugging Face id (org/name), else "eesd" (a controller without a model directory); the
     controller's HTTP API serves the model under the same name."""
     name, model_dir = getattr(config, "served_model_name", ""), getattr(config, "model_dir", "") or ""
-    hub = None if Path(model_dir).is_dir() else hub_id(model_dir)
+    hub = hub_model(model_dir)
     return name or (hub[0] if hub else Path(model_dir).name) or "eesd"
 
 
