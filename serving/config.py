@@ -6,6 +6,7 @@ Precedence: flag > environment > default.
 
 import argparse
 import dataclasses
+import math
 import os
 import re
 from collections.abc import Mapping, Sequence
@@ -92,6 +93,8 @@ class Rules:
         """What is wrong with `value` on its own, or None."""
         if self.required and not value:
             return "is required"
+        if isinstance(value, float) and not math.isfinite(value):  # NaN passes every comparison below
+            return f"must be a finite number, got {value!r}"
         if self.choices and value not in self.choices:
             return f"must be one of {', '.join(self.choices)}, got {value!r}"
         if self.minimum is not None and value < self.minimum:

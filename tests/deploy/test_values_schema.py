@@ -139,3 +139,20 @@ def test_each_rule_is_enforced_by_the_service_and_by_helm(chart, role, name, val
     if value == "" and key in render.CHART_FILLED[role]:
         return  # the chart fills an empty value in before the service sees it
     assert f"/{role}/config/{key}" in refused_by_helm(chart, role, key, value)
+
+
+FLOAT_FIELDS = [
+    (role, f.name)
+    for role, cls in CONFIGS.items()
+    for f in dataclasses.fields(cls)
+    if get_type_hints(cls)[f.name] is float
+]
+
+
+@pytest.mark.parametrize(("role", "name"), FLOAT_FIELDS, ids=[f"{r}.{n}" for r, n in FLOAT_FIELDS])
+def test_the_service_refuses_a_number_that_is_not_finite(role, name):
+    """JSON has no NaN or infinity, so this one is the service's alone: a flag or variable may say "nan"."""
+    for value in ("nan", "inf", "-inf"):
+        with pytest.raises(InvalidArgument, match="finite") as refused:
+            load_config(CONFIGS[role], [*VALID_FLAGS[role], f"--{flag_name(name)}={value}"], env={})
+        assert refused.value.field == name
