@@ -11,6 +11,7 @@ from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
+from eesd import corpus
 from eesd.errors import InvalidArgument
 
 RANDOM_PROMPT_LEN = 16  # id-only checkpoints (tiny test models) get random prompts of this length
@@ -31,17 +32,6 @@ class PromptSet:
             "paths": self.paths,
             "lengths": [len(p) for p in self.ids],
         }
-
-
-def spread(count: int, limit: int, skip: frozenset[int] = frozenset()) -> list[int]:
-    """`limit` row indices of `count` rows, evenly spread over the rows not in `skip` (held-out prompts come
-    sorted by source file, so the first rows would all be one file); all of them when fewer remain."""
-    rows = [i for i in range(count) if i not in skip]
-    if len(rows) <= limit:
-        return rows
-    if limit == 1:
-        return rows[:1]
-    return [rows[round(j * (len(rows) - 1) / (limit - 1))] for j in range(limit)]
 
 
 def _rows(path: str) -> list:
@@ -84,7 +74,7 @@ def load_prompt_set(path: str, model_dir: str, limit: int, exclude: Sequence[Pro
         for i, row in enumerate(rows)
         if row_path(row) in excluded_paths or (excluded_ids and tuple(row_ids(row)) in excluded_ids)
     )
-    indices = spread(len(rows), limit, skip)
+    indices = corpus.spread(len(rows), limit, skip)
     if not indices:
         raise InvalidArgument("prompts", f"no prompts left in {path!r}" + (" after exclusion" if skip else ""))
     return PromptSet(path, indices, [row_path(rows[i]) for i in indices], [row_ids(rows[i]) for i in indices])

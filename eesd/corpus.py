@@ -124,3 +124,14 @@ def _whole_lines_from(lines: Sequence[str], min_chars: int) -> str | None:
         if len(text) >= min_chars:
             return text if len(text) <= 2 * min_chars else None
     return None
+
+
+def spread(count: int, limit: int, skip: frozenset[int] = frozenset()) -> list[int]:
+    """`limit` row indices of `count` rows, evenly spread over the rows not in `skip` (held-out prompts come
+    sorted by source file, so the first rows would all be one file); all of them when fewer remain."""
+    rows = [i for i in range(count) if i not in skip]
+    if len(rows) <= limit:
+        return rows
+    if limit == 1:
+        return rows[:1]
+    return [rows[round(j * (len(rows) - 1) / (limit - 1))] for j in range(limit)]

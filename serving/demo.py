@@ -19,6 +19,7 @@ from eesd_client import EesdClient
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 
 from eesd import hardware, threads
+from eesd.corpus import spread
 from serving.local_stack import LocalStack
 from serving.models import ServedModel, default_model
 
@@ -32,13 +33,6 @@ def controller_up(address: str) -> bool:
         except grpc.RpcError:
             return False
     return reply.status == health_pb2.HealthCheckResponse.SERVING
-
-
-def spread(prompts: list, count: int) -> list:
-    """`count` prompts spread over the list (held-out prompts come sorted by source file)."""
-    if len(prompts) <= count or count < 2:
-        return prompts[:count]
-    return [prompts[round(i * (len(prompts) - 1) / (count - 1))] for i in range(count)]
 
 
 class Printer:
@@ -118,7 +112,7 @@ def main() -> None:
     threads.for_training()  # this process only builds (its torch threads wait passively); the stack serves
     model = default_model()
     print(f"\n{BOLD}Model{RESET}: {model.description}.", flush=True)
-    prompts = spread(model.prompts, args.prompts)
+    prompts = [model.prompts[i] for i in spread(len(model.prompts), args.prompts)]
     stack = None
     if not controller_up(args.controller):
         dtype = hardware.describe_auto() if model.dtype == "auto" else model.dtype

@@ -5,10 +5,11 @@ import subprocess
 
 import pytest
 
-from bench.prompts import load_prompt_set, random_prompts, spread
+from bench.prompts import load_prompt_set, random_prompts
 from bench.report import markdown
 from bench.suite import BenchConfig, run_suite
 from eesd.cli import main
+from eesd.corpus import spread
 from eesd.errors import InvalidArgument
 from loadtest import environment
 
