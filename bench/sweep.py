@@ -26,6 +26,7 @@ from eesd.checkpoint import load_config
 from eesd.distill import REPORT_FILE, DistillConfig, distill, load_prompts, up_to_date
 from eesd.errors import InvalidArgument
 from eesd.hardware import dtype_name
+from eesd.presets import QUICK_DISTILL_PROMPTS, QUICK_DISTILL_STEPS, quick_distill_fields, reference_distill_config
 from loadtest import environment
 
 # Candidate exit layers, kept while N <= MAX_DRAFT_SHARE of the model's layers: beyond that a draft step
@@ -62,8 +63,8 @@ class SweepConfig:
     k_max: int = 8
     threads: int = 2
     seed: int = 0
-    distill_steps: int = 100  # quick distillation: a third of the reference recipe's steps
-    distill_num_prompts: int = 64  # and a quarter of its prompts
+    distill_steps: int = QUICK_DISTILL_STEPS
+    distill_num_prompts: int = QUICK_DISTILL_PROMPTS
     cache_dir: str = ".cache/sweep"
     out_dir: str = "bench/results"
     name: str = "sweep"
@@ -88,14 +89,9 @@ def model_stamp(model_dir: str) -> str:
 def distill_config(cfg: SweepConfig, exit_layer: int, stamp: str) -> DistillConfig:
     """The reference recipe (`make model`'s) at the sweep's quick settings, in a cache directory of its own
     per model build, N and settings."""
-    from eesd.presets import reference_distill_config
-
     quick = replace(
         reference_distill_config(cfg.model_dir, "", exit_layer, cfg.distill_prompts),
-        num_prompts=cfg.distill_num_prompts,
-        steps=cfg.distill_steps,
-        warmup_steps=max(1, cfg.distill_steps // 10),
-        checkpoint_every=cfg.distill_steps,
+        **quick_distill_fields(cfg.distill_steps, cfg.distill_num_prompts),
     )
     key = hashlib.sha256(json.dumps([stamp, asdict(quick)], sort_keys=True).encode()).hexdigest()[:12]
     return replace(quick, out_dir=str(Path(cfg.cache_dir) / f"{Path(cfg.model_dir).name}-n{exit_layer}-{key}"))

@@ -334,13 +334,13 @@ def cmd_sweep(args: argparse.Namespace) -> int:
         k_max=args.k_max,
         threads=args.threads,
         seed=args.seed,
-        distill_steps=args.distill_steps,
-        distill_num_prompts=args.distill_num_prompts,
         cache_dir=args.cache_dir,
         out_dir=args.out,
         name=args.name,
         plots=not args.no_plots,
         command=shlex.join(["eesd", *sys.argv[1:]]),
+        # Unset: SweepConfig's, which are the quick recipe's.
+        **{k: v for k in ("distill_steps", "distill_num_prompts") if (v := getattr(args, k)) is not None},
     )
     print(sweep_markdown(run_sweep(cfg, progress=not args.quiet)))
     return 0
@@ -360,8 +360,8 @@ def add_sweep_parser(sub) -> None:
     sweep.add_argument(
         "--distill-prompts", help="distillation corpus (default: the model's train_prompts.jsonl, else random ids)"
     )
-    sweep.add_argument("--distill-steps", type=int, default=100)
-    sweep.add_argument("--distill-num-prompts", type=int, default=64)
+    sweep.add_argument("--distill-steps", type=int, help="default: the quick recipe's (eesd.presets), 100")
+    sweep.add_argument("--distill-num-prompts", type=int, help="default: the quick recipe's (eesd.presets), 64")
     sweep.add_argument(
         "--cache-dir", default=".cache/sweep", help="distilled heads, one directory per model build, N and settings"
     )
