@@ -161,6 +161,12 @@ def _cat(parts: list[torch.Tensor], dim: int) -> torch.Tensor:
     return parts[0] if len(parts) == 1 else torch.cat(parts, dim)
 
 
+def _read(pool_layer: torch.Tensor, read: slice | torch.Tensor) -> torch.Tensor:
+    """pool_layer: (kv_heads, pool, hd) -> (1, kv_heads, len(read), hd): a view for a slice, else one
+    index_select (advanced indexing gathers the same 6-10x slower here: 13 vs 2 us over 100 positions)."""
+    return pool_layer[None, :, read] if isinstance(read, slice) else pool_layer.index_select(1, read)[None]
+
+
 class LeanLayer:
     """One decoder layer's forward over a packed batch of new positions, writing their keys and values
     into the pool."""
@@ -206,8 +212,8 @@ class LeanLayer:
             [
                 F.scaled_dot_product_attention(
                     query[None, :, start:end],  # (1, heads, new, hd)
-                    keys[None, :, read],  # (1, kv_heads, past + new, hd)
-                    values[None, :, read],
+                    _read(keys, read),  # (1, kv_heads, past + new, hd)
+                    _read(values, read),
                     attn_mask=mask,
                     scale=self.scaling,
                     enable_gqa=self.gqa,
