@@ -55,7 +55,6 @@ from bench.suite import machine
 from eesd import hardware
 from eesd.drafter import Drafter
 from eesd.engine import SpeculativeEngine
-from eesd.load import PassTimer
 from eesd.params import GenerationParams, PolicyParams, SamplingParams
 from eesd.progress import Progress
 from eesd.verifier import Verifier
@@ -168,8 +167,8 @@ def run_in_process(
 ) -> tuple[list[Request], float]:
     """The requests through generate_batch with at most `batch` sessions at once; (requests, wall s)."""
     engine.max_batch = batch
-    # Each arm measures its own load from its first passes, not what the previous arm left behind.
-    engine.timers = {"drafter": PassTimer(), "verifier": PassTimer()}
+    # Each arm measures its own load and acceptance from its first rounds, not what the previous arm left.
+    engine.forget()
     first: dict[int, float] = {}
     last: dict[int, float] = {}
 

@@ -21,12 +21,16 @@ from eesd.errors import ResourceExhausted
 from eesd.generation import GenerationResult
 from eesd.load import Ewma, PassTimer, draft_cost_ratio
 from eesd.params import GenerationParams, check_context, validate_prompt
-from eesd.policies import best_block
+from eesd.policies import VerdictPool, best_block
 from eesd.rounds import DraftBlock, DraftRequest
 from eesd.session import NO_DRAFT, Session, drafter_cache_after
 from eesd.verifier import Verifier
 
 OnTokens = Callable[[int, list[int]], None]  # (prompt index, tokens committed this round)
+# Pseudo-counts of the batch's pooled verdicts in a lock-step round's draws: about one whole request's own
+# evidence (16 rounds of ~4 judged drafts), so a new session starts from what the batch knows and its own
+# verdicts take over as they come.
+POOLED_WEIGHT = 64.0
 
 
 def _results(finished: list[Finished]) -> list:
@@ -36,13 +40,18 @@ def _results(finished: list[Finished]) -> list:
     return [done.result for done in finished]
 
 
-def lock_step_budgets(requests: Sequence[DraftRequest], measured_cost: float | None) -> list[int | None]:
+def lock_step_budgets(
+    requests: Sequence[DraftRequest], measured_cost: float | None, pooled: tuple[float, float] = (0.0, 0.0)
+) -> list[int | None]:
     """One k for every session of the round whose policy sizes its block by the measured load, None (its
     policy's own bound) for the others. The engine drafts in lock step, so a round's draft steps last as
-    long as its longest block: per-session k drawn apart would make all wait for the largest draw."""
+    long as its longest block: per-session k drawn apart would make all wait for the largest draw.
+    `pooled`: the batch's recent verdicts as pseudo-counts (VerdictPool.prior) added to every draw."""
     if measured_cost is None:
         return [None] * len(requests)
-    thetas = [policy.load_sized_theta(rng) for policy, rng in (round_policy(r, measured_cost) for r in requests)]
+    thetas = [
+        policy.load_sized_theta(rng, pooled) for policy, rng in (round_policy(r, measured_cost) for r in requests)
+    ]
     sized = [theta for theta in thetas if theta is not None]
     if not sized:
         return [None] * len(requests)
@@ -64,11 +73,16 @@ class SpeculativeEngine:
         self.drafter, self.verifier = drafter, verifier
         self.eos_token_ids = frozenset(eos_token_ids)
         self.max_batch = max_batch
-        # Each node's recent passes, and what a round costs per session outside them: the draft cost ratio
-        # that load-aware policies size their blocks by.
+        self.forget()
+        self._pass_s = 0.0  # pass seconds of the round in progress
+
+    def forget(self) -> None:
+        """Starts measuring afresh (a benchmark's arms each start from nothing): each node's recent passes
+        and what a round costs per session outside them (the draft cost ratio that load-aware policies size
+        their blocks by), and the pooled verdicts of recent rounds."""
         self.timers = {"drafter": PassTimer(), "verifier": PassTimer()}
         self.round_overhead = Ewma()
-        self._pass_s = 0.0  # pass seconds of the round in progress
+        self.verdicts = VerdictPool()
 
     def measured_cost(self) -> float | None:
         """The marginal cost ratio of a draft token now (eesd.load), None until both nodes measured it."""
@@ -145,7 +159,7 @@ class SpeculativeEngine:
         drafting = [i for i, s in active.items() if self.drafter is not None and s.draft_room > 0]
         cost = self.measured_cost()
         requests = [active[i].draft_request(active[i].drafter_length) for i in drafting]
-        budgets = lock_step_budgets(requests, cost)
+        budgets = lock_step_budgets(requests, cost, self.verdicts.prior(POOLED_WEIGHT))
         jobs = [
             self.drafter.propose_job(r, measured_cost=cost, budget=b) for r, b in zip(requests, budgets, strict=True)
         ]
@@ -162,6 +176,7 @@ class SpeculativeEngine:
             drafted = index in blocks
             drafter_length = drafter_cache_after(block, len(session.committed), verdict.accepted) if drafted else None
             result = session.settle(block, verdict, drafter_length, t1 - t0, t2 - t1)
+            self.verdicts.add(len(block.tokens), verdict.accepted)
             session.apply(result)
             committed.append((index, result.tokens))
         self.round_overhead.add((time.perf_counter() - t0 - self._pass_s) / len(active))

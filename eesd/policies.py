@@ -8,6 +8,7 @@ Randomness comes from the caller's `random.Random`, so a seeded round decides th
 
 import math
 import random
+from collections import deque
 from collections.abc import Sequence
 from dataclasses import dataclass, field, fields
 
@@ -47,9 +48,10 @@ class DraftPolicy:
         """After the `drafted`-th draft token, whose draft probability was `confidence`."""
         return True
 
-    def load_sized_theta(self, rng: random.Random) -> float | None:
+    def load_sized_theta(self, rng: random.Random, pooled: tuple[float, float] = (0.0, 0.0)) -> float | None:
         """This round's acceptance draw, for a policy whose block size follows the measured load (None for
-        the others): a batch drafting in lock step then sizes one block for all its sessions (best_block)."""
+        the others): a batch drafting in lock step then sizes one block for all its sessions (best_block).
+        `pooled`: pseudo-counts (accepted, rejected) of the batch's recent verdicts added to the draw."""
         return None
 
     def update(self, confidences: Sequence[float], accepted: int) -> None:
@@ -140,6 +142,29 @@ def expected_committed(theta: float, k: int) -> float:
     return float(k + 1) if theta >= 1.0 else (1.0 - theta ** (k + 1)) / (1.0 - theta)
 
 
+class VerdictPool:
+    """The verdicts of a node pair's recent session-rounds, pooled: what the sessions of a lock-step batch
+    know together about how their drafts fare. A new session's own posterior is flat, so alone it drafts
+    short blocks for its first rounds; with the batch drafting one k, that would hold back every session.
+    `prior(weight)` is the pool's acceptance rate as `weight` pseudo-counts (accepted, rejected), which the
+    batch's draws add to each session's own posterior (which stays the session's, as stored)."""
+
+    def __init__(self, window: int = 64):
+        self._verdicts: deque[tuple[float, float]] = deque(maxlen=window)
+
+    def add(self, judged: int, accepted: int) -> None:
+        """A verdict on `judged` drafts, `accepted` kept: the evidence posterior_update counts."""
+        if judged > 0:
+            self._verdicts.append((float(accepted), 1.0 if accepted < judged else 0.0))
+
+    def prior(self, weight: float) -> tuple[float, float]:
+        if not self._verdicts:
+            return 0.0, 0.0
+        accepted = sum(a for a, _ in self._verdicts)
+        rate = (1.0 + accepted) / (2.0 + accepted + sum(r for _, r in self._verdicts))
+        return weight * rate, weight * (1.0 - rate)
+
+
 def best_block(thetas: Sequence[float], draft_cost: float, k_max: int, smallest: int = 1) -> int:
     """The k in smallest..k_max maximising expected tokens per unit of cost when every session of `thetas`
     drafts k: sum_i tau(theta_i, k) / (1 + draft_cost * k). One session, or a batch drafting in lock step
@@ -188,10 +213,10 @@ class BetaTS(DraftPolicy):
             return best_block((self._theta,), self.draft_cost, self.k_max)
         return self.k_max
 
-    def load_sized_theta(self, rng: random.Random) -> float | None:
+    def load_sized_theta(self, rng: random.Random, pooled: tuple[float, float] = (0.0, 0.0)) -> float | None:
         if not self._sized_by_load:
             return None
-        self._theta = rng.betavariate(self.alpha, self.beta)  # begin_round's draw
+        self._theta = rng.betavariate(self.alpha + pooled[0], self.beta + pooled[1])  # begin_round's draw
         return self._theta
 
     def keep_drafting(self, drafted: int, confidence: float, rng: random.Random) -> bool:

@@ -63,13 +63,16 @@ def test_pools_admit_what_they_can_hold_and_the_rest_waits(tiny_models):
 
 def test_load_aware_sessions_of_a_lock_step_batch_draft_one_k(tiny_models, monkeypatch):
     """Once the passes are measured, the engine sizes one block for every load-aware session of a round
-    (the others keep their own policy's bound), and every session still equals plain greedy."""
+    (the others keep their own policy's bound) with the batch's pooled verdicts in every draw, and every
+    session still equals plain greedy."""
     import eesd.engine
 
     chosen: list[list[int | None]] = []
+    pools: list[tuple[float, float]] = []
 
-    def record(requests, measured_cost):
-        budgets = lock_step_budgets(requests, measured_cost)
+    def record(requests, measured_cost, pooled):
+        budgets = lock_step_budgets(requests, measured_cost, pooled)
+        pools.append(pooled)
         chosen.append([None if r.policy.name == "fixed" else b for r, b in zip(requests, budgets, strict=True)])
         assert all(b is None for r, b in zip(requests, budgets, strict=True) if r.policy.name == "fixed")
         return budgets
@@ -85,3 +88,5 @@ def test_load_aware_sessions_of_a_lock_step_batch_draft_one_k(tiny_models, monke
     sized = [[b for b in budgets if b is not None] for budgets in chosen]
     assert any(sized), "the load was never measured"
     assert all(len(set(budgets)) <= 1 for budgets in sized)
+    assert pools[0] == (0.0, 0.0)  # nothing judged yet
+    assert sum(pools[-1]) == pytest.approx(eesd.engine.POOLED_WEIGHT)  # the rounds' verdicts joined the draws

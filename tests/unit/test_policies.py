@@ -189,6 +189,26 @@ def test_only_a_load_sized_policy_offers_its_draw_to_a_lock_step_batch():
     aware = PolicyParams("beta-ts", 8, {"load_aware": 1.0, "alpha": 3.0, "beta": 2.0})
     theta = make_policy(aware, measured_cost=0.2).load_sized_theta(random.Random(7))
     assert theta == random.Random(7).betavariate(3.0, 2.0)  # the draw begin_round would make
+    pooled = make_policy(aware, measured_cost=0.2).load_sized_theta(random.Random(7), (6.0, 1.5))
+    assert pooled == random.Random(7).betavariate(9.0, 3.5)  # the batch's pseudo-counts join the draw
     assert make_policy(aware).load_sized_theta(random.Random(7)) is None  # nothing measured yet
     assert make_policy(PolicyParams("beta-ts", 8), measured_cost=0.2).load_sized_theta(random.Random(7)) is None
     assert make_policy(PolicyParams("fixed", 4), measured_cost=0.2).load_sized_theta(random.Random(7)) is None
+
+
+def test_the_verdict_pool_is_the_recent_verdicts_acceptance_rate_as_pseudo_counts():
+    """Counted as posterior_update counts a verdict (accepted drafts, one rejection if any draft failed), with
+    a flat prior, over the last `window` verdicts; a round that drafted nothing says nothing."""
+    from eesd.policies import VerdictPool
+
+    pool = VerdictPool(window=3)
+    assert pool.prior(64.0) == (0.0, 0.0)  # nothing pooled yet: the draws are the sessions' own
+    pool.add(0, 0)
+    assert pool.prior(64.0) == (0.0, 0.0)
+    pool.add(4, 4)  # all kept: 4 accepted, no rejection
+    pool.add(4, 1)  # 1 accepted, then a rejection
+    rate = (1 + 5) / (2 + 5 + 1)
+    assert pool.prior(8.0) == pytest.approx((8.0 * rate, 8.0 * (1 - rate)))
+    for _ in range(3):  # the window keeps the latest only
+        pool.add(5, 0)
+    assert pool.prior(4.0) == pytest.approx((4.0 * 1 / 5, 4.0 * 4 / 5))
