@@ -123,7 +123,7 @@ sweep: model
 
 # The concurrency sweep (1..32 sessions; off, fixed k, Beta-TS, load-aware; batched vs one session per pass;
 # in-process and through the stack): bench/results/concurrency.json + .png, quoted in docs/benchmarks.md.
-CONCURRENCY_ARGS ?=
+CONCURRENCY_ARGS ?= --repetitions 3
 bench-concurrency: model redis
 	$(BIN)/python -m bench.concurrency $(CONCURRENCY_ARGS)
 
