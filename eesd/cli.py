@@ -15,6 +15,19 @@ from eesd.params import POLICY_NAMES, GenerationParams, PolicyParams, SamplingPa
 MODEL_HELP = "checkpoint directory (Llama/Mistral/Qwen2), or a Hugging Face id org/name[@revision]"
 
 
+def at_least(minimum: int):
+    """An argparse type for a count: a whole number >= minimum, else argparse's usage error naming the flag
+    (a negative --repetitions or --num-prompts used to run as an empty or odd benchmark)."""
+
+    def integer(text: str) -> int:
+        value = int(text)
+        if value < minimum:
+            raise argparse.ArgumentTypeError(f"must be at least {minimum}, got {value}")
+        return value
+
+    return integer
+
+
 def parse_ids(text: str) -> list[int]:
     try:
         return [int(t) for t in text.split(",") if t.strip()]
@@ -187,17 +200,19 @@ def cmd_distill(args: argparse.Namespace) -> int:
 def add_distill_parser(sub) -> None:
     dist = sub.add_parser("distill", help="train the exit layer by self-distillation from the frozen model")
     dist.add_argument("--model", required=True, help=MODEL_HELP)
-    dist.add_argument("--exit-layer", type=int, required=True, help="N: the exit layer reads layer N-1's output")
+    dist.add_argument(
+        "--exit-layer", type=at_least(1), required=True, help="N: the exit layer reads layer N-1's output"
+    )
     dist.add_argument("--out", required=True, help="exit-head directory to write (checkpoints under out/checkpoints)")
     dist.add_argument("--prompts", help="prompt corpus: text file, directory of text files, or .jsonl")
-    dist.add_argument("--num-prompts", type=int, default=256)
-    dist.add_argument("--prompt-len", type=int, default=32)
-    dist.add_argument("--gen-len", type=int, default=96, help="tokens the target generates per prompt")
+    dist.add_argument("--num-prompts", type=at_least(1), default=256)
+    dist.add_argument("--prompt-len", type=at_least(1), default=32)
+    dist.add_argument("--gen-len", type=at_least(1), default=96, help="tokens the target generates per prompt")
     dist.add_argument("--sampled-fraction", type=float, default=0.5, help="share of prompts continued by sampling")
-    dist.add_argument("--steps", type=int, default=300)
-    dist.add_argument("--batch-size", type=int, default=16)
+    dist.add_argument("--steps", type=at_least(1), default=300)
+    dist.add_argument("--batch-size", type=at_least(1), default=16)
     dist.add_argument("--lr", type=float, default=1e-3)
-    dist.add_argument("--checkpoint-every", type=int, default=50)
+    dist.add_argument("--checkpoint-every", type=at_least(1), default=50)
     dist.add_argument("--seed", type=int, default=0)
     dist.add_argument("--device", default="cpu", help="cpu or cuda")
     dist.add_argument("--dtype", default="auto", help=f"the target's dtype: {hardware.DTYPE_HELP}")
@@ -264,12 +279,12 @@ def split_list(text: str) -> list[str]:
 def add_bench_parser(sub) -> None:
     bench = sub.add_parser("bench", help="benchmark EESD against HF generate / assisted generation / ours")
     bench.add_argument("--model", required=True, help=MODEL_HELP)
-    bench.add_argument("--exit-layer", type=int, required=True)
+    bench.add_argument("--exit-layer", type=at_least(1), required=True)
     bench.add_argument("--exit-head", help="trained exit-head directory (default: untrained)")
     bench.add_argument("--prompts", help=".jsonl or .json prompts (default: random ids)")
-    bench.add_argument("--num-prompts", type=int, default=8)
-    bench.add_argument("--max-new-tokens", type=int, default=96)
-    bench.add_argument("--repetitions", type=int, default=3)
+    bench.add_argument("--num-prompts", type=at_least(1), default=8)
+    bench.add_argument("--max-new-tokens", type=at_least(1), default=96)
+    bench.add_argument("--repetitions", type=at_least(1), default=3)
     bench.add_argument("--temperatures", default="0,0.7", help="comma-separated; 0 is greedy")
     bench.add_argument("--dtype", default="auto", help=hardware.DTYPE_HELP)
     bench.add_argument("--k-max", type=int, default=8)
@@ -284,7 +299,7 @@ def add_bench_parser(sub) -> None:
     bench.add_argument(
         "--tune-prompts", help="tuning prompts (default: --prompts, other rows and source files than the evaluation's)"
     )
-    bench.add_argument("--num-tune-prompts", type=int, default=4)
+    bench.add_argument("--num-tune-prompts", type=at_least(0), default=4)
     bench.add_argument("--no-hf", action="store_true", help="skip HF generate and HF assisted generation")
     add_results_arguments(bench, "bench", "<name>.json and PNGs")
     bench.set_defaults(func=cmd_bench)
@@ -293,7 +308,7 @@ def add_bench_parser(sub) -> None:
 def add_results_arguments(parser: argparse.ArgumentParser, name: str, files: str) -> None:
     """What a measuring command (bench, sweep) shares: its seed, threads, where results go, how it reports."""
     parser.add_argument("--seed", type=int, default=0)
-    parser.add_argument("--threads", type=int, default=2)
+    parser.add_argument("--threads", type=at_least(1), default=2)
     parser.add_argument("--name", default=name, help=f"results are written to <out>/{files}")
     parser.add_argument("--out", default="bench/results")
     parser.add_argument("--no-plots", action="store_true")
@@ -360,21 +375,21 @@ def add_sweep_parser(sub) -> None:
     sweep.add_argument(
         "--distill-prompts", help="distillation corpus (default: the model's train_prompts.jsonl, else random ids)"
     )
-    sweep.add_argument("--distill-steps", type=int, help="default: the quick recipe's (eesd.presets), 100")
-    sweep.add_argument("--distill-num-prompts", type=int, help="default: the quick recipe's (eesd.presets), 64")
+    sweep.add_argument("--distill-steps", type=at_least(1), help="default: the quick recipe's (eesd.presets), 100")
+    sweep.add_argument("--distill-num-prompts", type=at_least(1), help="default: the quick recipe's (eesd.presets), 64")
     sweep.add_argument(
         "--cache-dir", default=".cache/sweep", help="distilled heads, one directory per model build, N and settings"
     )
-    sweep.add_argument("--num-prompts", type=int, default=8)
+    sweep.add_argument("--num-prompts", type=at_least(1), default=8)
     sweep.add_argument(
         "--skip-evaluation-prompts",
-        type=int,
+        type=at_least(0),
         default=0,
         metavar="K",
         help="leave out the prompts (and their source files) that eesd bench --num-prompts K evaluates on",
     )
-    sweep.add_argument("--max-new-tokens", type=int, default=96)
-    sweep.add_argument("--repetitions", type=int, default=3)
+    sweep.add_argument("--max-new-tokens", type=at_least(1), default=96)
+    sweep.add_argument("--repetitions", type=at_least(1), default=3)
     sweep.add_argument("--policy", default="beta-ts", help="the draft policy every N is measured with")
     sweep.add_argument("--temperature", type=float, default=0.0, help="0 is greedy")
     sweep.add_argument("--dtype", default="auto", help=hardware.DTYPE_HELP)
@@ -419,11 +434,11 @@ def add_model_parser(sub) -> None:
         "--preset", default="reference", choices=("reference", "demo"), help="which recipe (eesd/presets.py)"
     )
     model.add_argument("--out", help="model directory (default: the preset's, .cache/reference-model or demo-model)")
-    model.add_argument("--exit-layer", type=int, help="N (default: the preset's, 2)")
+    model.add_argument("--exit-layer", type=at_least(1), help="N (default: the preset's, 2)")
     model.add_argument("--exit-head-out", help="exit-head directory (default: <out>-exit-head-n<N>)")
     model.add_argument("--skip-build", action="store_true", help="only distill (the model is already built)")
     model.add_argument("--force", action="store_true", help="distill again even when the head is up to date")
-    model.add_argument("--threads", type=int, default=2)
+    model.add_argument("--threads", type=at_least(1), default=2)
     model.add_argument("--no-progress", action="store_true")
     model.set_defaults(func=cmd_model)
 
@@ -433,7 +448,7 @@ def build_parser() -> argparse.ArgumentParser:
     sub = parser.add_subparsers(dest="command", required=True)
     gen = sub.add_parser("generate", help="generate with the in-process engine")
     gen.add_argument("--model", required=True, help=MODEL_HELP)
-    gen.add_argument("--exit-layer", type=int, required=True, help="N: the drafter runs layers 0..N-1")
+    gen.add_argument("--exit-layer", type=at_least(1), required=True, help="N: the drafter runs layers 0..N-1")
     gen.add_argument("--exit-head", help="trained exit-head directory (default: untrained copy of the last layer)")
     prompt = gen.add_mutually_exclusive_group(required=True)
     prompt.add_argument("--prompt", help="prompt text (needs the checkpoint's tokenizer)")
@@ -444,7 +459,9 @@ def build_parser() -> argparse.ArgumentParser:
         "max_new_tokens, temperature, top_p, top_k, seed; writes one JSON result per line",
     )
     gen.add_argument("--output", help="with --prompts-file: write the JSONL results here (default: stdout)")
-    gen.add_argument("--max-batch", type=int, default=64, help="sessions generated at once (continuous batching)")
+    gen.add_argument(
+        "--max-batch", type=at_least(1), default=64, help="sessions generated at once (continuous batching)"
+    )
     gen.add_argument("--max-new-tokens", type=int)
     gen.add_argument("--temperature", type=float, default=0.0, help="0: greedy")
     gen.add_argument("--top-p", type=float, default=1.0)

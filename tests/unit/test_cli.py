@@ -109,3 +109,30 @@ def test_cli_prompts_file_bad_lines_name_the_line(tiny_models, tmp_path, capsys,
     argv = ["generate", "--model", str(tiny_models["llama"]), "--exit-layer", "1", "--prompts-file", str(prompts)]
     assert main([*argv, "--max-new-tokens", "4"]) == 2
     assert message in capsys.readouterr().err
+
+
+@pytest.mark.parametrize(
+    ("argv", "flag", "minimum"),
+    [
+        (["sweep", "--model", "m", "--skip-evaluation-prompts", "-1"], "--skip-evaluation-prompts", 0),
+        (["sweep", "--model", "m", "--repetitions", "0"], "--repetitions", 1),
+        (["bench", "--model", "m", "--exit-layer", "2", "--num-prompts", "-3"], "--num-prompts", 1),
+        (["bench", "--model", "m", "--exit-layer", "2", "--num-tune-prompts", "-1"], "--num-tune-prompts", 0),
+        (["distill", "--model", "m", "--exit-layer", "2", "--out", "o", "--steps", "0"], "--steps", 1),
+        (["model", "--out", "o", "--threads", "0"], "--threads", 1),
+        (["generate", "--model", "m", "--exit-layer", "0", "--prompt-ids", "1"], "--exit-layer", 1),
+        (["generate", "--model", "m", "--exit-layer", "1", "--max-batch", "0"], "--max-batch", 1),
+    ],
+)
+def test_a_count_below_its_minimum_is_a_usage_error_naming_the_flag(capsys, argv, flag, minimum):
+    """Counts are checked as the command line is read, before any model is loaded."""
+    with pytest.raises(SystemExit) as exit_info:
+        main(argv)
+    assert exit_info.value.code == 2
+    assert f"argument {flag}: must be at least {minimum}" in capsys.readouterr().err
+
+
+def test_a_count_that_is_no_number_is_a_usage_error(capsys):
+    with pytest.raises(SystemExit):
+        main(["sweep", "--model", "m", "--num-prompts", "many"])
+    assert "argument --num-prompts: invalid integer value: 'many'" in capsys.readouterr().err
