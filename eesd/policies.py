@@ -127,14 +127,18 @@ class ConfidenceThreshold(DraftPolicy):
         return confidence >= self.threshold
 
 
-def posterior_update(alpha: float, beta: float, judged: int, accepted: int, discount: float) -> tuple[float, float]:
-    """Beta posterior of a per-token acceptance probability after `judged` drafts, `accepted` of them kept.
+def verdict_evidence(judged: int, accepted: int) -> tuple[float, float]:
+    """(successes, failures) of a verdict on `judged` drafts, `accepted` kept. Drafts are judged in order
+    until the first rejection, so the likelihood is theta^a (1-theta)^[a<L]."""
+    return float(accepted), 1.0 if accepted < judged else 0.0
 
-    Drafts are judged in order until the first rejection, so the likelihood is theta^a (1-theta)^[a<L];
-    `discount` < 1 forgets old evidence geometrically for drifting acceptance.
-    """
+
+def posterior_update(alpha: float, beta: float, judged: int, accepted: int, discount: float) -> tuple[float, float]:
+    """Beta posterior of a per-token acceptance probability after `judged` drafts, `accepted` of them kept
+    (verdict_evidence); `discount` < 1 forgets old evidence geometrically for drifting acceptance."""
     low = POSTERIOR[0]  # a discounted posterior never decays below the smallest legal parameter
-    return max(low, discount * alpha + accepted), max(low, discount * beta + (1.0 if accepted < judged else 0.0))
+    successes, failures = verdict_evidence(judged, accepted)
+    return max(low, discount * alpha + successes), max(low, discount * beta + failures)
 
 
 def expected_committed(theta: float, k: int) -> float:
@@ -153,9 +157,9 @@ class VerdictPool:
         self._verdicts: deque[tuple[float, float]] = deque(maxlen=window)
 
     def add(self, judged: int, accepted: int) -> None:
-        """A verdict on `judged` drafts, `accepted` kept: the evidence posterior_update counts."""
+        """A verdict on `judged` drafts, `accepted` kept, counted as a session's posterior counts it."""
         if judged > 0:
-            self._verdicts.append((float(accepted), 1.0 if accepted < judged else 0.0))
+            self._verdicts.append(verdict_evidence(judged, accepted))
 
     def prior(self, weight: float) -> tuple[float, float]:
         if not self._verdicts:
@@ -216,7 +220,8 @@ class BetaTS(DraftPolicy):
     def load_sized_theta(self, rng: random.Random, pooled: tuple[float, float] = (0.0, 0.0)) -> float | None:
         if not self._sized_by_load:
             return None
-        self._theta = rng.betavariate(self.alpha + pooled[0], self.beta + pooled[1])  # begin_round's draw
+        # begin_round's draw, with the batch's pooled counts on top of the session's own posterior
+        self._theta = rng.betavariate(self.alpha + pooled[0], self.beta + pooled[1])
         return self._theta
 
     def keep_drafting(self, drafted: int, confidence: float, rng: random.Random) -> bool:
