@@ -16,8 +16,10 @@ MODEL_HELP = "checkpoint directory (Llama/Mistral/Qwen2), or a Hugging Face id o
 
 
 def at_least(minimum: int):
-    """An argparse type for a count: a whole number >= minimum, else argparse's usage error naming the flag
-    (a negative --repetitions or --num-prompts used to run as an empty or odd benchmark)."""
+    """An argparse type for a count that nothing behind the flag checks: a whole number >= minimum, else
+    argparse's usage error naming the flag (a negative --repetitions or --num-prompts used to run as an empty
+    or odd benchmark). Counts a config validates itself (DistillConfig's, the drafter's exit layer) stay
+    plain ints, so that rule lives in one place."""
 
     def integer(text: str) -> int:
         value = int(text)
@@ -200,19 +202,17 @@ def cmd_distill(args: argparse.Namespace) -> int:
 def add_distill_parser(sub) -> None:
     dist = sub.add_parser("distill", help="train the exit layer by self-distillation from the frozen model")
     dist.add_argument("--model", required=True, help=MODEL_HELP)
-    dist.add_argument(
-        "--exit-layer", type=at_least(1), required=True, help="N: the exit layer reads layer N-1's output"
-    )
+    dist.add_argument("--exit-layer", type=int, required=True, help="N: the exit layer reads layer N-1's output")
     dist.add_argument("--out", required=True, help="exit-head directory to write (checkpoints under out/checkpoints)")
     dist.add_argument("--prompts", help="prompt corpus: text file, directory of text files, or .jsonl")
-    dist.add_argument("--num-prompts", type=at_least(1), default=256)
-    dist.add_argument("--prompt-len", type=at_least(1), default=32)
-    dist.add_argument("--gen-len", type=at_least(1), default=96, help="tokens the target generates per prompt")
+    dist.add_argument("--num-prompts", type=int, default=256)
+    dist.add_argument("--prompt-len", type=int, default=32)
+    dist.add_argument("--gen-len", type=int, default=96, help="tokens the target generates per prompt")
     dist.add_argument("--sampled-fraction", type=float, default=0.5, help="share of prompts continued by sampling")
-    dist.add_argument("--steps", type=at_least(1), default=300)
-    dist.add_argument("--batch-size", type=at_least(1), default=16)
+    dist.add_argument("--steps", type=int, default=300)
+    dist.add_argument("--batch-size", type=int, default=16)
     dist.add_argument("--lr", type=float, default=1e-3)
-    dist.add_argument("--checkpoint-every", type=at_least(1), default=50)
+    dist.add_argument("--checkpoint-every", type=int, default=50)
     dist.add_argument("--seed", type=int, default=0)
     dist.add_argument("--device", default="cpu", help="cpu or cuda")
     dist.add_argument("--dtype", default="auto", help=f"the target's dtype: {hardware.DTYPE_HELP}")
@@ -279,7 +279,7 @@ def split_list(text: str) -> list[str]:
 def add_bench_parser(sub) -> None:
     bench = sub.add_parser("bench", help="benchmark EESD against HF generate / assisted generation / ours")
     bench.add_argument("--model", required=True, help=MODEL_HELP)
-    bench.add_argument("--exit-layer", type=at_least(1), required=True)
+    bench.add_argument("--exit-layer", type=int, required=True)
     bench.add_argument("--exit-head", help="trained exit-head directory (default: untrained)")
     bench.add_argument("--prompts", help=".jsonl or .json prompts (default: random ids)")
     bench.add_argument("--num-prompts", type=at_least(1), default=8)
@@ -375,8 +375,8 @@ def add_sweep_parser(sub) -> None:
     sweep.add_argument(
         "--distill-prompts", help="distillation corpus (default: the model's train_prompts.jsonl, else random ids)"
     )
-    sweep.add_argument("--distill-steps", type=at_least(1), help="default: the quick recipe's (eesd.presets), 100")
-    sweep.add_argument("--distill-num-prompts", type=at_least(1), help="default: the quick recipe's (eesd.presets), 64")
+    sweep.add_argument("--distill-steps", type=int, help="default: the quick recipe's (eesd.presets), 100")
+    sweep.add_argument("--distill-num-prompts", type=int, help="default: the quick recipe's (eesd.presets), 64")
     sweep.add_argument(
         "--cache-dir", default=".cache/sweep", help="distilled heads, one directory per model build, N and settings"
     )
@@ -434,7 +434,7 @@ def add_model_parser(sub) -> None:
         "--preset", default="reference", choices=("reference", "demo"), help="which recipe (eesd/presets.py)"
     )
     model.add_argument("--out", help="model directory (default: the preset's, .cache/reference-model or demo-model)")
-    model.add_argument("--exit-layer", type=at_least(1), help="N (default: the preset's, 2)")
+    model.add_argument("--exit-layer", type=int, help="N (default: the preset's, 2)")
     model.add_argument("--exit-head-out", help="exit-head directory (default: <out>-exit-head-n<N>)")
     model.add_argument("--skip-build", action="store_true", help="only distill (the model is already built)")
     model.add_argument("--force", action="store_true", help="distill again even when the head is up to date")
@@ -448,7 +448,7 @@ def build_parser() -> argparse.ArgumentParser:
     sub = parser.add_subparsers(dest="command", required=True)
     gen = sub.add_parser("generate", help="generate with the in-process engine")
     gen.add_argument("--model", required=True, help=MODEL_HELP)
-    gen.add_argument("--exit-layer", type=at_least(1), required=True, help="N: the drafter runs layers 0..N-1")
+    gen.add_argument("--exit-layer", type=int, required=True, help="N: the drafter runs layers 0..N-1")
     gen.add_argument("--exit-head", help="trained exit-head directory (default: untrained copy of the last layer)")
     prompt = gen.add_mutually_exclusive_group(required=True)
     prompt.add_argument("--prompt", help="prompt text (needs the checkpoint's tokenizer)")
