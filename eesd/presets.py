@@ -31,7 +31,7 @@ class Preset:
     out_dir: Path
     recipe_fields: dict[str, Any]  # on top of Recipe's defaults (built when asked: auto dtypes resolve then)
     exit_layer: int
-    distill_fields: dict[str, Any]  # on top of the reference's distillation recipe (eesd.cli)
+    distill_fields: dict[str, Any]  # on top of the reference's distillation recipe (reference_distill_config)
 
     def recipe(self) -> reference_model.Recipe:
         return reference_model.Recipe(**self.recipe_fields)
