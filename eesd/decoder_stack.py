@@ -5,36 +5,40 @@ whole model. Both hold the transformers layer modules (their weights and state d
 own) but skip `generate()` and the per-call mask and cache machinery.
 
 Decoding a few tokens at a time on a CPU is bound by per-op Python overhead, not by arithmetic, so
-`LeanLayer` runs a Llama-family decoder layer op for op as transformers does (same RMSNorm, rotary and
-SDPA arithmetic) without its wrappers: q/k/v and gate/up are each one matmul over weights stored
-contiguously (the modules' parameters become views of the fused tensors, so nothing is duplicated),
-and cos/sin come from a table computed once. `lean=False` runs the transformers modules instead.
+`LeanLayer` runs a Llama-family decoder layer op for op as transformers does (same RMSNorm and rotary
+arithmetic) without its wrappers: q/k/v and gate/up are each one matmul over weights stored contiguously
+(the modules' parameters become views of the fused tensors, so nothing is duplicated), and cos/sin come
+from a table computed once. `lean=False` runs the transformers modules instead.
 
 A pass serves several sessions at once (`forward_batch`), each with its own new tokens and cache
 length. Their tokens are packed into one (T, d) batch: embeddings, norms, q/k/v, o, MLP and head are
-one matmul over all T tokens, and attention runs per row over that row's cache in the pool
-(`eesd.kv_cache`), which it reads in place: no padding, no copies. A GPU varlen or paged attention
-kernel can replace that per-row loop. The alternative, a padded (B, Q, d) batch with per-row positions
-and masks, needs every row's cache gathered into one (B, kv_heads, longest, head_dim) tensor per layer
-for its single attention call, and lost to packing everywhere. Milliseconds per pass, 1 thread, best of
-30, Llama-shaped random weights, rows at ragged cache lengths 32..440:
+one matmul over all T tokens. Attention depends on the row's length:
 
-    new tokens  rows   d=64, 4 layers (tiny)           d=512, 8 layers
-    per row            one at a time  packed  padded   one at a time  packed  padded
-    1           1       0.33          0.33    0.48       8.2           8.1     9.1
-    1           4       1.30          0.59    1.00      31.6          12.3    16.8
-    1           16      5.45          1.41    2.67     139.0          26.2    42.9
-    6           1       0.44          0.44    0.58      14.2          13.9    15.1
-    6           4       1.77          0.94    1.17      63.4          28.7    31.4
-    6           16      7.26          2.77    4.24     243.2          79.4   111.7
+- Short rows (at most SHORT_ROW new tokens: decode and draft steps, verify blocks) attend together in
+  one padded batch (`padded_attention`): their caches gathered from the pool into (B, kv_heads, longest,
+  head_dim), two batched matmuls and one softmax in fp32. SDPA's CPU kernel costs ~40-50 us per call on
+  a one-row problem this small whatever its arithmetic, and called once per row it made attention most
+  of a batched decode pass.
+- Long rows (prefills) attend alone through SDPA over their cache in place, as transformers does
+  (bit for bit): its flash kernel never materialises a (new x context) score matrix.
 
-The single-session `forward` is `forward_batch` of one row, and as fast as the batch-1 path it replaced
-(same process, interleaved, one session at context 150: 0.359 vs 0.359 ms tiny, 8.50 vs 8.51 ms d=512,
-5.82 vs 5.84 ms for the reference model's shape in bf16, 1 new token). `lean=False` runs the rows one
-at a time through the transformers modules, which take one sequence and one cache object per call.
+A row's logits do not depend on the other rows of its pass beyond fp32 rounding (tests/unit/
+test_batched_forward.py; in bf16 they are the same bits here). Padded against per-row SDPA, milliseconds
+per pass of the reference model's shape (16 layers of 256, bf16, 1 thread, context 150; `python -m
+bench.profile --rows 1,4,16`, two interleaved runs each; before: 19da6c9 under the same script):
+
+    sessions per pass      1              4              16
+                       before  now    before  now    before  now
+    verify, 1 token     5.35   5.07    9.52   6.89   23.36  13.55
+    verify, 6 tokens    6.05   6.49   10.82   9.81   28.49  23.20
+    draft step          0.95   0.80    1.68   1.24    4.47   2.47
+
+A GPU varlen or paged attention kernel can replace both. `lean=False` runs the rows one at a time through
+the transformers modules, which take one sequence and one cache object per call.
 """
 
 import inspect
+import math
 from dataclasses import dataclass
 
 import torch
@@ -123,6 +127,50 @@ class Row:
     logits_from: int = 0
 
 
+class Scratch:
+    """Memory a stack reuses from pass to pass for the gathered keys and values. On a CPU a fresh tensor of
+    a few MB per layer costs more than the gather that fills it: glibc maps it and unmaps it on free, and
+    every page faults again (a 16-row decode pass of the reference model took 47 ms instead of 13). Each
+    buffer grows to the largest pass so far (at most max_batch rows of a full context) and stays."""
+
+    def __init__(self):
+        self._buffers: dict[str, torch.Tensor] = {}
+
+    def pair(
+        self, name: str, shape: tuple[int, ...], dtype: torch.dtype, device: torch.device
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        """Two tensors of `shape` (for keys and values), valid until the next call with this name."""
+        numel = math.prod(shape)
+        buffer = self._buffers.get(name)
+        if buffer is None or buffer.numel() < 2 * numel or buffer.dtype != dtype or buffer.device != device:
+            buffer = self._buffers[name] = torch.empty(2 * numel, dtype=dtype, device=device)
+        return buffer[:numel].view(shape), buffer[numel : 2 * numel].view(shape)
+
+
+# Rows of at most this many new tokens (decode steps, verify blocks) attend together in one padded batch
+# with their scores materialized; longer rows (prefills) attend alone through SDPA, whose flash kernel
+# never holds a (new x context) score matrix.
+SHORT_ROW = 16
+
+
+@dataclass
+class PaddedRows:
+    """The short rows of a pass as one padded attention batch: B rows of at most Q new tokens over at
+    most L key positions. Padding repeats a row's own real entries (its last query, its first key), so
+    nothing uninitialised in the pool is ever read, and the masks keep it out of every result. The
+    common cases skip work: None for `queries`, `outputs` and `tokens` when the rows are the whole pass and
+    equally wide, a slice for `keys` when a lone row's cache lies in consecutive slots (read in place)."""
+
+    queries: torch.Tensor | None  # (B * Q,) each padded query's token in the packed batch
+    outputs: torch.Tensor | None  # (T_short,) each of the rows' tokens' place among the padded queries
+    tokens: torch.Tensor | None  # (T_short,) the same tokens' places in the packed batch
+    keys: torch.Tensor | slice  # (B * kv_heads * L,) rows of a layer's (kv_heads * pool, hd) view
+    masks: dict[int | None, torch.Tensor | None]  # per attention window: (B, 1, 1, Q, L) additive, 0 or -inf
+    shape: tuple[int, int, int]  # B, Q, L
+    gathered: tuple[torch.Tensor, torch.Tensor] | None  # (B * kv_heads, L, hd) each, for keys and values
+    upcast: tuple[torch.Tensor, torch.Tensor] | None  # the same in fp32 (None for an fp32 pool)
+
+
 @dataclass
 class PackedPass:
     """Where each row's tokens lie in the packed batch and in the pool, computed once per pass."""
@@ -134,10 +182,13 @@ class PackedPass:
     positions: torch.Tensor  # (T,) position of each new token in its own sequence
     slots: torch.Tensor  # (T,) pool slot each new token's key and value go to
     longest: int  # the longest row's past + new
+    padded: PaddedRows | None  # the short rows (None when there are none)
+    long_rows: list[int]  # the other rows, each attending alone (every row on the module path)
 
 
-def pack(rows: list[Row]) -> PackedPass:
-    """The layout of a pass over `rows`, which must be distinct sessions of one pool."""
+def pack(rows: list[Row], windows: set[int | None], scratch: Scratch | None) -> PackedPass:
+    """The layout of a pass over `rows`, which must be distinct sessions of one pool, for layers with the
+    given attention windows. Without `scratch` every row attends alone (the module path)."""
     caches = [row.cache for row in rows]
     pool = caches[0].pool
     if any(cache.pool is not pool for cache in caches) or len({id(c) for c in caches}) < len(caches):
@@ -152,8 +203,115 @@ def pack(rows: list[Row]) -> PackedPass:
         slots.append(cache.table[past : past + num_new])
         offset += num_new
     longest = max(past + end - start for past, (start, end) in zip(pasts, spans, strict=True))
-    positions_t = torch.tensor(positions, device=pool.keys.device)
-    return PackedPass(pool, spans, pasts, reads, positions_t, _cat(slots, 0), longest)
+    device = pool.keys.device
+    positions_t = torch.tensor(positions, device=device)
+    short = [i for i, (start, end) in enumerate(spans) if end - start <= SHORT_ROW] if scratch else []
+    padded = _pad([(spans[i], pasts[i], caches[i]) for i in short], offset, pool, windows, scratch) if short else None
+    long_rows = [i for i in range(len(rows)) if i not in set(short)]
+    return PackedPass(pool, spans, pasts, reads, positions_t, _cat(slots, 0), longest, padded, long_rows)
+
+
+def _pad(
+    rows: list[tuple[tuple[int, int], int, KVCache]],
+    num_tokens: int,
+    pool: KVPool,
+    windows: set[int | None],
+    scratch: Scratch,
+) -> PaddedRows:
+    """rows: (span in the packed batch, past, cache) of each short row; num_tokens: T of the whole pass.
+    Builds only what the pass needs (it runs before every draft step): most passes are one row, or rows
+    of one width that are the whole pass."""
+    device = pool.keys.device
+    spans = [span for span, _, _ in rows]
+    widths = [end - start for start, end in spans]
+    ends = [past + num_new for (_, past, _), num_new in zip(rows, widths, strict=True)]
+    num_rows, width, length = len(rows), max(widths), max(ends)
+    as_tensor = lambda values: torch.tensor(values, device=device)  # noqa: E731
+    queries = outputs = tokens = None
+    if sum(widths) != num_tokens or min(widths) != width:  # queries padded, or long rows in the pass
+        queries = as_tensor(
+            [start + min(i, n - 1) for (start, _), n in zip(spans, widths, strict=True) for i in range(width)]
+        )
+        outputs = as_tensor([b * width + i for b, n in enumerate(widths) for i in range(n)])
+        tokens = as_tensor([t for start, end in spans for t in range(start, end)])
+    shape = (num_rows * pool.keys.shape[1], length, pool.keys.shape[-1])  # (B * kv_heads, L, hd)
+    lone = rows[0][2].slots(0, length) if num_rows == 1 else None
+    gathered = None
+    if isinstance(lone, slice):
+        keys = lone
+    else:
+        tables = [cache.table[:end] for (_, _, cache), end in zip(rows, ends, strict=True)]
+        keys = _flat_slots(torch.stack([torch.cat([t, t[:1].expand(length - len(t))]) for t in tables]), pool)
+        gathered = scratch.pair("gathered", shape, pool.keys.dtype, device)
+    upcast = None if pool.keys.dtype == torch.float32 else scratch.pair("upcast", shape, torch.float32, device)
+    masks = {window: _bias(widths, ends, width, length, window, device) for window in windows}
+    return PaddedRows(queries, outputs, tokens, keys, masks, (num_rows, width, length), gathered, upcast)
+
+
+def _bias(
+    widths: list[int], ends: list[int], width: int, length: int, window: int | None, device: torch.device
+) -> torch.Tensor | None:
+    """(B, 1, 1, Q, L) additive mask of the padded rows (B of them, `widths` new tokens each, ending at
+    positions `ends`): causal, within the window, nothing past a row's end; None when nothing is masked
+    (rows of one new token, all as long, within the window). A padded query sees what its row's last
+    query sees."""
+    if width == 1 and min(ends) == length and (window is None or length <= window):
+        return None
+    widths_t, ends_t = torch.tensor(widths, device=device), torch.tensor(ends, device=device)
+    query_index = torch.arange(width, device=device)[None, :].minimum(widths_t[:, None] - 1)  # (B, Q)
+    query_pos = (ends_t - widths_t)[:, None, None] + query_index[:, :, None]  # (B, Q, 1)
+    key_pos = torch.arange(length, device=device)[None, None, :]  # (1, 1, L)
+    allowed = key_pos <= query_pos  # keys past a row's end lie beyond its last query too
+    if window is not None:
+        allowed &= key_pos > query_pos - window
+    return torch.zeros(allowed.shape, device=device).masked_fill_(~allowed, float("-inf"))[:, None, None]
+
+
+def _flat_slots(slots: torch.Tensor, pool: KVPool) -> torch.Tensor:
+    """slots: (B, L) pool slots -> (B * kv_heads * L,) rows of a layer's (kv_heads * pool, hd) view, so that
+    one index_select gathers the keys already laid out (B, kv_heads, L, hd)."""
+    kv_heads, pool_size = pool.keys.shape[1], pool.keys.shape[2]
+    heads = torch.arange(kv_heads, device=slots.device)[None, :, None] * pool_size
+    return (slots[:, None, :] + heads).flatten()
+
+
+def padded_attention(
+    query: torch.Tensor,
+    keys: torch.Tensor,
+    values: torch.Tensor,
+    rows: PaddedRows,
+    bias: torch.Tensor | None,
+    scale: float,
+) -> torch.Tensor:
+    """query: (T, heads, hd) every new token of the pass; keys, values: (kv_heads, pool, hd) one layer's
+    pool; bias: (B, 1, 1, Q, L) or None. Returns (T_short, heads * hd): the short rows' attention, in the
+    order of rows.tokens.
+
+    Everything runs in fp32 and the result is rounded to the model's dtype once, as accurate as SDPA's CPU
+    kernel (tests/unit/test_lean_forward.py); rounding the weights to bf16 before the product with the
+    values, as a bf16 matmul would, doubled the worst error. Two batched matmuls replace SDPA's call per
+    row, whose fixed cost dominated short rows (49 us per row and layer for one bf16 query on this CPU)."""
+    num_rows, width, length = rows.shape
+    kv_heads, head_dim = keys.shape[0], keys.shape[-1]
+    groups = query.shape[1] // kv_heads  # query heads per kv head (GQA)
+    q = query if rows.queries is None else query.index_select(0, rows.queries)
+    q = q.view(num_rows, width, kv_heads, groups, head_dim).permute(0, 2, 3, 1, 4)
+    q = q.reshape(num_rows * kv_heads, groups * width, head_dim).to(torch.float32, copy=True).mul_(scale)
+    if rows.gathered is None:  # one row, its cache in consecutive slots: read in place
+        k, v = keys[:, rows.keys], values[:, rows.keys]  # (kv_heads, L, hd), views
+    else:
+        k, v = rows.gathered
+        torch.index_select(keys.view(-1, head_dim), 0, rows.keys, out=k.view(-1, head_dim))
+        torch.index_select(values.view(-1, head_dim), 0, rows.keys, out=v.view(-1, head_dim))
+    if rows.upcast is not None:
+        k, v = rows.upcast[0].copy_(k), rows.upcast[1].copy_(v)
+    scores = torch.bmm(q, k.transpose(1, 2))  # (B * kv_heads, groups * Q, L)
+    if bias is not None:
+        scores.view(num_rows, kv_heads, groups, width, length).add_(bias)
+    out = torch.bmm(scores.softmax(-1), v).to(query.dtype)  # (B * kv_heads, groups * Q, hd)
+    out = out.view(num_rows, kv_heads, groups, width, head_dim).permute(0, 3, 1, 2, 4)  # (B, Q, kv, groups, hd)
+    out = out.reshape(num_rows * width, -1)
+    return out if rows.outputs is None else out.index_select(0, rows.outputs)
 
 
 def _cat(parts: list[torch.Tensor], dim: int) -> torch.Tensor:
@@ -192,37 +350,45 @@ class LeanLayer:
         cos: torch.Tensor,
         sin: torch.Tensor,
         batch: PackedPass,
-        masks: list[torch.Tensor | None],
+        window: int | None,
+        masks: dict[int, torch.Tensor | None],
     ) -> torch.Tensor:
-        """hidden: (T, d) new positions of all rows; cos, sin: (T, head_dim); masks: one per row,
-        (1, 1, new, past + new) bool or None."""
+        """hidden: (T, d) new positions of all rows; cos, sin: (T, head_dim); masks: the long rows' own,
+        (1, 1, new, past + new) bool or None, by row index."""
         num_tokens = hidden.shape[0]
         x = rms_norm(hidden, *self.ln1)
         query, key, value = F.linear(x, *self.qkv).split(self.qkv_split, dim=-1)
-        query = query.view(num_tokens, -1, self.head_dim).transpose(0, 1)  # (heads, T, hd)
+        query = query.view(num_tokens, -1, self.head_dim)  # (T, heads, hd)
         key = key.view(num_tokens, -1, self.head_dim).transpose(0, 1)  # (kv_heads, T, hd)
         value = value.view(num_tokens, -1, self.head_dim).transpose(0, 1)
-        query = (query * cos) + (rotate_half(query) * sin)
+        query = (query * cos[:, None]) + (rotate_half(query) * sin[:, None])
         key = (key * cos) + (rotate_half(key) * sin)
         keys, values = batch.pool.layer_keys[self.slot], batch.pool.layer_values[self.slot]  # (kv_heads, pool, hd)
         keys.index_copy_(1, batch.slots, key)
         values.index_copy_(1, batch.slots, value)
-        # Attention per row over its own cache: no padding, and a scattered cache is gathered once per layer.
-        out = _cat(
-            [
-                F.scaled_dot_product_attention(
-                    query[None, :, start:end],  # (1, heads, new, hd)
-                    _read(keys, read),  # (1, kv_heads, past + new, hd)
-                    _read(values, read),
-                    attn_mask=mask,
-                    scale=self.scaling,
-                    enable_gqa=self.gqa,
+        padded = batch.padded
+        short = padded_attention(query, keys, values, padded, padded.masks[window], self.scaling) if padded else None
+        if not batch.long_rows:
+            out = short  # (T, heads * hd): every row is short, in packed order
+        else:
+            out = hidden.new_empty(num_tokens, query.shape[1] * self.head_dim)
+            if short is not None:
+                out.index_copy_(0, padded.tokens, short)
+            for i in batch.long_rows:
+                start, end = batch.spans[i]
+                out[start:end] = (
+                    F.scaled_dot_product_attention(
+                        query[None, start:end].transpose(1, 2),  # (1, heads, new, hd)
+                        _read(keys, batch.reads[i]),  # (1, kv_heads, past + new, hd)
+                        _read(values, batch.reads[i]),
+                        attn_mask=masks[i],
+                        scale=self.scaling,
+                        enable_gqa=self.gqa,
+                    )[0]
+                    .transpose(0, 1)
+                    .reshape(end - start, -1)
                 )
-                for (start, end), read, mask in zip(batch.spans, batch.reads, masks, strict=True)
-            ],
-            dim=2,
-        )  # (1, heads, T, hd)
-        hidden = hidden + F.linear(out.transpose(1, 2).reshape(num_tokens, -1), *self.o)
+        hidden = hidden + F.linear(out, *self.o)
         x = rms_norm(hidden, *self.ln2)
         gate, up = F.linear(x, *self.gate_up).split(self.intermediate, dim=-1)
         return hidden + F.linear(self.act(gate) * up, *self.down)
@@ -251,6 +417,7 @@ class DecoderStack(nn.Module):
         self._lean_layers = [LeanLayer(layer, slot, config) for slot, layer in enumerate(layers)] if self.lean else []
         self._rope_table: tuple[torch.Tensor, torch.Tensor] | None = None
         self._cache_kwarg = cache_keyword(layers[0]) if layers else "past_key_values"
+        self._scratch = Scratch()
 
     def _rope(self, hidden: torch.Tensor, positions: torch.Tensor, end: int) -> tuple[torch.Tensor, torch.Tensor]:
         """hidden: (T, d); positions: (T,), all < end. cos, sin (T, head_dim): from a table for the
@@ -297,21 +464,21 @@ class DecoderStack(nn.Module):
         (len(input_ids) - logits_from, vocab). Only positions >= logits_from go through norm and head."""
         for row in rows:
             row.cache.begin(len(row.input_ids))
-        batch = pack(rows)
+        batch = pack(rows, set(self._windows), self._scratch if self.lean else None)
         device = self.embed_tokens.weight.device
         ids = torch.tensor([t for row in rows for t in row.input_ids], device=device)  # (T,)
         hidden = self.embed_tokens(ids)  # (T, d)
-        masks = {
-            window: [
-                causal_mask(end - start, past, window, device)
-                for (start, end), past in zip(batch.spans, batch.pasts, strict=True)
-            ]
+        masks = {  # of the rows that attend alone: the long rows, or every row on the module path
+            window: {
+                i: causal_mask(batch.spans[i][1] - batch.spans[i][0], batch.pasts[i], window, device)
+                for i in batch.long_rows
+            }
             for window in set(self._windows)
         }
         if self.lean:
             cos, sin = self._rope(hidden, batch.positions, batch.longest)  # (T, head_dim): broadcast over heads
             for layer, window in zip(self._lean_layers, self._windows, strict=True):
-                hidden = layer(hidden, cos, sin, batch, masks[window])
+                hidden = layer(hidden, cos, sin, batch, window, masks[window])
         else:
             hidden = _cat(
                 [
@@ -331,7 +498,7 @@ class DecoderStack(nn.Module):
         hidden: torch.Tensor,
         positions: torch.Tensor,
         cache: KVCache,
-        masks: dict[int | None, list[torch.Tensor | None]],
+        masks: dict[int | None, dict[int, torch.Tensor | None]],
         row: int,
     ) -> torch.Tensor:
         """hidden: (1, new, d), positions: (1, new) of one row. Runs it through the transformers layer

@@ -5,7 +5,7 @@ import pytest
 import torch
 
 from eesd.checkpoint import CheckpointReader, load_config
-from eesd.decoder_stack import DecoderStack, Row, build_stack
+from eesd.decoder_stack import SHORT_ROW, DecoderStack, Row, build_stack
 from eesd.errors import ResourceExhausted
 from eesd.kv_cache import KVCache, KVPool
 
@@ -61,7 +61,7 @@ def test_batched_logits_equal_each_session_alone(tiny_models, arch, lean):
     batched = {name: opened(stack, batched_pool, name, n) for name, n in contexts.items()}
     alone = {name: opened(stack, alone_pool, name, n) for name, n in contexts.items()}
     first = [
-        ("fresh", tokens(5), 0),  # a prompt from base 0
+        ("fresh", tokens(SHORT_ROW + 4), 0),  # a prompt from base 0, long: it attends alone, the others padded
         ("deep", tokens(6, salt=1), 0),  # a verify block deep in the context
         ("decode", [17], 0),
         ("short", tokens(3, salt=2), 2),  # a prefill that wants its last logits only
