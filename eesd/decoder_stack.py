@@ -16,9 +16,10 @@ one matmul over all T tokens. Attention depends on the row's length:
 
 - Short rows (at most SHORT_ROW new tokens: decode and draft steps, verify blocks) attend together in
   one padded batch (`padded_attention`): their caches gathered from the pool into (B, kv_heads, longest,
-  head_dim), two batched matmuls and one softmax in fp32. SDPA's CPU kernel costs ~40-50 us per call on
-  a one-row problem this small whatever its arithmetic, and called once per row it made attention most
-  of a batched decode pass.
+  head_dim), two batched matmuls and one softmax in fp32 (in several groups, rows of similar length
+  together, when one would gather more than PADDED_POSITIONS key positions). SDPA's CPU kernel costs
+  ~40-50 us per call on a one-row problem this small whatever its arithmetic, and called once per row
+  it made attention most of a batched decode pass.
 - Long rows (prefills) attend alone through SDPA over their cache in place, as transformers does
   (bit for bit): its flash kernel never materialises a (new x context) score matrix.
 
@@ -151,6 +152,11 @@ class Scratch:
 # with their scores materialized; longer rows (prefills) attend alone through SDPA, whose flash kernel
 # never holds a (new x context) score matrix.
 SHORT_ROW = 16
+# Key positions (rows x the longest row's context) one padded group gathers at most; more short rows than
+# that attend in several groups, rows of similar length together. It bounds the scratch memory (fp32 keys
+# and values of one group: 8192 x kv_heads x head_dim x 12 bytes, 25 MB for the reference model) whatever
+# max_batch and the context are; the reference model's passes of up to 32 sessions fit in one group.
+PADDED_POSITIONS = 8192
 
 
 @dataclass
@@ -182,7 +188,7 @@ class PackedPass:
     positions: torch.Tensor  # (T,) position of each new token in its own sequence
     slots: torch.Tensor  # (T,) pool slot each new token's key and value go to
     longest: int  # the longest row's past + new
-    padded: PaddedRows | None  # the short rows (None when there are none)
+    groups: list[PaddedRows]  # the short rows, in padded groups
     long_rows: list[int]  # the other rows, each attending alone (every row on the module path)
 
 
@@ -206,9 +212,31 @@ def pack(rows: list[Row], windows: set[int | None], scratch: Scratch | None) -> 
     device = pool.keys.device
     positions_t = torch.tensor(positions, device=device)
     short = [i for i, (start, end) in enumerate(spans) if end - start <= SHORT_ROW] if scratch else []
-    padded = _pad([(spans[i], pasts[i], caches[i]) for i in short], offset, pool, windows, scratch) if short else None
+    groups = [[(spans[i], pasts[i], caches[i]) for i in group] for group in _group(short, spans, pasts)]
+    positions_per_group = [len(group) * max(past + end - start for (start, end), past, _ in group) for group in groups]
+    kv_row = pool.keys.shape[1] * pool.keys.shape[-1]  # kv_heads * head_dim
+    if groups:  # sized for the largest group first, so that one buffer serves them all
+        scratch.pair("gathered", (max(positions_per_group) * kv_row,), pool.keys.dtype, device)
+        if pool.keys.dtype != torch.float32:
+            scratch.pair("upcast", (max(positions_per_group) * kv_row,), torch.float32, device)
+    padded = [_pad(group, offset, pool, windows, scratch) for group in groups]
     long_rows = [i for i in range(len(rows)) if i not in set(short)]
     return PackedPass(pool, spans, pasts, reads, positions_t, _cat(slots, 0), longest, padded, long_rows)
+
+
+def _group(short: list[int], spans: list[tuple[int, int]], pasts: list[int]) -> list[list[int]]:
+    """The short rows in groups of at most PADDED_POSITIONS padded key positions each (a longer row alone):
+    all of them in pass order when they fit, else by length, so that a group pads little."""
+    ends = {i: pasts[i] + spans[i][1] - spans[i][0] for i in short}
+    if not short or len(short) * max(ends.values()) <= PADDED_POSITIONS:
+        return [short] if short else []
+    groups: list[list[int]] = []
+    for i in sorted(short, key=ends.__getitem__):
+        if groups and (len(groups[-1]) + 1) * ends[i] <= PADDED_POSITIONS:
+            groups[-1].append(i)
+        else:
+            groups.append([i])
+    return groups
 
 
 def _pad(
@@ -366,14 +394,14 @@ class LeanLayer:
         keys, values = batch.pool.layer_keys[self.slot], batch.pool.layer_values[self.slot]  # (kv_heads, pool, hd)
         keys.index_copy_(1, batch.slots, key)
         values.index_copy_(1, batch.slots, value)
-        padded = batch.padded
-        short = padded_attention(query, keys, values, padded, padded.masks[window], self.scaling) if padded else None
-        if not batch.long_rows:
-            out = short  # (T, heads * hd): every row is short, in packed order
+        groups = batch.groups
+        if len(groups) == 1 and not batch.long_rows:  # (T, heads * hd): every row in one group, in packed order
+            out = padded_attention(query, keys, values, groups[0], groups[0].masks[window], self.scaling)
         else:
             out = hidden.new_empty(num_tokens, query.shape[1] * self.head_dim)
-            if short is not None:
-                out.index_copy_(0, padded.tokens, short)
+            for group in groups:
+                short = padded_attention(query, keys, values, group, group.masks[window], self.scaling)
+                out.index_copy_(0, group.tokens, short)
             for i in batch.long_rows:
                 start, end = batch.spans[i]
                 out[start:end] = (

@@ -4,8 +4,9 @@ reuses space by reservation, and no pass writes outside its sessions' positions.
 import pytest
 import torch
 
+from eesd import decoder_stack
 from eesd.checkpoint import CheckpointReader, load_config
-from eesd.decoder_stack import SHORT_ROW, DecoderStack, Row, build_stack
+from eesd.decoder_stack import SHORT_ROW, DecoderStack, Row, Scratch, build_stack, pack
 from eesd.errors import ResourceExhausted
 from eesd.kv_cache import KVCache, KVPool
 
@@ -56,6 +57,26 @@ def check_batch_equals_alone(
 def test_batched_logits_equal_each_session_alone(tiny_models, arch, lean):
     stack = load(tiny_models[arch], lean)
     assert stack.lean == lean
+    check_two_ragged_passes(stack)
+
+
+@pytest.mark.parametrize("arch", ARCHS)
+def test_short_rows_past_the_group_budget_attend_in_groups(tiny_models, arch, monkeypatch):
+    # 4 short rows of up to 206 positions exceed 256: by length, the three shortest share a group.
+    monkeypatch.setattr(decoder_stack, "PADDED_POSITIONS", 256)
+    stack = load(tiny_models[arch])
+    pool = stack.new_pool(max_sessions=4)
+    rows = [
+        Row([1] * new, opened(stack, pool, f"s{i}", past))
+        for i, (past, new) in enumerate([(200, 6), (60, 1), (1, 3), (0, 5)])
+    ]
+    assert [group.shape[0] for group in pack(rows, {None}, Scratch()).groups] == [3, 1]
+    check_two_ragged_passes(stack)
+
+
+def check_two_ragged_passes(stack: DecoderStack) -> None:
+    """Sessions at different cache lengths, fed different numbers of tokens in one pass, rolled back by
+    different amounts and fed again: every session's logits and cache equal its own alone."""
     contexts = {"fresh": 0, "deep": 200, "decode": 60, "short": 1}  # deep is past mistral's window
     batched_pool, alone_pool = stack.new_pool(max_sessions=4), stack.new_pool(max_sessions=4)
     batched = {name: opened(stack, batched_pool, name, n) for name, n in contexts.items()}

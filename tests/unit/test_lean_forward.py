@@ -76,9 +76,10 @@ def test_padded_attention_is_as_accurate_as_sdpa(kv_heads, window):
         cache.begin(past)
         cache.commit()
     batch = pack([Row([0] * new, cache) for cache, (_, new) in zip(caches, rows, strict=True)], {window}, Scratch())
-    assert batch.padded is not None and not batch.long_rows
+    (group,) = batch.groups
+    assert not batch.long_rows
     query = torch.randn(sum(new for _, new in rows), heads, head_dim, dtype=torch.bfloat16)
-    out = padded_attention(query, pool_keys, pool_values, batch.padded, batch.padded.masks[window], scale)
+    out = padded_attention(query, pool_keys, pool_values, group, group.masks[window], scale)
     for (past, new), (start, end), read in zip(rows, batch.spans, batch.reads, strict=True):
         keys, values = pool_keys[:, read], pool_values[:, read]
         exact = reference_attention(query[start:end], keys, values, past, window, scale)
