@@ -132,7 +132,8 @@ class Scratch:
     """Memory a stack reuses from pass to pass for the gathered keys and values. On a CPU a fresh tensor of
     a few MB per layer costs more than the gather that fills it: glibc maps it and unmaps it on free, and
     every page faults again (a 16-row decode pass of the reference model took 47 ms instead of 13). Each
-    buffer grows to the largest pass so far (at most max_batch rows of a full context) and stays."""
+    buffer grows to the largest group so far (PADDED_POSITIONS key positions, or one row's whole context)
+    and stays."""
 
     def __init__(self):
         self._buffers: dict[str, torch.Tensor] = {}
@@ -161,10 +162,10 @@ PADDED_POSITIONS = 8192
 
 @dataclass
 class PaddedRows:
-    """The short rows of a pass as one padded attention batch: B rows of at most Q new tokens over at
+    """A group of a pass's short rows as one padded attention batch: B rows of at most Q new tokens over at
     most L key positions. Padding repeats a row's own real entries (its last query, its first key), so
     nothing uninitialised in the pool is ever read, and the masks keep it out of every result. The
-    common cases skip work: None for `queries`, `outputs` and `tokens` when the rows are the whole pass and
+    common cases skip work: None for `queries`, `outputs` and `tokens` when the group is the whole pass and
     equally wide, a slice for `keys` when a lone row's cache lies in consecutive slots (read in place)."""
 
     queries: torch.Tensor | None  # (B * Q,) each padded query's token in the packed batch
@@ -321,10 +322,10 @@ def padded_attention(
     row, whose fixed cost dominated short rows (49 us per row and layer for one bf16 query on this CPU)."""
     num_rows, width, length = rows.shape
     kv_heads, head_dim = keys.shape[0], keys.shape[-1]
-    groups = query.shape[1] // kv_heads  # query heads per kv head (GQA)
+    per_kv = query.shape[1] // kv_heads  # query heads per kv head (GQA)
     q = query if rows.queries is None else query.index_select(0, rows.queries)
-    q = q.view(num_rows, width, kv_heads, groups, head_dim).permute(0, 2, 3, 1, 4)
-    q = q.reshape(num_rows * kv_heads, groups * width, head_dim).to(torch.float32, copy=True).mul_(scale)
+    q = q.view(num_rows, width, kv_heads, per_kv, head_dim).permute(0, 2, 3, 1, 4)
+    q = q.reshape(num_rows * kv_heads, per_kv * width, head_dim).to(torch.float32, copy=True).mul_(scale)
     if rows.gathered is None:  # one row, its cache in consecutive slots: read in place
         k, v = keys[:, rows.keys], values[:, rows.keys]  # (kv_heads, L, hd), views
     else:
@@ -333,11 +334,11 @@ def padded_attention(
         torch.index_select(values.view(-1, head_dim), 0, rows.keys, out=v.view(-1, head_dim))
     if rows.upcast is not None:
         k, v = rows.upcast[0].copy_(k), rows.upcast[1].copy_(v)
-    scores = torch.bmm(q, k.transpose(1, 2))  # (B * kv_heads, groups * Q, L)
+    scores = torch.bmm(q, k.transpose(1, 2))  # (B * kv_heads, per_kv * Q, L)
     if bias is not None:
-        scores.view(num_rows, kv_heads, groups, width, length).add_(bias)
-    out = torch.bmm(scores.softmax(-1), v).to(query.dtype)  # (B * kv_heads, groups * Q, hd)
-    out = out.view(num_rows, kv_heads, groups, width, head_dim).permute(0, 3, 1, 2, 4)  # (B, Q, kv, groups, hd)
+        scores.view(num_rows, kv_heads, per_kv, width, length).add_(bias)
+    out = torch.bmm(scores.softmax(-1), v).to(query.dtype)  # (B * kv_heads, per_kv * Q, hd)
+    out = out.view(num_rows, kv_heads, per_kv, width, head_dim).permute(0, 3, 1, 2, 4)  # (B, Q, kv, per_kv, hd)
     out = out.reshape(num_rows * width, -1)
     return out if rows.outputs is None else out.index_select(0, rows.outputs)
 
