@@ -45,6 +45,16 @@ def test_lean_matches_transformers_modules(tiny_models, arch, dtype):
     check([1, 2])
 
 
+def test_fused_parameters_still_load_as_the_checkpoint(tiny_models):
+    config, reader = load_config(tiny_models["qwen2"]), CheckpointReader.open(tiny_models["qwen2"])
+    stack = build_stack(config, reader, [0, 1], torch.float32, "cpu")
+    state = stack.layers[1].state_dict()
+    expected = reader.read_prefix("model.layers.1.", torch.float32)
+    assert state.keys() == expected.keys()
+    for name, tensor in expected.items():
+        torch.testing.assert_close(state[name], tensor, rtol=0, atol=0)
+
+
 def reference_attention(query, keys, values, past: int, window: int | None, scale: float) -> torch.Tensor:
     """query: (new, heads, hd); keys, values: (kv_heads, past + new, hd) of one row. float64, no kernel."""
     new, heads = query.shape[0], query.shape[1]
