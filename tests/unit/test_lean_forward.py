@@ -58,8 +58,8 @@ def test_fused_parameters_still_load_as_the_checkpoint(tiny_models):
 def reference_attention(query, keys, values, past: int, window: int | None, scale: float) -> torch.Tensor:
     """query: (new, heads, hd); keys, values: (kv_heads, past + new, hd) of one row. float64, no kernel."""
     new, heads = query.shape[0], query.shape[1]
-    groups = heads // keys.shape[0]
-    k, v = keys.double().repeat_interleave(groups, 0), values.double().repeat_interleave(groups, 0)
+    per_kv = heads // keys.shape[0]
+    k, v = keys.double().repeat_interleave(per_kv, 0), values.double().repeat_interleave(per_kv, 0)
     scores = torch.einsum("qhd,hkd->hqk", query.double(), k) * scale
     query_pos = torch.arange(past, past + new)[:, None]
     key_pos = torch.arange(past + new)[None, :]
