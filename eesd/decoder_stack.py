@@ -59,16 +59,21 @@ def attention_window(layer: nn.Module, config: PretrainedConfig) -> int | None:
     return getattr(config, "sliding_window", None) if config.model_type == "mistral" else None
 
 
+def visible(query_pos: torch.Tensor, key_pos: torch.Tensor, window: int | None) -> torch.Tensor:
+    """Whether a query at query_pos may attend to a key at key_pos (broadcast against each other): causal,
+    and within the sliding window if there is one."""
+    allowed = key_pos <= query_pos
+    if window is not None:
+        allowed &= key_pos > query_pos - window
+    return allowed
+
+
 def causal_mask(num_new: int, past: int, window: int | None, device: torch.device) -> torch.Tensor | None:
     """(1, 1, num_new, past + num_new) bool mask, True where attention is allowed; None when all is allowed."""
     if num_new == 1 and (window is None or past < window):
         return None
     query_pos = torch.arange(past, past + num_new, device=device)[:, None]
-    key_pos = torch.arange(past + num_new, device=device)[None, :]
-    allowed = key_pos <= query_pos
-    if window is not None:
-        allowed &= key_pos > query_pos - window
-    return allowed[None, None]
+    return visible(query_pos, torch.arange(past + num_new, device=device)[None, :], window)[None, None]
 
 
 def cache_keyword(layer: nn.Module) -> str:
@@ -290,9 +295,7 @@ def _bias(
     query_index = torch.arange(width, device=device)[None, :].minimum(widths_t[:, None] - 1)  # (B, Q)
     query_pos = (ends_t - widths_t)[:, None, None] + query_index[:, :, None]  # (B, Q, 1)
     key_pos = torch.arange(length, device=device)[None, None, :]  # (1, 1, L)
-    allowed = key_pos <= query_pos  # keys past a row's end lie beyond its last query too
-    if window is not None:
-        allowed &= key_pos > query_pos - window
+    allowed = visible(query_pos, key_pos, window)  # keys past a row's end lie beyond its last query too
     return torch.zeros(allowed.shape, device=device).masked_fill_(~allowed, float("-inf"))[:, None, None]
 
 
@@ -493,7 +496,8 @@ class DecoderStack(nn.Module):
         (len(input_ids) - logits_from, vocab). Only positions >= logits_from go through norm and head."""
         for row in rows:
             row.cache.begin(len(row.input_ids))
-        batch = pack(rows, set(self._windows), self._scratch if self.lean else None)
+        windows = set(self._windows)
+        batch = pack(rows, windows, self._scratch if self.lean else None)
         device = self.embed_tokens.weight.device
         ids = torch.tensor([t for row in rows for t in row.input_ids], device=device)  # (T,)
         hidden = self.embed_tokens(ids)  # (T, d)
@@ -502,7 +506,7 @@ class DecoderStack(nn.Module):
                 i: causal_mask(batch.spans[i][1] - batch.spans[i][0], batch.pasts[i], window, device)
                 for i in batch.long_rows
             }
-            for window in set(self._windows)
+            for window in windows
         }
         if self.lean:
             cos, sin = self._rope(hidden, batch.positions, batch.longest)  # (T, head_dim): broadcast over heads
