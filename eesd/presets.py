@@ -21,6 +21,7 @@ from typing import Any
 from eesd import hardware, reference_model
 from eesd.distill import DistillConfig
 from eesd.errors import InvalidArgument
+from eesd.heads import head_dir
 
 log = logging.getLogger("eesd.presets")
 
@@ -87,11 +88,6 @@ def reference_distill_config(model_dir: str, head_dir: str, exit_layer: int, pro
         # natively. Part of the config distill.json records, so the head is rebuilt when the choice changes.
         train_bf16=hardware.native_bf16("cpu"),
     )
-
-
-def head_dir(model_dir: Path | str, exit_layer: int) -> Path:
-    """Where `eesd model` puts a model's exit head at N (`make exit-head`'s directory)."""
-    return Path(f"{model_dir}-exit-head-n{exit_layer}")
 
 
 def distill_config(preset: Preset, model_dir: Path | str, exit_layer: int, out_dir: Path | str) -> DistillConfig:

@@ -6,6 +6,8 @@ import json
 from dataclasses import dataclass
 from pathlib import Path
 
+from eesd.heads import head_dirs
+
 CACHE = Path(".cache")
 REFERENCE_DIR = CACHE / "reference-model"
 # Token-id prompts for checkpoints without a tokenizer (the tests' tiny random models).
@@ -31,7 +33,7 @@ def held_out_prompts(model_dir: Path) -> list[str]:
 
 
 def distilled_head(model_dir: Path) -> Path | None:
-    """The newest exit head `eesd model` distilled from exactly this build (<model_dir>-exit-head-n<N>).
+    """The newest exit head `eesd model` distilled from exactly this build (eesd.heads names them).
 
     A retrained model keeps its config hash, so heads are matched on the build stamp that distillation
     records (distill.json) against the model's build_report.json. `eesd sweep`'s quick heads (.cache/sweep)
@@ -40,7 +42,7 @@ def distilled_head(model_dir: Path) -> Path | None:
     stamp = json.loads((model_dir / "build_report.json").read_text())["stamp"]
     heads = [
         head
-        for head in model_dir.parent.glob(f"{model_dir.name}-exit-head-n*")
+        for head in head_dirs(model_dir)
         if (head / "distill.json").is_file()
         and json.loads((head / "distill.json").read_text()).get("model_stamp") == stamp
         and (head / "exit_layer.json").is_file()

@@ -4,6 +4,8 @@ few files and steps and a head of a few distillation steps, built and cached in 
 import dataclasses
 import json
 import shutil
+import subprocess
+import sys
 from pathlib import Path
 
 import pytest
@@ -12,6 +14,7 @@ import eesd.distill
 import eesd.presets
 import eesd.reference_model
 import serving.models
+from eesd.heads import head_dir, head_dirs
 from eesd.presets import DEMO, REFERENCE, Preset, ensure_model
 from eesd.reference_model import Recipe, build_stamp
 from serving.demo import Printer
@@ -108,3 +111,20 @@ def test_the_demo_prints_long_runs_of_newlines_compactly(capsys):
     printer.write("\n\nb\n")
     shown = capsys.readouterr().out
     assert shown.startswith("a\n\n") and shown.count("↵") == 2 and shown.endswith("b\n")
+
+
+def test_exit_heads_are_named_in_one_place(tmp_path):
+    """eesd.heads names the directory `eesd model` writes and the only ones the serving side looks at."""
+    model = tmp_path / "model"
+    assert head_dir(model, 12) == tmp_path / "model-exit-head-n12"
+    for name in ("model-exit-head-n1", "model-exit-head-n12", "model-exit-head-nx", "model-exit-head-n1.bak"):
+        (tmp_path / name).mkdir()
+    (tmp_path / "other-exit-head-n1").mkdir()
+    assert head_dirs(model) == [head_dir(model, 1), head_dir(model, 12)]
+
+
+def test_finding_the_served_model_imports_no_torch():
+    """`make demo` and the local stack import no torch in the process that spawns the nodes; finding the
+    served model must not load it."""
+    code = "import sys, serving.models; sys.exit('torch' in sys.modules)"
+    assert subprocess.run([sys.executable, "-c", code], check=False).returncode == 0
