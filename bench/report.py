@@ -124,8 +124,8 @@ def sweep_markdown(result: dict) -> str:
     heads = (
         "untrained exit layers (copies of the last layer)"
         if config["untrained"]
-        else f"exit layers distilled by the quick recipe ({config['distill_steps']} steps, "
-        f"{config['distill_num_prompts']} prompts of {config['distill_prompts'] or 'random ids'})"
+        else f"exit layers distilled by `make model`'s recipe at {config['distill_steps']} steps and "
+        f"{config['distill_num_prompts']} prompts (of {config['distill_prompts'] or 'random ids'})"
     )
     mode = "greedy" if config["temperature"] == 0 else f"temperature {config['temperature']}"
     lines = [

@@ -214,27 +214,27 @@ def pack(rows: list[Row], windows: set[int | None], scratch: Scratch | None) -> 
         positions.extend(range(past, past + num_new))
         slots.append(cache.table[past : past + num_new])
         offset += num_new
-    longest = max(past + end - start for past, (start, end) in zip(pasts, spans, strict=True))
+    ends = [past + end - start for past, (start, end) in zip(pasts, spans, strict=True)]
     device = pool.keys.device
     positions_t = torch.tensor(positions, device=device)
     short = [i for i, (start, end) in enumerate(spans) if end - start <= SHORT_ROW] if scratch else []
-    groups = [[(spans[i], pasts[i], caches[i]) for i in group] for group in _group(short, spans, pasts)]
-    positions_per_group = [len(group) * max(past + end - start for (start, end), past, _ in group) for group in groups]
-    kv_row = pool.keys.shape[1] * pool.keys.shape[-1]  # kv_heads * head_dim
+    groups = _group(short, ends)
     if groups:  # sized for the largest group first, so that one buffer serves them all
-        scratch.pair("gathered", (max(positions_per_group) * kv_row,), pool.keys.dtype, device)
+        kv_row = pool.keys.shape[1] * pool.keys.shape[-1]  # kv_heads * head_dim
+        numel = max(len(group) * max(ends[i] for i in group) for group in groups) * kv_row
+        scratch.pair("gathered", (numel,), pool.keys.dtype, device)
         if pool.keys.dtype != torch.float32:
-            scratch.pair("upcast", (max(positions_per_group) * kv_row,), torch.float32, device)
-    padded = [_pad(group, offset, pool, windows, scratch) for group in groups]
+            scratch.pair("upcast", (numel,), torch.float32, device)
+    padded = [_pad([(spans[i], ends[i], caches[i]) for i in group], offset, pool, windows, scratch) for group in groups]
     long_rows = [i for i in range(len(rows)) if i not in set(short)]
-    return PackedPass(pool, spans, pasts, reads, positions_t, _cat(slots, 0), longest, padded, long_rows)
+    return PackedPass(pool, spans, pasts, reads, positions_t, _cat(slots, 0), max(ends), padded, long_rows)
 
 
-def _group(short: list[int], spans: list[tuple[int, int]], pasts: list[int]) -> list[list[int]]:
-    """The short rows in groups of at most PADDED_POSITIONS padded key positions each (a longer row alone):
-    all of them in pass order when they fit, else by length, so that a group pads little."""
-    ends = {i: pasts[i] + spans[i][1] - spans[i][0] for i in short}
-    if not short or len(short) * max(ends.values()) <= PADDED_POSITIONS:
+def _group(short: list[int], ends: list[int]) -> list[list[int]]:
+    """The short rows (indices into `ends`, each row's past + new) in groups of at most PADDED_POSITIONS
+    padded key positions each (a longer row alone): all of them in pass order when they fit, else by
+    length, so that a group pads little."""
+    if not short or len(short) * max(ends[i] for i in short) <= PADDED_POSITIONS:
         return [short] if short else []
     groups: list[list[int]] = []
     for i in sorted(short, key=ends.__getitem__):
@@ -252,13 +252,13 @@ def _pad(
     windows: set[int | None],
     scratch: Scratch,
 ) -> PaddedRows:
-    """rows: (span in the packed batch, past, cache) of each short row; num_tokens: T of the whole pass.
-    Builds only what the pass needs (it runs before every draft step): most passes are one row, or rows
-    of one width that are the whole pass."""
+    """rows: (span in the packed batch, past + new, cache) of each short row; num_tokens: T of the whole
+    pass. Builds only what the pass needs (it runs before every draft step): most passes are one row, or
+    rows of one width that are the whole pass."""
     device = pool.keys.device
     spans = [span for span, _, _ in rows]
     widths = [end - start for start, end in spans]
-    ends = [past + num_new for (_, past, _), num_new in zip(rows, widths, strict=True)]
+    ends = [end for _, end, _ in rows]
     num_rows, width, length = len(rows), max(widths), max(ends)
     as_tensor = lambda values: torch.tensor(values, device=device)  # noqa: E731
     queries = outputs = tokens = None

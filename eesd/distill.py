@@ -26,7 +26,7 @@ from transformers import AutoModelForCausalLM
 from eesd import hardware
 from eesd.checkpoint import CheckpointReader, config_hash, load_config, modeling_module
 from eesd.decoder_stack import attention_window, causal_mask
-from eesd.errors import InvalidArgument
+from eesd.errors import InvalidArgument, TrainingDiverged
 from eesd.exit_layer import META_FILE, ExitLayerMeta, save_exit_head, untrained_exit_layer, validate_exit_layer
 from eesd.progress import Progress, track
 
@@ -343,12 +343,14 @@ def distill(cfg: DistillConfig, resume: bool = True, progress: bool = True, mode
             for group in optimizer.param_groups:
                 group["lr"] = _lr(step, cfg)
             loss = _losses(head, h_n, h_out, mask, autocast)["kl"]
+            history.append(loss.item())
+            if not math.isfinite(history[-1]):
+                raise TrainingDiverged("distillation", step, history[-1])
             optimizer.zero_grad(set_to_none=True)
             loss.backward()
             torch.nn.utils.clip_grad_norm_(head.layer.parameters(), 1.0)
             optimizer.step()
             step += 1
-            history.append(loss.item())
             bar.update(kl=f"{history[-1]:.4f}")
             if step % cfg.checkpoint_every == 0 or step == cfg.steps:
                 state = {"step": step, "history": history, "before": before, "optimizer": optimizer.state_dict()}

@@ -70,6 +70,13 @@ class RollbackError(FailedPrecondition):
     """A KV cache cannot be cropped to the requested length."""
 
 
+class TrainingDiverged(EesdError):
+    """A training run's loss stopped being finite: its weights are garbage, so none are saved."""
+
+    def __init__(self, what: str, step: int, loss: float):
+        super().__init__(f"{what} diverged at step {step} (loss {loss}); nothing was saved: lower the learning rate")
+
+
 # Every class that names its own status, most specific first (a peer's status maps back to the first match).
 ERRORS: tuple[type[EesdError], ...] = (
     AlreadyExists,

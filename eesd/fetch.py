@@ -61,11 +61,11 @@ def hub_model(model: str) -> tuple[str, str | None] | None:
 
 def resolve_model(model: str, field: str = "model") -> Path:
     """The checkpoint directory `model` names: a local directory, or a hub id's snapshot in the cache."""
-    if hub_model(model) is not None:
-        return Path(_download(model, field))
-    if not Path(model).is_dir():
+    if Path(model).is_dir():  # first, so a directory named like an id is the directory (hub_model)
+        return Path(model)
+    if hub_id(model) is None:
         raise InvalidArgument(field, f"{model!r} is neither a directory nor a Hugging Face id (org/name[@revision])")
-    return Path(model)
+    return Path(_download(model, field))
 
 
 def _download(source: str, field: str, local_dir: Path | None = None) -> str:

@@ -48,6 +48,7 @@ from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
 from transformers import GenerationConfig, LlamaConfig, LlamaForCausalLM, PreTrainedTokenizerFast
 
 from eesd import corpus, hardware, threads
+from eesd.errors import TrainingDiverged
 from eesd.progress import Progress
 
 log = logging.getLogger("eesd.reference_model")  # also when run as __main__
@@ -210,12 +211,14 @@ def train(model: LlamaForCausalLM, blocks: torch.Tensor, recipe: Recipe, progres
     with Progress(recipe.steps, "build: training", unit="step", enabled=progress) as bar:
         for step, index in enumerate(batch_schedule(len(blocks), recipe.batch_size, recipe.steps, recipe.seed)):
             loss = _loss(model, blocks[index], recipe.bf16_autocast)
+            losses.append(loss.item())
+            if not math.isfinite(losses[-1]):
+                raise TrainingDiverged("the model's training", step, losses[-1])
             loss.backward()
             torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
             optimizer.step()
             schedule.step()
             optimizer.zero_grad(set_to_none=True)
-            losses.append(loss.item())
             tokens_per_s = (step + 1) * blocks[index].numel() / (time.perf_counter() - start)
             bar.update(loss=f"{sum(losses[-10:]) / len(losses[-10:]):.3f}", tok_s=f"{tokens_per_s:.0f}")
     return losses

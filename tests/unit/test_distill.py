@@ -12,7 +12,7 @@ from eesd.cli import main
 from eesd.distill import REPORT_FILE, DistillConfig, ExitHead, distill, target_features, up_to_date
 from eesd.drafter import Drafter
 from eesd.engine import SpeculativeEngine
-from eesd.errors import InvalidArgument
+from eesd.errors import InvalidArgument, TrainingDiverged
 from eesd.exit_layer import META_FILE, untrained_exit_layer
 from eesd.params import GenerationParams, PolicyParams
 from eesd.verifier import Verifier
@@ -61,6 +61,12 @@ def test_loss_falls_and_report_is_written(distilled):
     assert json.loads((out / META_FILE).read_text())["trained"] is True
     assert (report["dtype"], report["train_bf16_autocast"]) == ("float32", False)
     assert report["hardware"]["device"] == "cpu" and "avx512_bf16" in report["hardware"]["cpu_flags"]
+
+
+def test_a_diverging_distillation_stops_and_saves_no_head(tiny_models, tmp_path):
+    with pytest.raises(TrainingDiverged, match="distillation diverged at step"):
+        distill(_config(tiny_models["llama"], tmp_path / "head", lr=1e30, steps=6), progress=False)
+    assert not (tmp_path / "head" / META_FILE).exists()
 
 
 def test_up_to_date_names_config_and_model_build(tiny_models, distilled):

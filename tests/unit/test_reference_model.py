@@ -11,6 +11,7 @@ import torch
 from transformers import AutoTokenizer, LlamaForCausalLM, PreTrainedTokenizerFast
 
 from eesd import corpus
+from eesd.errors import TrainingDiverged
 from eesd.reference_model import (
     PROMPTS_FILE,
     REPORT_FILE,
@@ -152,3 +153,10 @@ def test_prompts_are_whole_lines_of_bounded_length() -> None:
     for p in prompts:
         assert 40 <= len(p.text) <= 80 and p.text.endswith("\n")
         assert p.text.startswith(lines[p.line - 1])
+
+
+def test_a_diverging_build_stops_and_saves_nothing(tmp_path: Path) -> None:
+    out = tmp_path / "model"
+    with pytest.raises(TrainingDiverged, match="the model's training diverged at step"):
+        build_reference_model(out, Recipe(**{**TINY.__dict__, "lr": 1e30, "warmup_steps": 1}))
+    assert not out.exists()
