@@ -92,7 +92,7 @@ model: setup
 
 # Second step of `make model`: the exit layer distilled from the model itself (eesd distill on continuations
 # of prompts from the model's training files). Cached: skipped while the head matches recipe and model build.
-EXIT_LAYER ?= 2
+EXIT_LAYER ?= 1
 REFERENCE  := .cache/reference-model
 EXIT_HEAD  := $(REFERENCE)-exit-head-n$(EXIT_LAYER)
 .PHONY: exit-head bench bench-concurrency

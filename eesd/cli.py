@@ -434,7 +434,7 @@ def add_model_parser(sub) -> None:
         "--preset", default="reference", choices=("reference", "demo"), help="which recipe (eesd/presets.py)"
     )
     model.add_argument("--out", help="model directory (default: the preset's, .cache/reference-model or demo-model)")
-    model.add_argument("--exit-layer", type=int, help="N (default: the preset's, 2)")
+    model.add_argument("--exit-layer", type=int, help="N (default: the preset's, 1)")
     model.add_argument("--exit-head-out", help="exit-head directory (default: <out>-exit-head-n<N>)")
     model.add_argument("--skip-build", action="store_true", help="only distill (the model is already built)")
     model.add_argument("--force", action="store_true", help="distill again even when the head is up to date")
