@@ -1,7 +1,9 @@
 """Where a decode step's time goes: wall time vs matmul/attention kernels of the lean stack (torch.profiler).
 
-python -m bench.profile [--model .cache/reference-model] [--exit-layer 2] [--exit-head DIR] [--threads 1]
-                        [--rows 1,4,16]
+python -m bench.profile [--model DIR --exit-layer N [--exit-head DIR]] [--threads 1] [--rows 1,4,16]
+
+Without --model: the served model (serving.models.default_model: the reference model once `make model`
+built it) with its exit layer and head.
 
 --rows: one pass feeds that many sessions at once (continuous batching), each at context 150; the line
 gives the pass and its cost per session.
@@ -17,6 +19,7 @@ from eesd import hardware
 from eesd.decoder_stack import Row
 from eesd.drafter import Drafter
 from eesd.verifier import Verifier
+from serving.models import default_model
 
 KERNELS = ("aten::mm", "aten::addmm", "aten::bmm", "aten::_scaled_dot_product_flash_attention_for_cpu")
 
@@ -49,13 +52,20 @@ def measure(stack, num_tokens: int, rows: int = 1, context: int = 150, calls: in
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--model", default=".cache/reference-model")
-    parser.add_argument("--exit-layer", type=int, default=2)
-    parser.add_argument("--exit-head")
+    parser.add_argument("--model", help="checkpoint directory (default: the served model)")
+    parser.add_argument("--exit-layer", type=int, help="N (default: the served model's; required with --model)")
+    parser.add_argument("--exit-head", help="exit head (default: the served model's at its N, else untrained)")
     parser.add_argument("--dtype", default="auto", help=hardware.DTYPE_HELP)
     parser.add_argument("--threads", type=int, default=1)
     parser.add_argument("--rows", default="1", help="sessions per pass, comma-separated (default 1)")
     args = parser.parse_args()
+    if args.model is None:
+        served = default_model()
+        args.model = served.model_dir
+        if args.exit_layer in (None, served.exit_layer):  # its head is for its own N only
+            args.exit_layer, args.exit_head = served.exit_layer, args.exit_head or served.exit_head or None
+    elif args.exit_layer is None:
+        parser.error("--exit-layer is required with --model")
     torch.set_num_threads(args.threads)
     verifier = Verifier(args.model, dtype=args.dtype)
     drafter = Drafter(args.model, args.exit_layer, args.exit_head, dtype=args.dtype)
