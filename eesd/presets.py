@@ -49,7 +49,7 @@ def quick_distill_fields(steps: int = QUICK_DISTILL_STEPS, num_prompts: int = QU
 
 
 # N = 1: the fastest exit layer of `make sweep` on held-out prompts, also with heads distilled by the full
-# recipe (2.51x plain decoding against 2.28x at N = 2; docs/benchmarks.md "Choosing N").
+# recipe (2.48x plain decoding against 2.32x at N = 2: bench/results/sweep-full-heads.md).
 REFERENCE = Preset("reference", reference_model.DEFAULT_OUT, {}, 1, {})
 DEMO = Preset(
     "demo",

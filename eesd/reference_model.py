@@ -291,8 +291,12 @@ def build_reference_model(
     work_dir = out_dir.with_name(out_dir.name + ".building")
     shutil.rmtree(work_dir, ignore_errors=True)
     work_dir.mkdir(parents=True)
-    with deterministic_torch(recipe.threads):
-        report = _build(work_dir, recipe, train_sources, heldout_sources, progress)
+    try:
+        with deterministic_torch(recipe.threads):
+            report = _build(work_dir, recipe, train_sources, heldout_sources, progress)
+    except BaseException:  # a diverged or interrupted build leaves no half-written directory either
+        shutil.rmtree(work_dir, ignore_errors=True)
+        raise
     report |= {"dtype": "bfloat16" if recipe.bf16_autocast else "float32", "hardware": hardware.hardware_record()}
     (work_dir / REPORT_FILE).write_text(json.dumps({"stamp": stamp, **report}, indent=2) + "\n")
     shutil.rmtree(out_dir, ignore_errors=True)

@@ -159,4 +159,4 @@ def test_a_diverging_build_stops_and_saves_nothing(tmp_path: Path) -> None:
     out = tmp_path / "model"
     with pytest.raises(TrainingDiverged, match="the model's training diverged at step"):
         build_reference_model(out, Recipe(**{**TINY.__dict__, "lr": 1e30, "warmup_steps": 1}))
-    assert not out.exists()
+    assert not out.exists() and not out.with_name(out.name + ".building").exists()
