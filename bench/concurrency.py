@@ -41,9 +41,7 @@ import dataclasses
 import itertools
 import json
 import logging
-import os
 import statistics
-import subprocess
 import time
 from collections import Counter
 from dataclasses import dataclass, field
@@ -58,6 +56,7 @@ from eesd.engine import SpeculativeEngine
 from eesd.params import GenerationParams, PolicyParams, SamplingParams
 from eesd.progress import Progress
 from eesd.verifier import Verifier
+from loadtest import environment
 from serving.local_stack import LocalStack
 from serving.models import TINY_PROMPTS, ServedModel, default_model, held_out_prompts
 
@@ -269,15 +268,6 @@ def stack_node_flags(
     return out
 
 
-def commit() -> str:
-    try:
-        head = subprocess.run(["git", "rev-parse", "HEAD"], capture_output=True, text=True, check=True).stdout.strip()
-        dirty = subprocess.run(["git", "status", "--porcelain", "--untracked-files=no"], capture_output=True, text=True)
-        return head + ("-dirty" if dirty.stdout.strip() else "")
-    except (OSError, subprocess.CalledProcessError):
-        return ""
-
-
 def run(
     model: ServedModel | None = None,
     concurrency: tuple[int, ...] = (1, 2, 4, 8, 16, 32),
@@ -296,9 +286,11 @@ def run(
     k_max: int = 8,
     temperature: float = 0.0,
     progress: bool = False,
+    results_dir: Path | None = None,
 ) -> dict:
+    """The sweep; `results_dir`: where its results go (their files do not make the recorded tree dirty)."""
     torch.set_num_threads(threads)
-    load_start = os.getloadavg()
+    load_start = environment.load_average()
     model = model or default_model()
     dtype = dtype or model.dtype
     arms = policy_arms(list(policies), list(fixed_ks), k_max)
@@ -381,10 +373,10 @@ def run(
         "exit_head": model.exit_head,
         "dtype": hardware.dtype_name(dtype),
         "dtype_requested": dtype,
-        "commit": commit(),
+        "source_tree": environment.source_tree(results_dir),
         "torch_threads": threads,
         "threads_per_process": threads,
-        "load_average": {"start": list(load_start), "end": list(os.getloadavg())},
+        "load_average": {"start": load_start, "end": environment.load_average()},
         "state_store": ("redis" if redis else "memory") if stack_flags else None,
         "max_new_tokens": max_new_tokens,
         "temperature": temperature,
@@ -556,7 +548,7 @@ def plot(result: dict, path: Path) -> None:
     )
     m = result["machine"]
     flags = ",".join(f for f, present in m.get("cpu_flags", {}).items() if present)
-    commit = result["commit"][:10] + ("-dirty" if result["commit"].endswith("-dirty") else "")
+    commit = result["source_tree"]["commit"]
     fig.suptitle(
         f"{Path(result['model']).name} N={result['exit_layer']} {result['dtype']}, {result['max_new_tokens']} new "
         f"tokens, commit {commit} — {m['cpu']}, {m['cores_available']} cores [{flags}], "
@@ -632,6 +624,7 @@ def main() -> None:
         args.k_max,
         args.temperature,
         progress=True,
+        results_dir=Path(args.out).parent,
     )
     out = Path(args.out)
     out.parent.mkdir(parents=True, exist_ok=True)

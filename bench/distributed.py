@@ -32,6 +32,7 @@ from eesd.engine import SpeculativeEngine
 from eesd.params import GenerationParams, PolicyParams
 from eesd.progress import Progress
 from eesd.verifier import Verifier
+from loadtest import environment
 from loadtest.scrape import P, scrape
 from serving.local_stack import LocalStack
 from serving.models import ServedModel, default_model
@@ -70,7 +71,10 @@ def run(
     concurrency: list[int],
     model: ServedModel | None = None,
     progress: bool = False,
+    results_dir: Path | None = None,
 ) -> dict:
+    """The comparison; `results_dir`: where its results go (their files do not make the recorded tree dirty)."""
+    load_start = environment.load_average()
     torch.set_num_threads(threads)
     model = model or default_model()
     dtype = dtype or model.dtype
@@ -146,6 +150,8 @@ def run(
     medians = {arm: statistics.median(values) for arm, values in rates.items()}
     return {
         "machine": machine(),
+        "source_tree": environment.source_tree(results_dir),
+        "load_average": {"start": load_start, "end": environment.load_average()},
         "model": str(model.model_dir),
         "exit_layer": model.exit_layer,
         "dtype": hardware.dtype_name(dtype),
@@ -215,7 +221,9 @@ def plot(result: dict, path: Path) -> None:
     load.set_title("pipelined drafting under load")
     load.legend()
     fig.suptitle(
-        f"{result['model']} N={result['exit_layer']} {result['dtype']} — {result['machine']['cpu']}", fontsize=8
+        f"{result['model']} N={result['exit_layer']} {result['dtype']}, commit {result['source_tree']['commit']} — "
+        f"{result['machine']['cpu']}",
+        fontsize=8,
     )
     fig.tight_layout()
     fig.savefig(path, dpi=110)
@@ -246,6 +254,7 @@ def main() -> None:
         args.dtype,
         [int(c) for c in args.concurrency.split(",") if c],
         progress=True,
+        results_dir=Path(args.out).parent,
     )
     out = Path(args.out)
     out.parent.mkdir(parents=True, exist_ok=True)

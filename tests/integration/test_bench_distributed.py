@@ -1,5 +1,5 @@
 """bench.distributed end to end on a tiny fp32 model: both stacks produce the in-process engine's tokens,
-the pipelined drafter's lookaheads are counted, and the report has every part the docs quote."""
+the pipelined drafter's lookaheads are counted, and the report has every part the docs quote, with the commit and load it ran at."""
 
 from bench.distributed import SPLIT, run
 from serving.models import ServedModel
@@ -16,3 +16,4 @@ def test_distributed_bench_on_a_tiny_model(tiny_models):
     assert set(result["round_ms"]["pipelined"]) == set(SPLIT)
     assert set(result["concurrent_tokens_per_second"]["2"]) == {"pipelined", "unpipelined"}
     assert result["concurrent_pipelined_over_unpipelined"]["2"] > 0
+    assert result["source_tree"]["commit"] and len(result["load_average"]["end"]) == 3  # what a result must name
