@@ -1,5 +1,6 @@
 """bench.distributed end to end on a tiny fp32 model: both stacks produce the in-process engine's tokens,
-the pipelined drafter's lookaheads are counted, and the report has every part the docs quote, with the commit and load it ran at."""
+the pipelined drafter's lookaheads are counted, and the report has every part the docs quote, with the
+commit and load it ran at."""
 
 from bench.distributed import SPLIT, run
 from serving.models import ServedModel
