@@ -48,6 +48,7 @@ class VerifierLink:
         self._call = None
         self._reader: asyncio.Task | None = None
         self._waiters: dict[tuple[str, str, int], asyncio.Future] = {}
+        self._sending: set[asyncio.Task] = set()  # rounds being written (held: the loop keeps weak references)
         self._lock = asyncio.Lock()
 
     async def _open(self) -> None:
@@ -93,6 +94,10 @@ class VerifierLink:
             reason = f"stream failed: {err.code().name} {err.details()}"
         except STREAM_ENDED as err:
             reason = f"stream ended: {err!r}"
+        except asyncio.CancelledError:
+            if asyncio.current_task().cancelling():  # this reader is being stopped
+                raise
+            reason = "stream cancelled"  # grpc raises it for a call cancelled here: the rounds waiting fail now
         self._fail_all(call, Unavailable(f"verifier {self.address} {reason}", peer="verifier"))
 
     def _fail_all(self, call, error: EesdError) -> None:
@@ -109,22 +114,11 @@ class VerifierLink:
         """Sends one round and waits for its verdict, cache mismatch or error (raised as a domain error)."""
         key = (request.session_id, request.owner, request.round)  # what the answer echoes
         waiter = asyncio.get_running_loop().create_future()
-        async with self._lock:  # one writer at a time on the stream
-            # A stream the verifier ended (e.g. it restarted) may not have been noticed by the reader yet:
-            # writing to it fails, and the round goes out once more on a fresh stream.
-            for attempt in range(2):
-                if self._call is None:
-                    await self._open()
-                call = self._call
-                self._waiters[key] = waiter
-                try:
-                    await call.write(verifier_pb2.VerifyStreamRequest(verify_request=request))
-                    break
-                except (grpc.aio.AioRpcError, *STREAM_ENDED) as err:
-                    self._waiters.pop(key, None)
-                    self._fail_all(call, Unavailable(f"verifier {self.address}: {err!r}", peer="verifier"))
-                    if attempt == 1:
-                        raise Unavailable(f"verifier {self.address} stream broke: {err!r}", peer="verifier") from err
+        # The write runs in a task of its own: grpc ends a stream whose write is cancelled, and this stream
+        # carries every session's rounds, so a caller that goes away (a dropped lookahead) must not cancel it.
+        sending = asyncio.create_task(self._send(key, waiter, request))
+        self._sending.add(sending)
+        sending.add_done_callback(self._sending.discard)
         try:
             answer = await asyncio.wait_for(waiter, self.timeout_s)
         except TimeoutError as err:
@@ -136,6 +130,33 @@ class VerifierLink:
         if answer.WhichOneof("kind") == "round_error":
             raise verifier_error(answer.round_error.code, answer.round_error.message)
         return answer
+
+    async def _send(self, key: tuple[str, str, int], waiter: asyncio.Future, request: verifier_pb2.VerifyRequest):
+        """Writes one round on the stream, opening it first if need be; a failure goes to the round's waiter."""
+        try:
+            async with self._lock:  # one writer at a time on the stream
+                # A stream the verifier ended (e.g. it restarted) may not have been noticed by the reader yet:
+                # writing to it fails, and the round goes out once more on a fresh stream.
+                for attempt in range(2):
+                    if waiter.done():  # the caller stopped waiting: nothing to send
+                        return
+                    if self._call is None:
+                        await self._open()
+                    call = self._call
+                    self._waiters[key] = waiter
+                    try:
+                        await call.write(verifier_pb2.VerifyStreamRequest(verify_request=request))
+                        return
+                    except (grpc.aio.AioRpcError, *STREAM_ENDED) as err:
+                        self._waiters.pop(key, None)
+                        self._fail_all(call, Unavailable(f"verifier {self.address}: {err!r}", peer="verifier"))
+                        if attempt == 1:
+                            raise Unavailable(
+                                f"verifier {self.address} stream broke: {err!r}", peer="verifier"
+                            ) from err
+        except Exception as error:  # noqa: BLE001 - the round's caller gets it, as if it had written itself
+            if not waiter.done():
+                waiter.set_exception(error)
 
     async def close(self) -> None:
         if self._call is not None:
