@@ -54,7 +54,7 @@ from pathlib import Path
 from typing import Any
 
 from eesd_client import ChannelOptions, EesdClient, SessionState
-from eesd_client.errors import EesdError
+from eesd_client.errors import EesdError, NotFoundError
 
 from loadtest.hostile import _json_default, commit, greedy_reference, machine
 from loadtest.scrape import scrape
@@ -465,13 +465,16 @@ class FaultBench:
                 # A controller's sessions are known by their second call (a resume, or a retry before the
                 # first chunk); the other faults' from the store or the streams at the fault.
                 outcome.hit = outcome.attempts > 1 if fault.role == "controller" else outcome.session_id in hit
+            # A Redis started again without its data has lost the records of the sessions that had ended
+            # before it: the controllers write back only the sessions they still drive.
+            wiped = fault is not None and fault.action == "kill-empty"
             for outcome in record.sessions:
-                self._check(client, outcome)
+                self._check(client, outcome, record_may_be_gone=wiped and not outcome.hit)
         record.deaths = self._settle()
         record.events = count_events(marks)
         return record
 
-    def _check(self, client: EesdClient, outcome: SessionOutcome) -> None:
+    def _check(self, client: EesdClient, outcome: SessionOutcome, record_may_be_gone: bool = False) -> None:
         expected = self.expected[outcome.prompt]
         # A stream that failed is compared up to where it stopped: the rest is its error, not a gap.
         reference = expected[: len(outcome.tokens)] if outcome.error else expected
@@ -483,6 +486,10 @@ class FaultBench:
             return
         try:
             info = client.get_session(outcome.session_id, include_token_ids=True, timeout=60)
+        except NotFoundError as error:
+            if not record_may_be_gone:
+                outcome.store = f"GetSession: {error}"
+            return
         except EesdError as error:
             outcome.store = f"GetSession: {error}"
             return

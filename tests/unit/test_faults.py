@@ -5,8 +5,19 @@ import socket
 import threading
 
 import pytest
+from eesd_client.errors import NotFoundError
 
-from loadtest.faults import DEFAULT_TRIALS, FAULTS, TcpProxy, align, parse_plan, percentiles, running_calls
+from loadtest.faults import (
+    DEFAULT_TRIALS,
+    FAULTS,
+    FaultBench,
+    SessionOutcome,
+    TcpProxy,
+    align,
+    parse_plan,
+    percentiles,
+    running_calls,
+)
 from serving.local_stack import LocalStack, free_port
 
 
@@ -120,3 +131,21 @@ def test_local_stack_with_two_controllers_sharing_redis_behind_a_proxy(tmp_path)
     assert redis[redis.index("--dir") + 1] == str(tmp_path)
     single = LocalStack(tmp_path / "model", 1, log_dir=tmp_path)
     assert len(single.by_role("controller")) == 1 and single.controller_target == f"ipv4:{single.controller_address}"
+
+
+@pytest.mark.parametrize(("hit", "may_be_gone", "mismatch"), [(True, False, True), (False, True, False)])
+def test_a_record_redis_lost_with_its_data_is_a_mismatch_only_if_it_should_have_been_written_back(
+    hit, may_be_gone, mismatch
+):
+    """A session that ended before Redis started again empty has no record left, by design; one still
+    running then must have been written back by its controller."""
+
+    class Client:
+        def get_session(self, session_id, **kwargs):
+            raise NotFoundError(f"session {session_id!r} not found")
+
+    bench = FaultBench(None, None, [[1, 2]], lambda prompt, n: [3] * n, max_new_tokens=2)
+    outcome = SessionOutcome("s", 0, tokens=[3, 3], hit=hit)
+    bench._check(Client(), outcome, record_may_be_gone=may_be_gone)
+    assert outcome.identical and bool(outcome.store) == mismatch
+    assert outcome.store.startswith("GetSession: ") or not mismatch
