@@ -49,7 +49,7 @@ from pathlib import Path
 
 import torch
 
-from bench.suite import machine
+from bench.suite import machine, percentile, ratio_of_pairs
 from eesd import hardware
 from eesd.drafter import Drafter
 from eesd.engine import SpeculativeEngine
@@ -70,16 +70,6 @@ FIXED_COLORS = ["#dd8452", "#937860", "#da8bc3", "#8172b3", "#ccb974"]
 LINESTYLES = {"batched": "-", "single": "--"}
 BATCH_LABELS = {"batched": "batched", "single": "one at a time"}
 MARKERS = {"in-process": "o", "stack": "s"}
-
-
-def percentile(values: list[float], q: float) -> float:
-    ordered = sorted(values)
-    return ordered[min(len(ordered) - 1, int(q * len(ordered)))] if ordered else 0.0
-
-
-def ratio_of_pairs(numerators: list[float], denominators: list[float]) -> float:
-    """Median over repetitions of the ratio within each one: robust to a machine that drifts between them."""
-    return statistics.median(a / b for a, b in zip(numerators, denominators, strict=True))
 
 
 def policy_arms(names: list[str], fixed_ks: list[int], k_max: int) -> dict[str, PolicyParams]:

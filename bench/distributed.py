@@ -25,7 +25,7 @@ from pathlib import Path
 import torch
 from eesd_client import EesdClient
 
-from bench.suite import machine
+from bench.suite import machine, percentile, ratio_of_pairs
 from eesd import hardware
 from eesd.drafter import Drafter
 from eesd.engine import SpeculativeEngine
@@ -37,19 +37,8 @@ from loadtest.scrape import P, scrape
 from serving.local_stack import LocalStack
 from serving.models import ServedModel, default_model
 
-
-def percentile(values: list[float], q: float) -> float:
-    ordered = sorted(values)
-    return ordered[min(len(ordered) - 1, int(q * len(ordered)))] if ordered else 0.0
-
-
 ARMS = {"pipelined": (), "unpipelined": ("--pipeline", "false")}  # distributed arm -> drafter flags
 SPLIT = ("draft", "verify", "transport", "controller")
-
-
-def ratio_of_pairs(numerators: list[float], denominators: list[float]) -> float:
-    """Median over repetitions of the ratio within each one: robust to a machine that drifts between them."""
-    return statistics.median(a / b for a, b in zip(numerators, denominators, strict=True))
 
 
 def concurrent_rate(client: EesdClient, requests: list[list[int]], concurrency: int, **kwargs) -> float:

@@ -70,6 +70,17 @@ class BenchConfig:
         return [m for m in methods if self.include_hf or m.kind == "ours"]
 
 
+def ratio_of_pairs(numerators: list[float], denominators: list[float]) -> float:
+    """Median over repetitions of the ratio within each one: robust to a machine that drifts between them."""
+    return statistics.median(a / b for a, b in zip(numerators, denominators, strict=True))
+
+
+def percentile(values: list[float], q: float) -> float:
+    """The q-quantile of `values` by rank (0.0 when there are none)."""
+    ordered = sorted(values)
+    return ordered[min(len(ordered) - 1, int(q * len(ordered)))] if ordered else 0.0
+
+
 def machine() -> dict:
     """The machine a benchmark ran on (loadtest.environment's record) and the torch it ran with (eesd.hardware's:
     threads, CPU kernels, CUDA device, what dtype auto chooses)."""
@@ -122,7 +133,7 @@ def _summary(method: Method, per_rep: list[list[Run]], baselines: dict[str, list
     }
     for base_name, base_runs in baselines.items():
         base_tps = [sum(len(x.tokens) for x in runs) / sum(x.seconds for x in runs) for runs in base_runs]
-        out[f"speedup_vs_{base_name}"] = statistics.median(a / b for a, b in zip(tps, base_tps, strict=True))
+        out[f"speedup_vs_{base_name}"] = ratio_of_pairs(tps, base_tps)
     if reference is not None:  # same tokens as our autoregressive path, prompt by prompt
         pairs = zip((x for runs in per_rep for x in runs), (r for refs in reference for r in refs), strict=True)
         same = [x.tokens == ref.tokens for x, ref in pairs]
@@ -282,13 +293,10 @@ def headline(result: dict) -> dict:
     assisted = [n for n in greedy if greedy[n]["kind"] == "hf-assisted-ee"]
     if assisted:
         best_hf = max(assisted, key=lambda n: greedy[n]["tokens_per_second"])
-        pairs = zip(
-            greedy[method]["tokens_per_second_per_repetition"],
-            greedy[best_hf]["tokens_per_second_per_repetition"],
-            strict=True,
-        )
         out["best_hf_assisted"] = best_hf
-        out["speedup_vs_best_hf_assisted"] = statistics.median(a / b for a, b in pairs)
+        out["speedup_vs_best_hf_assisted"] = ratio_of_pairs(
+            greedy[method]["tokens_per_second_per_repetition"], greedy[best_hf]["tokens_per_second_per_repetition"]
+        )
     spec = {n: r for n, r in greedy.items() if r["kind"] == "ours" and r["policy"] != "off"}
     fixed = {n: r for n, r in spec.items() if r["policy"] == "fixed"}
     if fixed:  # an oracle: the best k is chosen on the evaluation prompts
