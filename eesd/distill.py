@@ -343,9 +343,7 @@ def distill(cfg: DistillConfig, resume: bool = True, progress: bool = True, mode
             for group in optimizer.param_groups:
                 group["lr"] = _lr(step, cfg)
             loss = _losses(head, h_n, h_out, mask, autocast)["kl"]
-            history.append(loss.item())
-            if not math.isfinite(history[-1]):
-                raise TrainingDiverged("distillation", step, history[-1])
+            history.append(TrainingDiverged.check("distillation", step, loss.item()))
             optimizer.zero_grad(set_to_none=True)
             loss.backward()
             torch.nn.utils.clip_grad_norm_(head.layer.parameters(), 1.0)

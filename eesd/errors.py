@@ -2,6 +2,8 @@
 stays free of gRPC; services turn it into a status in a single interceptor, and the controller records
 it in a failed session."""
 
+import math
+
 
 class EesdError(Exception):
     """Base of every error the core raises on purpose."""
@@ -75,6 +77,13 @@ class TrainingDiverged(EesdError):
 
     def __init__(self, what: str, step: int, loss: float):
         super().__init__(f"{what} diverged at step {step} (loss {loss}); nothing was saved: lower the learning rate")
+
+    @classmethod
+    def check(cls, what: str, step: int, loss: float) -> float:
+        """`loss` when it is finite; raised otherwise, at the first step whose loss is not."""
+        if not math.isfinite(loss):
+            raise cls(what, step, loss)
+        return loss
 
 
 # Every class that names its own status, most specific first (a peer's status maps back to the first match).

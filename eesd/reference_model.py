@@ -210,9 +210,7 @@ def train(model: LlamaForCausalLM, blocks: torch.Tensor, recipe: Recipe, progres
     with Progress(recipe.steps, "build: training", unit="step", enabled=progress) as bar:
         for step, index in enumerate(batch_schedule(len(blocks), recipe.batch_size, recipe.steps, recipe.seed)):
             loss = _loss(model, blocks[index], recipe.bf16_autocast)
-            losses.append(loss.item())
-            if not math.isfinite(losses[-1]):
-                raise TrainingDiverged("the model's training", step, losses[-1])
+            losses.append(TrainingDiverged.check("the model's training", step, loss.item()))
             loss.backward()
             torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
             optimizer.step()
