@@ -165,6 +165,14 @@ SHORT_ROW = 16
 PADDED_POSITIONS = 8192
 
 
+@dataclass(frozen=True)
+class Gather:
+    """Where a padded group's keys and values lie in the pool, and the scratch they are gathered into."""
+
+    index: torch.Tensor  # (B * kv_heads * L,) rows of a layer's (kv_heads * pool, hd) view
+    into: tuple[torch.Tensor, torch.Tensor]  # (B * kv_heads, L, hd) each, for keys and values
+
+
 @dataclass
 class PaddedRows:
     """A group of a pass's short rows as one padded attention batch: B rows of at most Q new tokens over at
@@ -176,11 +184,10 @@ class PaddedRows:
     queries: torch.Tensor | None  # (B * Q,) each padded query's token in the packed batch
     outputs: torch.Tensor | None  # (T_short,) each of the rows' tokens' place among the padded queries
     tokens: torch.Tensor | None  # (T_short,) the same tokens' places in the packed batch
-    keys: torch.Tensor | slice  # (B * kv_heads * L,) rows of a layer's (kv_heads * pool, hd) view
+    keys: slice | Gather  # a lone row's consecutive slots (L of them), or the group's gather
     masks: dict[int | None, torch.Tensor | None]  # per attention window: (B, 1, 1, Q, L) additive, 0 or -inf
     shape: tuple[int, int, int]  # B, Q, L
-    gathered: tuple[torch.Tensor, torch.Tensor] | None  # (B * kv_heads, L, hd) each, for keys and values
-    upcast: tuple[torch.Tensor, torch.Tensor] | None  # the same in fp32 (None for an fp32 pool)
+    upcast: tuple[torch.Tensor, torch.Tensor] | None  # (B * kv_heads, L, hd) each in fp32 (None: fp32 pool)
 
 
 @dataclass
@@ -219,13 +226,17 @@ def pack(rows: list[Row], windows: set[int | None], scratch: Scratch | None) -> 
     positions_t = torch.tensor(positions, device=device)
     short = [i for i, (start, end) in enumerate(spans) if end - start <= SHORT_ROW] if scratch else []
     groups = _group(short, ends)
+    lengths = [max(ends[i] for i in group) for group in groups]
     if groups:  # sized for the largest group first, so that one buffer serves them all
         kv_row = pool.keys.shape[1] * pool.keys.shape[-1]  # kv_heads * head_dim
-        numel = max(len(group) * max(ends[i] for i in group) for group in groups) * kv_row
+        numel = max(len(group) * length for group, length in zip(groups, lengths, strict=True)) * kv_row
         scratch.pair("gathered", (numel,), pool.keys.dtype, device)
         if pool.keys.dtype != torch.float32:
             scratch.pair("upcast", (numel,), torch.float32, device)
-    padded = [_pad([(spans[i], ends[i], caches[i]) for i in group], offset, pool, windows, scratch) for group in groups]
+    padded = [
+        _pad([(spans[i], ends[i], caches[i]) for i in group], length, offset, pool, windows, scratch)
+        for group, length in zip(groups, lengths, strict=True)
+    ]
     long_rows = [i for i in range(len(rows)) if i not in set(short)]
     return PackedPass(pool, spans, pasts, reads, positions_t, _cat(slots, 0), max(ends), padded, long_rows)
 
@@ -247,19 +258,20 @@ def _group(short: list[int], ends: list[int]) -> list[list[int]]:
 
 def _pad(
     rows: list[tuple[tuple[int, int], int, KVCache]],
+    length: int,
     num_tokens: int,
     pool: KVPool,
     windows: set[int | None],
     scratch: Scratch,
 ) -> PaddedRows:
-    """rows: (span in the packed batch, past + new, cache) of each short row; num_tokens: T of the whole
-    pass. Builds only what the pass needs (it runs before every draft step): most passes are one row, or
-    rows of one width that are the whole pass."""
+    """rows: (span in the packed batch, past + new, cache) of each short row; length: the longest past +
+    new among them; num_tokens: T of the whole pass. Builds only what the pass needs (it runs before every
+    draft step): most passes are one row, or rows of one width that are the whole pass."""
     device = pool.keys.device
     spans = [span for span, _, _ in rows]
     widths = [end - start for start, end in spans]
     ends = [end for _, end, _ in rows]
-    num_rows, width, length = len(rows), max(widths), max(ends)
+    num_rows, width = len(rows), max(widths)
     as_tensor = lambda values: torch.tensor(values, device=device)  # noqa: E731
     queries = outputs = tokens = None
     if sum(widths) != num_tokens or min(widths) != width:  # queries padded, or long rows in the pass
@@ -269,17 +281,14 @@ def _pad(
         outputs = as_tensor([b * width + i for b, n in enumerate(widths) for i in range(n)])
         tokens = as_tensor([t for start, end in spans for t in range(start, end)])
     shape = (num_rows * pool.keys.shape[1], length, pool.keys.shape[-1])  # (B * kv_heads, L, hd)
-    lone = rows[0][2].slots(0, length) if num_rows == 1 else None
-    gathered = None
-    if isinstance(lone, slice):
-        keys = lone
-    else:
+    keys = rows[0][2].slots(0, length) if num_rows == 1 else None
+    if not isinstance(keys, slice):
         tables = [cache.table[:end] for (_, _, cache), end in zip(rows, ends, strict=True)]
-        keys = _flat_slots(torch.stack([torch.cat([t, t[:1].expand(length - len(t))]) for t in tables]), pool)
-        gathered = scratch.pair("gathered", shape, pool.keys.dtype, device)
+        index = _flat_slots(torch.stack([torch.cat([t, t[:1].expand(length - len(t))]) for t in tables]), pool)
+        keys = Gather(index, scratch.pair("gathered", shape, pool.keys.dtype, device))
     upcast = None if pool.keys.dtype == torch.float32 else scratch.pair("upcast", shape, torch.float32, device)
     masks = {window: _bias(widths, ends, width, length, window, device) for window in windows}
-    return PaddedRows(queries, outputs, tokens, keys, masks, (num_rows, width, length), gathered, upcast)
+    return PaddedRows(queries, outputs, tokens, keys, masks, (num_rows, width, length), upcast)
 
 
 def _bias(
@@ -329,12 +338,12 @@ def padded_attention(
     q = query if rows.queries is None else query.index_select(0, rows.queries)
     q = q.view(num_rows, width, kv_heads, per_kv, head_dim).permute(0, 2, 3, 1, 4)
     q = q.reshape(num_rows * kv_heads, per_kv * width, head_dim).to(torch.float32, copy=True).mul_(scale)
-    if rows.gathered is None:  # one row, its cache in consecutive slots: read in place
+    if isinstance(rows.keys, slice):  # one row, its cache in consecutive slots: read in place
         k, v = keys[:, rows.keys], values[:, rows.keys]  # (kv_heads, L, hd), views
     else:
-        k, v = rows.gathered
-        torch.index_select(keys.view(-1, head_dim), 0, rows.keys, out=k.view(-1, head_dim))
-        torch.index_select(values.view(-1, head_dim), 0, rows.keys, out=v.view(-1, head_dim))
+        k, v = rows.keys.into
+        torch.index_select(keys.view(-1, head_dim), 0, rows.keys.index, out=k.view(-1, head_dim))
+        torch.index_select(values.view(-1, head_dim), 0, rows.keys.index, out=v.view(-1, head_dim))
     if rows.upcast is not None:
         k, v = rows.upcast[0].copy_(k), rows.upcast[1].copy_(v)
     scores = torch.bmm(q, k.transpose(1, 2))  # (B * kv_heads, per_kv * Q, L)
