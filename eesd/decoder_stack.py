@@ -281,8 +281,11 @@ def _pad(
         outputs = as_tensor([b * width + i for b, n in enumerate(widths) for i in range(n)])
         tokens = as_tensor([t for start, end in spans for t in range(start, end)])
     shape = (num_rows * pool.keys.shape[1], length, pool.keys.shape[-1])  # (B * kv_heads, L, hd)
-    keys = rows[0][2].slots(0, length) if num_rows == 1 else None
-    if not isinstance(keys, slice):
+    lone = rows[0][2].slots(0, length) if num_rows == 1 else None
+    keys: slice | Gather
+    if isinstance(lone, slice):
+        keys = lone
+    else:
         tables = [cache.table[:end] for (_, _, cache), end in zip(rows, ends, strict=True)]
         index = _flat_slots(torch.stack([torch.cat([t, t[:1].expand(length - len(t))]) for t in tables]), pool)
         keys = Gather(index, scratch.pair("gathered", shape, pool.keys.dtype, device))
