@@ -34,11 +34,12 @@ def accept_greedy(target_logits: torch.Tensor, draft: torch.Tensor) -> Acceptanc
 def accept_stochastic(
     p: torch.Tensor, q: torch.Tensor, draft: torch.Tensor, generator: torch.Generator
 ) -> AcceptanceResult:
-    """p: (k+1, vocab) target probs; q: (k, vocab) draft probs; draft: (k,) token ids."""
+    """p: (k+1, vocab) target probs; q: (k, vocab) draft probs; draft: (k,) token ids; all on one device.
+    `generator` draws on the CPU (eesd.sampling.round_generator) wherever p lies."""
     k = draft.shape[0]
-    rows = torch.arange(k)
+    rows = torch.arange(k, device=p.device)
     p_draft, q_draft = p[rows, draft], q[rows, draft]  # (k,)
-    u = torch.rand(k, generator=generator)
+    u = torch.rand(k, generator=generator, device=generator.device).to(p.device)
     accepted = accepted_prefix(u * q_draft < p_draft)  # u < p/q without dividing by a zero q
     if accepted == k:
         return AcceptanceResult(k, sample(p[k], generator))

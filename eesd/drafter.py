@@ -58,7 +58,6 @@ class Drafter:
         self.stack = build_stack(self.config, reader, list(range(exit_layer)), torch_dtype, device, [exit_state])
         self.sessions = self.stack.new_pool(kv_tokens or None, max_sessions)
         self.draft_top_k = draft_top_k
-        self.device = device
 
     def propose(self, request: DraftRequest, stop: Callable[[], bool] = lambda: False) -> DraftBlock:
         """`propose_job` alone."""
@@ -78,7 +77,7 @@ class Drafter:
         check_token_ids("pending_tokens", request.pending, self.config.vocab_size)
         request.sampling.validate()  # the internal API checks what the controller would have
         policy, rng = round_policy(request, measured_cost)
-        generator = round_generator(request.seed, request.round_index, "draft", self.device)
+        generator = round_generator(request.seed, request.round_index, "draft")
         cache = self.sessions.at_base(request.key, request.base_length, request.pending)
         budget = min(policy.begin_round(rng) if budget is None else min(budget, policy.k_max), request.max_tokens)
         logits = (yield Row(request.pending, cache, len(request.pending) - 1))[-1]  # (vocab,)

@@ -49,8 +49,8 @@ def densify(q_ids: list[list[int]], q_probs: list[list[float]], vocab_size: int)
 
 
 def sample(probs: torch.Tensor, generator: torch.Generator) -> int:
-    """probs: (vocab,) -> one token id."""
-    return int(torch.multinomial(probs, 1, generator=generator))
+    """probs: (vocab,) on any device -> one token id, drawn where `generator` is (the CPU)."""
+    return int(torch.multinomial(probs.to(generator.device), 1, generator=generator))
 
 
 def round_seed(seed: int, round_index: int, stream: str) -> int:
@@ -63,5 +63,8 @@ def round_seed(seed: int, round_index: int, stream: str) -> int:
     return int.from_bytes(digest, "little") >> 1
 
 
-def round_generator(seed: int, round_index: int, stream: str, device: str | torch.device = "cpu") -> torch.Generator:
-    return torch.Generator(device=device).manual_seed(round_seed(seed, round_index, stream))
+def round_generator(seed: int, round_index: int, stream: str) -> torch.Generator:
+    """The round's stream as a CPU generator, whatever device the model runs on: CUDA and CPU generators
+    draw different numbers from one seed, so a seeded request samples the same on either (given the same
+    logits), and only a few numbers and one row of probabilities per round cross to the host."""
+    return torch.Generator().manual_seed(round_seed(seed, round_index, stream))

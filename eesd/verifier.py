@@ -59,7 +59,6 @@ class Verifier:
         )
         self.stack = build_stack(self.config, reader, list(range(self.config.num_hidden_layers)), torch_dtype, device)
         self.sessions = self.stack.new_pool(kv_tokens or None, max_sessions)
-        self.device = device
 
     def verify(self, request: VerifyRequest) -> Verdict:
         """`verify_job` alone."""
@@ -75,12 +74,12 @@ class Verifier:
         cache = self.sessions.at_base(request.key, request.base_length, request.pending)
         # Row i of the logits predicts draft i; the last row predicts the bonus token.
         logits = yield Row(request.pending + draft.tokens, cache, len(request.pending) - 1)  # (k + 1, vocab)
-        tokens = torch.tensor(draft.tokens, dtype=torch.long)
+        tokens = torch.tensor(draft.tokens, dtype=torch.long, device=logits.device)
         if sampling.greedy:
             result = accept_greedy(logits, tokens)
         else:
-            generator = round_generator(request.seed, request.round_index, "verify", self.device)
-            q = densify(draft.q_ids or [], draft.q_probs or [], self.config.vocab_size)  # (k, vocab)
+            generator = round_generator(request.seed, request.round_index, "verify")
+            q = densify(draft.q_ids or [], draft.q_probs or [], self.config.vocab_size).to(logits.device)  # (k, vocab)
             result = accept_stochastic(target_probs(logits, sampling), q, tokens, generator)
         cache.crop(request.base_length + len(request.pending) + result.accepted)
         logprobs = None

@@ -1,3 +1,5 @@
+import os
+
 import pytest
 import torch
 from transformers import AutoModelForCausalLM
@@ -5,6 +7,10 @@ from transformers import AutoModelForCausalLM
 from eesd.tiny import save_tiny_model
 
 torch.set_num_threads(1)  # tiny models run fastest single-threaded; keeps parallel test processes fair
+# Where the engine tests run their drafters and verifiers (greedy equality, batching, sampling): the CPU
+# here and in CI; a GPU machine runs the same tests with EESD_TEST_DEVICE=cuda (tests/gpu_check.sh). The
+# oracle, hf_greedy, always runs on the CPU.
+DEVICE = os.environ.get("EESD_TEST_DEVICE", "cpu")
 
 
 @pytest.fixture(scope="session")

@@ -9,7 +9,7 @@ from eesd.engine import SpeculativeEngine
 from eesd.errors import ResourceExhausted
 from eesd.params import GenerationParams, PolicyParams, SamplingParams
 from eesd.verifier import Verifier
-from tests.conftest import hf_greedy
+from tests.conftest import DEVICE, hf_greedy
 
 ARCHS = ("llama", "qwen2", "mistral")
 # Ragged on purpose: a one-token prompt, one past Mistral's window of 48, and others in between.
@@ -19,7 +19,7 @@ PROMPTS = [[5], [(7 * i + 3) % 380 + 3 for i in range(70)], [9, 8, 7, 6], [(3 * 
 @pytest.mark.parametrize("arch", ARCHS)
 def test_every_session_of_a_batch_matches_hf_greedy(tiny_models, arch):
     model_dir = tiny_models[arch]
-    verifier, drafter = Verifier(model_dir), Drafter(model_dir, 2)
+    verifier, drafter = Verifier(model_dir, device=DEVICE), Drafter(model_dir, 2, device=DEVICE)
     engine = SpeculativeEngine(drafter, verifier, max_batch=3)  # the fourth prompt joins when one finishes
     params = [
         GenerationParams(30, policy=PolicyParams("beta-ts", k_max=5)),
@@ -36,7 +36,7 @@ def test_every_session_of_a_batch_matches_hf_greedy(tiny_models, arch):
 
 def test_a_seeded_session_draws_the_same_tokens_alone_and_in_any_batch(tiny_models):
     model_dir = tiny_models["llama"]
-    engine = SpeculativeEngine(Drafter(model_dir, 2), Verifier(model_dir))
+    engine = SpeculativeEngine(Drafter(model_dir, 2, device=DEVICE), Verifier(model_dir, device=DEVICE))
     seeded = GenerationParams(24, SamplingParams(temperature=0.9, top_k=40, seed=77), PolicyParams("fixed", k_max=3))
     alone = engine.generate(PROMPTS[3], seeded).token_ids
     others = GenerationParams(20, SamplingParams(temperature=1.0, seed=5), PolicyParams("beta-ts", k_max=4))
@@ -48,7 +48,7 @@ def test_a_seeded_session_draws_the_same_tokens_alone_and_in_any_batch(tiny_mode
 
 def test_pools_admit_what_they_can_hold_and_the_rest_waits(tiny_models):
     model_dir = tiny_models["llama"]
-    verifier, drafter = Verifier(model_dir), Drafter(model_dir, 2)
+    verifier, drafter = Verifier(model_dir, device=DEVICE), Drafter(model_dir, 2, device=DEVICE)
     # Room for two sessions of 64 reserved positions at a time (blocks of 16 positions).
     verifier.sessions = verifier.stack.new_pool(kv_tokens=128)
     drafter.sessions = drafter.stack.new_pool(kv_tokens=128)
@@ -80,7 +80,7 @@ def test_load_aware_sessions_of_a_lock_step_batch_draft_one_k(tiny_models, monke
     lock_step_budgets = eesd.engine.lock_step_budgets
     monkeypatch.setattr(eesd.engine, "lock_step_budgets", record)
     model_dir = tiny_models["llama"]
-    engine = SpeculativeEngine(Drafter(model_dir, 2), Verifier(model_dir))
+    engine = SpeculativeEngine(Drafter(model_dir, 2, device=DEVICE), Verifier(model_dir, device=DEVICE))
     aware = PolicyParams("beta-ts", k_max=6, options={"load_aware": 1.0})
     params = [GenerationParams(30, policy=aware)] * 3 + [GenerationParams(30, policy=PolicyParams("fixed", k_max=2))]
     results = engine.generate_batch(PROMPTS, params)

@@ -8,7 +8,7 @@ from eesd.drafter import Drafter
 from eesd.engine import SpeculativeEngine
 from eesd.params import POLICY_NAMES, GenerationParams, PolicyParams
 from eesd.verifier import Verifier
-from tests.conftest import hf_greedy
+from tests.conftest import DEVICE, hf_greedy
 
 ARCHS = ("llama", "qwen2", "mistral")
 PROMPTS = {"short": [5], "long": [(7 * i + 3) % 380 + 3 for i in range(70)]}  # long > mistral's window of 48
@@ -17,12 +17,12 @@ MAX_NEW = 40
 
 @functools.cache
 def _verifier(model_dir) -> Verifier:
-    return Verifier(model_dir)
+    return Verifier(model_dir, device=DEVICE)
 
 
 @functools.cache
 def _drafter(model_dir, n: int) -> Drafter:
-    return Drafter(model_dir, n)
+    return Drafter(model_dir, n, device=DEVICE)
 
 
 @pytest.mark.parametrize("arch", ARCHS)
