@@ -31,7 +31,7 @@ anything; the issue's targets are computed and printed as measured facts, never 
     python -m bench.concurrency [--concurrency 1,2,4,8,16,32] [--max-new-tokens 64] [--repetitions 1]
                                 [--policies off,fixed,beta-ts,load-aware] [--fixed-k 2,4]
                                 [--settings in-process,stack] [--batching batched,single] [--max-batch 64]
-                                [--dtype auto] [--threads 1] [--model-dir DIR --exit-layer N]
+                                [--dtype auto] [--device cpu] [--threads 1] [--model-dir DIR --exit-layer N]
 """
 
 import argparse
@@ -269,6 +269,7 @@ def run(
     requests_per_level: int = 8,
     repetitions: int = 1,
     dtype: str = "",
+    device: str = "cpu",
     threads: int = 1,
     redis: bool = True,
     max_batch: int = 64,
@@ -303,15 +304,15 @@ def run(
     with contextlib.ExitStack() as exits:
         engine = None
         if "in-process" in settings:
-            drafter = Drafter(model.model_dir, model.exit_layer, model.exit_head or None, dtype)
-            engine = SpeculativeEngine(drafter, Verifier(model.model_dir, dtype))
+            drafter = Drafter(model.model_dir, model.exit_layer, model.exit_head or None, dtype, device)
+            engine = SpeculativeEngine(drafter, Verifier(model.model_dir, dtype, device))
             for policy in arms.values():  # warm-up
                 engine.generate_batch(prompt_ids[:2], GenerationParams(8, policy=policy, stop_on_eos=False))
         addresses = {}
         for mode, flags in stack_flags.items():
             stack = LocalStack(model.model_dir, model.exit_layer, model.exit_head, dtype, redis=redis, threads=threads)
             for node in stack.by_role("drafter") + stack.by_role("verifier"):
-                node.args += flags
+                node.args += [*flags, "--device", device]
             exits.enter_context(stack)
             addresses[mode] = stack.controller_address
             for policy in arms.values():  # warm-up
@@ -361,8 +362,9 @@ def run(
         "model": str(model.model_dir),
         "exit_layer": model.exit_layer,
         "exit_head": model.exit_head,
-        "dtype": hardware.dtype_name(dtype),
+        "dtype": hardware.dtype_name(dtype, device),
         "dtype_requested": dtype,
+        "device": device,
         "source_tree": environment.source_tree(results_dir),
         "torch_threads": threads,
         "threads_per_process": threads,
@@ -581,6 +583,7 @@ def main() -> None:
     parser.add_argument("--repetitions", type=int, default=1)
     parser.add_argument("--temperature", type=float, default=0.0, help="0: greedy; > 0: seeded per request")
     parser.add_argument("--dtype", default="", help="default: the served model's (auto with --model-dir)")
+    parser.add_argument("--device", default="cpu", help=f"the drafters' and verifiers': {hardware.DEVICE_HELP}")
     parser.add_argument("--threads", type=int, default=1, help="torch threads here and per stack process")
     parser.add_argument("--memory-store", action="store_true", help="embedded state store instead of redis-server")
     parser.add_argument("--model-dir", help="default: serving.models.default_model() (reference model once built)")
@@ -607,6 +610,7 @@ def main() -> None:
         args.requests_per_level,
         args.repetitions,
         args.dtype,
+        args.device,
         args.threads,
         not args.memory_store,
         args.max_batch,

@@ -127,8 +127,8 @@ def cmd_generate(args: argparse.Namespace) -> int:
             requests = [(tokenizer(args.prompt)["input_ids"], params)]
         else:
             requests = [(parse_ids(args.prompt_ids), params)]
-    verifier = Verifier(args.model, dtype=args.dtype)
-    drafter = Drafter(args.model, args.exit_layer, args.exit_head, dtype=args.dtype)
+    verifier = Verifier(args.model, dtype=args.dtype, device=args.device)
+    drafter = Drafter(args.model, args.exit_layer, args.exit_head, dtype=args.dtype, device=args.device)
     engine = SpeculativeEngine(drafter, verifier, eos_ids(args.model), max_batch=args.max_batch)
     if args.prompts_file is not None:
         return _generate_file(engine, requests, tokenizer, args.output)
@@ -214,7 +214,7 @@ def add_distill_parser(sub) -> None:
     dist.add_argument("--lr", type=float, default=1e-3)
     dist.add_argument("--checkpoint-every", type=int, default=50)
     dist.add_argument("--seed", type=int, default=0)
-    dist.add_argument("--device", default="cpu", help="cpu or cuda")
+    dist.add_argument("--device", default="cpu", help=hardware.DEVICE_HELP)
     dist.add_argument("--dtype", default="auto", help=f"the target's dtype: {hardware.DTYPE_HELP}")
     dist.add_argument("--no-resume", action="store_true", help="ignore checkpoints and start over")
     dist.add_argument("--no-progress", action="store_true")
@@ -459,6 +459,7 @@ def build_parser() -> argparse.ArgumentParser:
         "max_new_tokens, temperature, top_p, top_k, seed; writes one JSON result per line",
     )
     gen.add_argument("--output", help="with --prompts-file: write the JSONL results here (default: stdout)")
+    gen.add_argument("--device", default="cpu", help=hardware.DEVICE_HELP)
     gen.add_argument(
         "--max-batch", type=at_least(1), default=64, help="sessions generated at once (continuous batching)"
     )

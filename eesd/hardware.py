@@ -21,6 +21,7 @@ from eesd.errors import InvalidArgument
 log = logging.getLogger(__name__)
 
 DTYPES = ("float32", "bfloat16", "float16")
+DEVICE_HELP = "cpu or cuda (the current CUDA GPU; cuda:N for another)"
 DTYPE_HELP = "auto (bfloat16 where the device computes it natively, else float32), float32, bfloat16 or float16"
 # The CPU flags a result records: the vector units, and the two that make bf16 native.
 CPU_FLAGS = ("avx2", "avx512f", "avx512_bf16", "avx512_vnni", "amx_tile", "amx_bf16", "amx_int8")

@@ -44,7 +44,7 @@ def test_in_process_sweep_is_lossless_and_complete(tiny_models):
     assert result["levels"]["1"]["in-process"]["batched"]["fixed-2"]["k_histogram"] == {
         "2": 8
     }  # 2 x 12 tokens, 3 a round
-    for key in ("machine", "model", "dtype", "source_tree", "load_average", "torch_threads"):
+    for key in ("machine", "model", "dtype", "device", "source_tree", "load_average", "torch_threads"):
         assert key in result
     assert {"avx512_bf16", "amx_bf16"} <= set(result["machine"]["cpu_flags"])
     checks = result["checks"]
