@@ -5,7 +5,10 @@ import torch
 from scipy.stats import chisquare
 
 from eesd.acceptance import accept_greedy, accept_stochastic, accepted_prefix
+from eesd.params import SamplingParams
+from eesd.rounds import DraftBlock, VerifyRequest
 from eesd.sampling import densify, sparse_top
+from eesd.verifier import Verifier
 
 
 def one_hot_logits(ids: list[int], vocab: int = 8) -> torch.Tensor:
@@ -85,3 +88,15 @@ def test_sparse_top_renormalises_and_drops_zeros():
     assert probs.sum().item() == pytest.approx(1.0)
     ids, probs = sparse_top(torch.tensor([0.5, 0.0, 0.3, 0.2]), 2)
     assert ids.tolist() == [0, 2] and probs.tolist() == pytest.approx([0.625, 0.375])
+
+
+@pytest.mark.parametrize("sampling", [SamplingParams(), SamplingParams(temperature=0.8, top_k=20, top_p=0.9)])
+def test_the_verifier_keeps_acceptance_on_the_models_device(tiny_models, sampling):
+    """The meta device stands in for a GPU (as in test_batched_forward.py): the verify pass and the rule run
+    up to their first read of a number on the host, which meta cannot give; a CPU tensor mixed in on the way
+    (the draft tokens, q, the uniforms) would fail earlier, with a device error."""
+    verifier = Verifier(tiny_models["llama"], device="meta")
+    q = ([[3, 4], [4, 9]], [[0.5, 0.5], [0.75, 0.25]]) if not sampling.greedy else (None, None)
+    draft = DraftBlock([3, 4], [0.5, 0.75], *q)
+    with pytest.raises(RuntimeError, match="cannot be called on meta tensors"):
+        verifier.verify(VerifyRequest("s", 0, 0, [5, 6], draft, seed=1, sampling=sampling))

@@ -21,9 +21,9 @@ def tokens(n: int, salt: int = 0) -> list[int]:
     return [(7 * i + 11 * salt + 3) % 380 + 3 for i in range(n)]
 
 
-def load(model_dir, lean: bool = True) -> DecoderStack:
+def load(model_dir, lean: bool = True, device: str = "cpu") -> DecoderStack:
     config, reader = load_config(model_dir), CheckpointReader.open(model_dir)
-    return build_stack(config, reader, list(range(config.num_hidden_layers)), torch.float32, "cpu", lean=lean)
+    return build_stack(config, reader, list(range(config.num_hidden_layers)), torch.float32, device, lean=lean)
 
 
 def opened(stack: DecoderStack, pool: KVPool, session_id: str, context: int, reserve: int | None = None) -> KVCache:
@@ -113,6 +113,32 @@ def test_session_on_scattered_blocks_equals_one_on_consecutive_blocks(tiny_model
             stack(tokens(context), cache)
     # e's new positions 14..19 cross from its first block into its second.
     check_batch_equals_alone(stack, [("e", tokens(6, salt=5), 0), ("b", [4, 5], 0)], batched, alone)
+
+
+@pytest.mark.parametrize("lean", [True, False])
+@pytest.mark.parametrize("arch", ARCHS)
+def test_a_pass_keeps_every_tensor_on_the_models_device(tiny_models, arch, lean):
+    """The meta device stands in for a GPU, which CI lacks: a tensor that a pass makes on the CPU (positions,
+    slots, masks, the rope table, a gather index) and mixes with the model's fails here as it would on
+    CUDA. The passes hold long and padded short rows, a session on scattered blocks, rollback, and context
+    past mistral's window."""
+    stack = load(tiny_models[arch], lean, device="meta")
+    pool = stack.new_pool(kv_tokens=8 * 16, max_sessions=4, block_size=16)
+    sessions = {"deep": pool.open("deep", 80), **{name: pool.open(name, 16) for name in ("x", "short", "z")}}
+    pool.close("x")
+    pool.close("z")
+    sessions["scattered"] = pool.open("scattered", 32)  # blocks 5 and 7
+    assert isinstance(sessions["scattered"].slots(0, 1), torch.Tensor)
+    passes = [
+        [("deep", tokens(70)), ("scattered", tokens(10)), ("short", tokens(3))],
+        [("deep", tokens(6, salt=1)), ("scattered", tokens(8, salt=2)), ("short", [7])],
+        [("deep", [9]), ("short", [5])],
+    ]
+    for i, rows in enumerate(passes):
+        out = stack.forward_batch([Row(new, sessions[name]) for name, new in rows])
+        assert [(logits.device.type, len(logits)) for logits in out] == [("meta", len(new)) for _, new in rows]
+        if i == 1:
+            sessions["deep"].crop(72)  # two of its six tokens rejected
 
 
 @pytest.mark.parametrize("lean", [True, False])
