@@ -66,5 +66,5 @@ def round_seed(seed: int, round_index: int, stream: str) -> int:
 def round_generator(seed: int, round_index: int, stream: str) -> torch.Generator:
     """The round's stream as a CPU generator, whatever device the model runs on: CUDA and CPU generators
     draw different numbers from one seed, so a seeded request samples the same on either (given the same
-    logits), and only a few numbers and one row of probabilities per round cross to the host."""
+    logits); a round moves only its few uniforms to the device and one row of probabilities to the host."""
     return torch.Generator().manual_seed(round_seed(seed, round_index, stream))

@@ -138,7 +138,7 @@ def test_a_pass_keeps_every_tensor_on_the_models_device(tiny_models, arch, lean)
         out = stack.forward_batch([Row(new, sessions[name]) for name, new in rows])
         assert [(logits.device.type, len(logits)) for logits in out] == [("meta", len(new)) for _, new in rows]
         if i == 1:
-            sessions["deep"].crop(72)  # two of its six tokens rejected
+            sessions["deep"].crop(72)  # its verify block: two of six drafts kept
 
 
 @pytest.mark.parametrize("lean", [True, False])
