@@ -9,7 +9,8 @@
 # It needs only torch, transformers, scipy, pytest and pytest-timeout, and uses whichever `python3`
 # (or $PYTHON) holds them: these tests import neither the services nor tests/unit/conftest.py
 # (--noconftest; tests/conftest.py comes in as a plugin for its tiny models), so a GPU image that has
-# PyTorch but none of the serving stack runs them as it is. EESD_TEST_DEVICE=cpu runs the same command here.
+# PyTorch but none of the serving stack runs them as it is (tests/unit/test_gpu_check.py keeps it so).
+# EESD_TEST_DEVICE=cpu runs the same command here.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 python=${PYTHON:-python3}
