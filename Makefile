@@ -94,7 +94,8 @@ model: setup
 # of prompts from the model's training files). Cached: skipped while the head matches recipe and model build.
 EXIT_LAYER ?= 1
 REFERENCE  := .cache/reference-model
-EXIT_HEAD  := $(REFERENCE)-exit-head-n$(EXIT_LAYER)
+# eesd.heads owns the head directory's name; `=`, so it is asked only when a recipe runs (after setup).
+EXIT_HEAD   = $(shell $(BIN)/python -m eesd.heads $(REFERENCE) $(EXIT_LAYER))
 .PHONY: exit-head bench bench-concurrency
 exit-head: setup
 	$(BIN)/python -m eesd.cli model --skip-build --out $(REFERENCE) --exit-layer $(EXIT_LAYER)

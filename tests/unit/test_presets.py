@@ -121,6 +121,9 @@ def test_exit_heads_are_named_in_one_place(tmp_path):
         (tmp_path / name).mkdir()
     (tmp_path / "other-exit-head-n1").mkdir()
     assert head_dirs(model) == [head_dir(model, 1), head_dir(model, 12)]
+    # ... and the Makefile asks it (`make bench`'s --exit-head) rather than spelling the name again.
+    asked = subprocess.run([sys.executable, "-m", "eesd.heads", str(model), "12"], capture_output=True, text=True)
+    assert asked.returncode == 0 and asked.stdout == f"{head_dir(model, 12)}\n"
 
 
 def test_finding_the_served_model_imports_no_torch():
