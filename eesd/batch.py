@@ -69,6 +69,7 @@ class Batch:
         rows = [self._running[key][1] for key in keys]
         start = time.perf_counter()
         logits = self.stack.forward_batch(rows)
+        _synchronize(logits[0].device)
         self.on_pass(PassStats(len(rows), sum(len(row.input_ids) for row in rows), time.perf_counter() - start))
         finished = []
         for key, row_logits in zip(keys, logits, strict=True):
@@ -85,6 +86,14 @@ class Batch:
         except Exception as error:  # one job's failure is its own: the batch goes on
             return Finished(key, error=error)
         return None
+
+
+def _synchronize(device: torch.device) -> None:
+    """Waits for the device's queued work. A pass on a GPU returns once its kernels are queued, so its time,
+    which the load-aware rule fits pass costs to, is only taken after this; the jobs would wait for the
+    logits right after anyway."""
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
 
 
 def prefill_job(sessions: KVPool, key: str, base_length: int, token_ids: list[int]) -> Job[int]:
