@@ -591,6 +591,7 @@ def main() -> None:
     parser.add_argument("--exit-head", default="")
     parser.add_argument("--out", default="bench/results/concurrency")
     args = parser.parse_args()
+    hardware.check_device(args.device)
     model = None
     if args.model_dir:
         if args.exit_layer is None:

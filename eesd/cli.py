@@ -492,6 +492,8 @@ def main(argv: list[str] | None = None) -> int:
     try:
         if getattr(args, "model", None):  # every command's --model: a directory or a Hugging Face id
             args.model = str(fetch.resolve_model(args.model))
+        if getattr(args, "device", None) is not None:
+            hardware.check_device(args.device)
         if getattr(args, "dtype", None) == "auto":
             print(f"eesd: {hardware.describe_auto(getattr(args, 'device', 'cpu'))}", file=sys.stderr)
         return args.func(args)

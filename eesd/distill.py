@@ -58,10 +58,7 @@ class DistillConfig:
     gen_batch_size: int = 32
 
     def validate(self) -> None:
-        if self.device not in ("cpu", "cuda") and not self.device.startswith("cuda:"):
-            raise InvalidArgument("device", f"must be cpu or cuda, got {self.device!r}")
-        if self.device != "cpu" and not torch.cuda.is_available():
-            raise InvalidArgument("device", "cuda requested but no GPU is available")
+        hardware.check_device(self.device)
         for name in ("num_prompts", "prompt_len", "gen_len", "steps", "batch_size", "checkpoint_every"):
             if getattr(self, name) < 1:
                 raise InvalidArgument(name, f"must be >= 1, got {getattr(self, name)}")

@@ -67,6 +67,17 @@ def native_bf16(device: str = "cpu", cpuinfo: str | None = None) -> bool:
     raise InvalidArgument("device", f"must be cpu or cuda, got {device!r}")
 
 
+def check_device(device: str) -> None:
+    """A --device the command can run on: cpu, or cuda / cuda:N with a GPU present."""
+    if device not in ("cpu", "cuda") and not device.startswith("cuda:"):
+        raise InvalidArgument("device", f"must be cpu or cuda, got {device!r}")
+    if device != "cpu":
+        import torch
+
+        if not torch.cuda.is_available():
+            raise InvalidArgument("device", "cuda requested but no GPU is available")
+
+
 def dtype_name(name: str, device: str = "cpu") -> str:
     """The dtype `name` stands for on `device`: auto resolved by the rule above, the others as they are."""
     if name == "auto":

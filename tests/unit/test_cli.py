@@ -71,6 +71,8 @@ def test_console_script_reports_bad_input(tiny_models):
         (["--prompt-ids", "1,x"], "prompt_ids"),
         (["--prompt-ids", "1", "--policy", "guess"], "policy"),
         (["--prompt", "hello"], "no tokenizer"),
+        (["--prompt-ids", "1", "--dtype", "float32", "--device", "tpu"], "device: must be cpu or cuda"),
+        (["--prompt-ids", "1", "--device", "cuda"], "device: cuda requested but no GPU is available"),
     ],
 )
 def test_cli_bad_input(tiny_models, capsys, args, message):
