@@ -4,20 +4,16 @@ serving stack, so the code those tests load from this repository must import not
 import ast
 import importlib.metadata as metadata
 import json
-import re
 import subprocess
 import sys
 from pathlib import Path
 
 from packaging.requirements import Requirement
+from packaging.utils import canonicalize_name
 
 ROOT = Path(__file__).resolve().parents[2]
 GPU_TESTS = ("tests.unit.test_greedy_equality", "tests.unit.test_batched_engine", "tests.unit.test_engine_sampling")
 NEEDS = ("torch", "transformers", "scipy", "pytest", "pytest-timeout")  # what the script's header promises
-
-
-def _key(name: str) -> str:
-    return re.sub(r"[-_.]+", "-", name).lower()
 
 
 def requirement_closure(names: tuple[str, ...]) -> set[str]:
@@ -25,9 +21,9 @@ def requirement_closure(names: tuple[str, ...]) -> set[str]:
     seen, todo = set(), list(names)
     while todo:
         name = todo.pop()
-        if _key(name) in seen:
+        if canonicalize_name(name) in seen:
             continue
-        seen.add(_key(name))
+        seen.add(canonicalize_name(name))
         for line in metadata.requires(name) or []:
             requirement = Requirement(line)
             if requirement.marker is None or requirement.marker.evaluate({"extra": ""}):
@@ -53,6 +49,6 @@ def test_the_gpu_check_needs_only_torch_transformers_scipy_and_pytest():
                 imported.add(node.module.split(".")[0])
     third_party = imported - set(sys.stdlib_module_names) - {"eesd", "tests"}
     distributions, allowed = metadata.packages_distributions(), requirement_closure(NEEDS)
-    sources = {module: distributions.get(module, [module]) for module in third_party}
-    outside = {module: dists for module, dists in sources.items() if not {_key(d) for d in dists} & allowed}
+    sources = {module: {canonicalize_name(d) for d in distributions.get(module, [module])} for module in third_party}
+    outside = {module: dists for module, dists in sources.items() if not dists & allowed}
     assert not outside, f"tests/gpu_check.sh would need {outside}"
