@@ -47,6 +47,7 @@ def fast_stack(tiny_models, tmp_path_factory, require_redis):
         yield stack, proxy
 
 
+@pytest.mark.slow  # ~85 s: ten faults one after another on a stack of its own
 def test_every_fault_once_under_running_sessions(fast_stack, tiny_models):
     stack, proxy = fast_stack
     model = tiny_models["llama"]

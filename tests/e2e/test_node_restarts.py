@@ -156,6 +156,7 @@ def test_session_moves_off_a_hung_node(main_stack, main_model, role):
     assert all_alive(main_stack)
 
 
+@pytest.mark.slow  # ~25 s: restarts a verifier twice
 def test_sigterm_ends_a_verifier_with_open_streams_but_no_rounds_at_once(main_stack, main_model):
     """The drafters hold persistent VerifyStreams to every verifier they used; on SIGTERM a verifier ends
     them once their rounds in flight are answered instead of waiting out its grace period for them."""

@@ -2,10 +2,13 @@
 the pipelined drafter's lookaheads are counted, and the report has every part the docs quote, with the
 commit and load it ran at."""
 
+import pytest
+
 from bench.distributed import SPLIT, run
 from serving.models import ServedModel
 
 
+@pytest.mark.slow  # ~30 s: two whole stacks, one after the other
 def test_distributed_bench_on_a_tiny_model(tiny_models):
     model = ServedModel(tiny_models["llama"], 3, "", "float32", [[5, 6, 7, 8], [300, 200, 100]])
     result = run(1, 24, "fixed", 2, 1, redis=False, dtype="", concurrency=[2], model=model)

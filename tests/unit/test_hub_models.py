@@ -51,6 +51,7 @@ def test_a_local_directory_is_used_as_it_is_and_anything_else_must_be_an_id(tiny
         fetch.resolve_model("org--x/name", "model_dir")
 
 
+@pytest.mark.slow  # ~40 s: four `eesd generate` processes, each loading torch
 def test_generate_from_a_hub_id_equals_the_local_directory_and_then_runs_offline(tiny_models, tmp_path, capsys):
     model, hf_home = tiny_models["llama"], tmp_path / "hf-home"
     assert main([*GENERATE, "--model", str(model), "--json"]) == 0

@@ -20,6 +20,7 @@ def spin_count(args: list[str], **env: str) -> str:
     return lines[-1].split("=")[1].strip().strip("'")
 
 
+@pytest.mark.slow  # ~30 s: four Python processes, each loading torch
 def test_training_entry_points_wait_passively(tmp_path):
     assert spin_count(["-c", "import eesd.cli, torch"]) != "0"  # libgomp's default (spin, then sleep) for inference
     assert spin_count(["-c", "from eesd.threads import for_training; for_training(); import torch"]) == "0"
