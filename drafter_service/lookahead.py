@@ -31,6 +31,9 @@ from serving.node import ModelNode
 log = logging.getLogger(__name__)
 
 Send = Callable[[DraftRequest, DraftBlock], Awaitable]  # a round's request and block -> the verifier's answer
+# A round's request and verifier -> what load-aware policies size its block by: the draft cost ratio
+# measured now (None before there is a measurement) and the node's recent verdicts as pseudo-counts.
+Sizing = Callable[[DraftRequest, str], tuple[float | None, tuple[float, float]]]
 
 
 @dataclass
@@ -61,9 +64,9 @@ class Lookaheads:
         self,
         node: ModelNode,
         enabled: bool = True,
-        cost: Callable[[DraftRequest, str], float | None] = lambda request, verifier: None,
+        sizing: Sizing = lambda request, verifier: (None, (0.0, 0.0)),
     ):
-        self.node, self.enabled, self.cost = node, enabled, cost
+        self.node, self.enabled, self.sizing = node, enabled, sizing
         # Keyed by the node's session key (id and owner), like the KV pool.
         self._sessions: dict[str, dict[int, _Lookahead]] = {}  # session -> round drafted ahead -> lookahead
         # Blocks whose step 1 waits for the verdict (the node was busy), then for the next round if due.
@@ -77,8 +80,9 @@ class Lookaheads:
         stop: Callable[[], bool] = lambda: False,
         op: str = "propose",
     ) -> Awaitable[DraftBlock]:
-        """Drafts `request` in the node's passes, sized by the draft cost measured now with this verifier."""
-        job = self.node.model.propose_job(request, stop, self.cost(request, verifier_address))
+        """Drafts `request` in the node's passes, sized by the load measured now with this verifier."""
+        measured_cost, pooled = self.sizing(request, verifier_address)
+        job = self.node.model.propose_job(request, stop, measured_cost, pooled=pooled)
         return self.node.run_job(job, op, request.key, len(request.pending))
 
     def _lookahead(

@@ -13,6 +13,7 @@ from eesd.errors import InvalidArgument
 from eesd.kv_cache import CacheBehind
 from eesd.load import NodeLoad, draft_cost_ratio
 from eesd.params import session_key
+from eesd.policies import VerdictPool
 from eesd.rounds import DraftBlock, DraftRequest, RoundStats
 from eesd.session import drafter_cache_after
 from eesd_proto.eesd.v1 import common_pb2, drafter_pb2, drafter_pb2_grpc, verifier_pb2
@@ -37,8 +38,9 @@ class DrafterServicer(SessionRpcs, drafter_pb2_grpc.DrafterServiceServicer):
     ):
         self.node, self.peers = node, peers
         self.verify_timeout_s, self.verifiers = verify_timeout_s, verifiers
-        self.lookaheads = Lookaheads(node, pipeline, self.draft_cost)
+        self.lookaheads = Lookaheads(node, pipeline, self.sizing)
         self._verifier_loads: dict[str, NodeLoad] = {}  # verifier address -> its load in its last verdict
+        self.verdicts = VerdictPool()  # the recent verdicts on this node's blocks, whatever their session
         self._links: VerifierLinks | None = None
 
     def links(self) -> VerifierLinks:
@@ -79,6 +81,7 @@ class DrafterServicer(SessionRpcs, drafter_pb2_grpc.DrafterServiceServicer):
         verdict = answer.verdict
         if verdict.HasField("load"):
             self._verifier_loads[request.verifier_address] = convert.load_from_proto(verdict.load)
+        self.verdicts.add(len(block.tokens), verdict.accepted)
         covers_block = await self.lookaheads.settle(
             draft_request, verdict.accepted == len(block.tokens), verdict.next_token
         )
@@ -106,14 +109,14 @@ class DrafterServicer(SessionRpcs, drafter_pb2_grpc.DrafterServiceServicer):
             ),
         )
 
-    def draft_cost(self, request: DraftRequest, verifier_address: str) -> float | None:
-        """The marginal cost ratio of a draft token for `request`'s round, verified by `verifier_address`
-        (eesd.load), None until both this node and that verifier have measured their passes. Draft checked
-        the request's overhead."""
+    def sizing(self, request: DraftRequest, verifier_address: str) -> tuple[float | None, tuple[float, float]]:
+        """What sizes a load-aware block for `request`'s round, verified by `verifier_address`: the marginal
+        cost ratio of a draft token (eesd.load), None until both this node and that verifier have measured
+        their passes (Draft checked the request's overhead), and the recent verdicts (VerdictPool.prior)."""
         verifier, own = self._verifier_loads.get(verifier_address), self.node.load_now()
         if verifier is None or own is None:
-            return None
-        return draft_cost_ratio(verifier, own, request.round_overhead_s)
+            return None, self.verdicts.prior()
+        return draft_cost_ratio(verifier, own, request.round_overhead_s), self.verdicts.prior()
 
     @staticmethod
     async def _verify(

@@ -69,14 +69,16 @@ class Drafter:
         stop: Callable[[], bool] = lambda: False,
         measured_cost: float | None = None,
         budget: int | None = None,
+        pooled: tuple[float, float] = (0.0, 0.0),
     ) -> Job[DraftBlock]:
         """Feeds the pending tokens, then drafts token by token while the policy says so: one row per step,
         so sessions batched together stop at their own k. `stop` is asked between drafts; when it says so,
-        drafting ends with DraftStopped. `measured_cost` is the draft cost ratio for load-aware policies;
-        `budget` the k a batch drafting in lock step chose for this session instead of its policy's bound."""
+        drafting ends with DraftStopped. `measured_cost` (the draft cost ratio) and `pooled` (the recent
+        verdicts, VerdictPool.prior) are what load-aware policies size blocks by; `budget` the k a batch
+        drafting in lock step chose for this session instead of its policy's bound."""
         check_token_ids("pending_tokens", request.pending, self.config.vocab_size)
         request.sampling.validate()  # the internal API checks what the controller would have
-        policy, rng = round_policy(request, measured_cost)
+        policy, rng = round_policy(request, measured_cost, pooled)
         generator = round_generator(request.seed, request.round_index, "draft")
         cache = self.sessions.at_base(request.key, request.base_length, request.pending)
         budget = min(policy.begin_round(rng) if budget is None else min(budget, policy.k_max), request.max_tokens)
@@ -134,10 +136,12 @@ class Drafter:
         return next_draft_request(request, block, int(logits.argmax()))
 
 
-def round_policy(request: DraftRequest, measured_cost: float | None = None) -> tuple[DraftPolicy, random.Random]:
+def round_policy(
+    request: DraftRequest, measured_cost: float | None = None, pooled: tuple[float, float] = (0.0, 0.0)
+) -> tuple[DraftPolicy, random.Random]:
     """The session's policy for this round and the random stream its decisions draw from (seeded by the
     round, so whoever asks the policy draws the same)."""
-    policy = make_policy(request.policy, request.policy_state, measured_cost)
+    policy = make_policy(request.policy, request.policy_state, measured_cost, pooled)
     return policy, random.Random(round_seed(request.seed, request.round_index, "policy"))
 
 

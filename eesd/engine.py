@@ -27,10 +27,6 @@ from eesd.session import NO_DRAFT, Session, drafter_cache_after
 from eesd.verifier import Verifier
 
 OnTokens = Callable[[int, list[int]], None]  # (prompt index, tokens committed this round)
-# Pseudo-counts of the batch's pooled verdicts in a lock-step round's draws: about one whole request's own
-# evidence (16 rounds of ~4 judged drafts), so a new session starts from what the batch knows and its own
-# verdicts take over as they come.
-POOLED_WEIGHT = 64.0
 
 
 def _results(finished: list[Finished]) -> list:
@@ -49,9 +45,8 @@ def lock_step_budgets(
     `pooled`: the batch's recent verdicts as pseudo-counts (VerdictPool.prior) added to every draw."""
     if measured_cost is None:
         return [None] * len(requests)
-    thetas = [
-        policy.load_sized_theta(rng, pooled) for policy, rng in (round_policy(r, measured_cost) for r in requests)
-    ]
+    drawn = (round_policy(r, measured_cost, pooled) for r in requests)
+    thetas = [policy.load_sized_theta(rng) for policy, rng in drawn]
     sized = [theta for theta in thetas if theta is not None]
     if not sized:
         return [None] * len(requests)
@@ -159,7 +154,7 @@ class SpeculativeEngine:
         drafting = [i for i, s in active.items() if self.drafter is not None and s.draft_room > 0]
         cost = self.measured_cost()
         requests = [active[i].draft_request(active[i].drafter_length) for i in drafting]
-        budgets = lock_step_budgets(requests, cost, self.verdicts.prior(POOLED_WEIGHT))
+        budgets = lock_step_budgets(requests, cost, self.verdicts.prior())
         jobs = [
             self.drafter.propose_job(r, measured_cost=cost, budget=b) for r, b in zip(requests, budgets, strict=True)
         ]

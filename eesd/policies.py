@@ -48,10 +48,9 @@ class DraftPolicy:
         """After the `drafted`-th draft token, whose draft probability was `confidence`."""
         return True
 
-    def load_sized_theta(self, rng: random.Random, pooled: tuple[float, float] = (0.0, 0.0)) -> float | None:
+    def load_sized_theta(self, rng: random.Random) -> float | None:
         """This round's acceptance draw, for a policy whose block size follows the measured load (None for
-        the others): a batch drafting in lock step then sizes one block for all its sessions (best_block).
-        `pooled`: pseudo-counts (accepted, rejected) of the batch's recent verdicts added to the draw."""
+        the others): a batch drafting in lock step then sizes one block for all its sessions (best_block)."""
         return None
 
     def update(self, confidences: Sequence[float], accepted: int) -> None:
@@ -146,12 +145,19 @@ def expected_committed(theta: float, k: int) -> float:
     return float(k + 1) if theta >= 1.0 else (1.0 - theta ** (k + 1)) / (1.0 - theta)
 
 
+# Pseudo-counts of the pooled verdicts in a load-sized draw: about one whole request's own evidence (16
+# rounds of ~4 judged drafts), so a new session starts from what its node pair knows and its own verdicts
+# take over as they come.
+POOLED_WEIGHT = 64.0
+
+
 class VerdictPool:
-    """The verdicts of a node pair's recent session-rounds, pooled: what the sessions of a lock-step batch
-    know together about how their drafts fare. A new session's own posterior is flat, so alone it drafts
-    short blocks for its first rounds; with the batch drafting one k, that would hold back every session.
-    `prior(weight)` is the pool's acceptance rate as `weight` pseudo-counts (accepted, rejected), which the
-    batch's draws add to each session's own posterior (which stays the session's, as stored)."""
+    """The verdicts of a node pair's recent session-rounds, pooled: what the sessions batched together know
+    about how their drafts fare. A new session's own posterior is flat, so on its own evidence it draws
+    anything from k = 0 to k_max for its first rounds: a lock-step batch would wait for the largest draw,
+    and sessions batched through the services would spread their blocks (and the verifier's passes) for
+    no gain. `prior(weight)` is the pool's acceptance rate as `weight` pseudo-counts (accepted, rejected),
+    which load-sized draws add to each session's own posterior (which stays the session's, as stored)."""
 
     def __init__(self, window: int = 64):
         self._verdicts: deque[tuple[float, float]] = deque(maxlen=window)
@@ -161,7 +167,7 @@ class VerdictPool:
         if judged > 0:
             self._verdicts.append(verdict_evidence(judged, accepted))
 
-    def prior(self, weight: float) -> tuple[float, float]:
+    def prior(self, weight: float = POOLED_WEIGHT) -> tuple[float, float]:
         if not self._verdicts:
             return 0.0, 0.0
         accepted = sum(a for a, _ in self._verdicts)
@@ -196,6 +202,9 @@ class BetaTS(DraftPolicy):
     # speculation backs off as the batch fills; until a measurement exists, the configured rule applies.
     load_aware: float = bounded(0.0, 0, 1)
     measured_cost: float | None = None  # set by the drafter from its measurements, never by a request
+    # The node pair's recent verdicts as pseudo-counts (VerdictPool.prior), added to a load-sized draw; set
+    # like measured_cost.
+    pooled: tuple[float, float] = (0.0, 0.0)
     name = "beta-ts"
 
     def __post_init__(self) -> None:
@@ -210,18 +219,18 @@ class BetaTS(DraftPolicy):
         return bool(self.load_aware and self.measured_cost is not None)
 
     def begin_round(self, rng: random.Random) -> int:
-        self._theta = rng.betavariate(self.alpha, self.beta)
         if self._sized_by_load:
-            return best_block((self._theta,), self.measured_cost, self.k_max, smallest=0)
+            return best_block((self.load_sized_theta(rng),), self.measured_cost, self.k_max, smallest=0)
+        self._theta = rng.betavariate(self.alpha, self.beta)
         if self.draft_cost > 0:
             return best_block((self._theta,), self.draft_cost, self.k_max)
         return self.k_max
 
-    def load_sized_theta(self, rng: random.Random, pooled: tuple[float, float] = (0.0, 0.0)) -> float | None:
+    def load_sized_theta(self, rng: random.Random) -> float | None:
         if not self._sized_by_load:
             return None
-        # begin_round's draw, with the batch's pooled counts on top of the session's own posterior
-        self._theta = rng.betavariate(self.alpha + pooled[0], self.beta + pooled[1])
+        # the pooled counts on top of the session's own posterior
+        self._theta = rng.betavariate(self.alpha + self.pooled[0], self.beta + self.pooled[1])
         return self._theta
 
     def keep_drafting(self, drafted: int, confidence: float, rng: random.Random) -> bool:
@@ -304,10 +313,14 @@ POLICIES: dict[str, type[DraftPolicy]] = {
 
 
 def make_policy(
-    params: PolicyParams, state: dict[str, float] | None = None, measured_cost: float | None = None
+    params: PolicyParams,
+    state: dict[str, float] | None = None,
+    measured_cost: float | None = None,
+    pooled: tuple[float, float] = (0.0, 0.0),
 ) -> DraftPolicy:
     """Builds the named policy with its options (dataclass fields) and optional saved state; `measured_cost`
-    is the draft cost ratio the node measures now, for policies that ask for it (`load_aware`)."""
+    is the draft cost ratio the node measures now and `pooled` its recent verdicts (VerdictPool.prior), for
+    policies that ask for them (`load_aware`)."""
     params.validate()
     cls = POLICIES[params.name]
     knobs = {f.name: f.metadata["bounds"] for f in fields(cls) if "bounds" in f.metadata}
@@ -319,6 +332,7 @@ def make_policy(
     policy = cls(k_max=params.k_max, **params.options)
     if measured_cost is not None and math.isfinite(measured_cost) and hasattr(policy, "measured_cost"):
         policy.measured_cost = measured_cost
+        policy.pooled = pooled
     if state:
         policy.load_state(state)
     return policy

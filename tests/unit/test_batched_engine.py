@@ -8,6 +8,7 @@ from eesd.drafter import Drafter
 from eesd.engine import SpeculativeEngine
 from eesd.errors import ResourceExhausted
 from eesd.params import GenerationParams, PolicyParams, SamplingParams
+from eesd.policies import POOLED_WEIGHT
 from eesd.verifier import Verifier
 from tests.conftest import DEVICE, hf_greedy
 
@@ -89,4 +90,4 @@ def test_load_aware_sessions_of_a_lock_step_batch_draft_one_k(tiny_models, monke
     assert any(sized), "the load was never measured"
     assert all(len(set(budgets)) <= 1 for budgets in sized)
     assert pools[0] == (0.0, 0.0)  # nothing judged yet
-    assert sum(pools[-1]) == pytest.approx(eesd.engine.POOLED_WEIGHT)  # the rounds' verdicts joined the draws
+    assert sum(pools[-1]) == pytest.approx(POOLED_WEIGHT)  # the rounds' verdicts joined the draws

@@ -117,3 +117,23 @@ def test_busy_node_owes_step_one_and_drafts_the_same_block(drafter):
         node.shutdown()
 
     asyncio.run(scenario())
+
+
+def test_a_load_aware_block_is_sized_by_the_nodes_measured_cost_and_pooled_verdicts(drafter):
+    """The node's sizing reaches the policy: at the same draft cost, a pool of verdicts that all kept their
+    drafts makes a load-aware session draft its whole k_max, one that rejected them all makes it draft none."""
+    aware = PolicyParams("beta-ts", k_max=5, options={"load_aware": 1.0})
+
+    async def scenario():
+        node = ModelNode("test-drafter", "drafter")
+        await node.load(lambda: drafter)
+        budgets = {}
+        for name, pooled in (("kept", (6000.0, 0.0)), ("rejected", (0.0, 6000.0))):
+            lookaheads = Lookaheads(node, sizing=lambda request, verifier, pooled=pooled: (0.2, pooled))
+            request = replace(first_request(name), sampling=SamplingParams(), policy=aware)
+            node.model.sessions.open(name)
+            budgets[name] = (await lookaheads.propose(request, "verifier:1")).budget
+        assert budgets == {"kept": 5, "rejected": 0}
+        node.shutdown()
+
+    asyncio.run(scenario())

@@ -6,7 +6,7 @@ import pytest
 
 from eesd.errors import InvalidArgument
 from eesd.params import PolicyParams
-from eesd.policies import BetaTS, CalibrationTS, Heuristic, make_policy, posterior_update
+from eesd.policies import BetaTS, CalibrationTS, Heuristic, best_block, make_policy, posterior_update
 
 
 @pytest.mark.parametrize(
@@ -90,7 +90,7 @@ def test_bad_policy_input_names_the_field():
 
 
 def test_cost_aware_beta_ts_picks_the_block_that_maximises_throughput():
-    from eesd.policies import best_block, expected_committed
+    from eesd.policies import expected_committed
 
     assert expected_committed(0.5, 2) == pytest.approx(1.75) and expected_committed(1.0, 3) == 4.0
     assert best_block([0.95], 0.1, 8) == 8 and best_block([0.2], 0.5, 8) == 1
@@ -113,7 +113,6 @@ def test_cost_aware_calibration_ts_stops_when_the_prefix_is_unlikely():
 
 def test_load_aware_beta_ts_backs_off_as_the_draft_cost_grows():
     """k > 0 pays only while theta > rho; at rho >= 1 (a full verifier) no block beats k = 0."""
-    from eesd.policies import best_block
 
     assert best_block([0.6], 0.7, 8, smallest=0) == 0 and best_block([0.8], 0.7, 8, smallest=0) >= 1
     assert all(best_block([0.99], rho, 8, smallest=0) == 0 for rho in (1.0, 1.5, 4.0))
@@ -126,8 +125,9 @@ def test_load_aware_beta_ts_backs_off_as_the_draft_cost_grows():
     assert mean_k[0.05] > mean_k[0.3] > mean_k[0.6] > mean_k[1.2] == 0
     unmeasured = make_policy(PolicyParams("beta-ts", k_max=8, options=options))
     assert unmeasured.begin_round(random.Random(1)) == 8  # no measurement yet: the configured rule
-    with pytest.raises(InvalidArgument, match="policy_options"):  # a request cannot claim a cost
-        make_policy(PolicyParams("beta-ts", options={"measured_cost": 0.0}))
+    for measured in ("measured_cost", "pooled"):  # a request cannot claim a cost or a pool
+        with pytest.raises(InvalidArgument, match="policy_options"):
+            make_policy(PolicyParams("beta-ts", options={measured: 0.0}))
 
 
 @pytest.mark.parametrize(
@@ -174,7 +174,7 @@ def test_a_discounted_posterior_stays_legal():
 def test_a_lock_step_batch_drafts_one_block_that_maximises_its_expected_tokens():
     """sum_i tau(theta_i, k) / (1 + rho k): a batch of one is the single-session rule, and a batch's k lies
     between what its least and most confident sessions would draft alone."""
-    from eesd.policies import best_block, expected_committed
+    from eesd.policies import expected_committed
 
     for theta, rho in ((0.9, 0.1), (0.6, 0.2), (0.3, 0.5)):
         assert best_block([theta] * 5, rho, 8, smallest=0) == best_block([theta], rho, 8, smallest=0)
@@ -189,8 +189,11 @@ def test_only_a_load_sized_policy_offers_its_draw_to_a_lock_step_batch():
     aware = PolicyParams("beta-ts", 8, {"load_aware": 1.0, "alpha": 3.0, "beta": 2.0})
     theta = make_policy(aware, measured_cost=0.2).load_sized_theta(random.Random(7))
     assert theta == random.Random(7).betavariate(3.0, 2.0)  # the draw begin_round would make
-    pooled = make_policy(aware, measured_cost=0.2).load_sized_theta(random.Random(7), (6.0, 1.5))
-    assert pooled == random.Random(7).betavariate(9.0, 3.5)  # the batch's pseudo-counts join the draw
+    pooled = make_policy(aware, measured_cost=0.2, pooled=(6.0, 1.5)).load_sized_theta(random.Random(7))
+    assert pooled == random.Random(7).betavariate(9.0, 3.5)  # the pool's pseudo-counts join the draw
+    # A session sizing its own block (through the services) draws the same.
+    alone = make_policy(aware, measured_cost=0.2, pooled=(6.0, 1.5)).begin_round(random.Random(7))
+    assert alone == best_block([pooled], 0.2, 8, smallest=0)
     assert make_policy(aware).load_sized_theta(random.Random(7)) is None  # nothing measured yet
     assert make_policy(PolicyParams("beta-ts", 8), measured_cost=0.2).load_sized_theta(random.Random(7)) is None
     assert make_policy(PolicyParams("fixed", 4), measured_cost=0.2).load_sized_theta(random.Random(7)) is None
