@@ -176,17 +176,13 @@ def verdict_to_proto(
 
 
 def load_to_proto(load: NodeLoad) -> common_pb2.NodeLoad:
-    cost = load.cost
     return common_pb2.NodeLoad(
-        fixed_ms=cost.fixed_s * 1e3,
-        per_token_ms=cost.per_token_s * 1e3,
-        per_row_ms=cost.per_row_s * 1e3,
-        rows_per_pass=load.rows_per_pass,
+        fixed_ms=load.cost.fixed_s * 1e3, per_token_ms=load.cost.per_token_s * 1e3, rows_per_pass=load.rows_per_pass
     )
 
 
 def load_from_proto(msg: common_pb2.NodeLoad) -> NodeLoad:
-    return NodeLoad(PassCost(msg.fixed_ms / 1e3, msg.per_token_ms / 1e3, msg.per_row_ms / 1e3), msg.rows_per_pass)
+    return NodeLoad(PassCost(msg.fixed_ms / 1e3, msg.per_token_ms / 1e3), msg.rows_per_pass)
 
 
 def verdict_from_proto(msg: verifier_pb2.Verdict, top_logprobs: int = NO_LOGPROBS) -> Verdict:
