@@ -114,9 +114,10 @@ class DrafterServicer(SessionRpcs, drafter_pb2_grpc.DrafterServiceServicer):
         cost ratio of a draft token (eesd.load), None until both this node and that verifier have measured
         their passes (Draft checked the request's overhead), and the recent verdicts (VerdictPool.prior)."""
         verifier, own = self._verifier_loads.get(verifier_address), self.node.load_now()
-        if verifier is None or own is None:
-            return None, self.verdicts.prior()
-        return draft_cost_ratio(verifier, own, request.round_overhead_s), self.verdicts.prior()
+        measured = None
+        if verifier is not None and own is not None:
+            measured = draft_cost_ratio(verifier, own, request.round_overhead_s)
+        return measured, self.verdicts.prior()
 
     @staticmethod
     async def _verify(
